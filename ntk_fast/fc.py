@@ -1,0 +1,179 @@
+"""The paper's fully-connected network and its per-layer NTK features.
+
+Parameterisation (DESIGN.md section 1; Jacot et al., no biases by default)::
+
+    a0      = x / sqrt(d)
+    z(l+1)  = W(l) a(l)                 W(0): h x d,  W(l): h x h for l = 1 .. L-1
+    a(l)    = sigma(z(l)) / sqrt(h)
+    f(x)    = W(L) a(L)                 W(L): k x h
+
+so every layer divides its input by sqrt(fan_in), the last one included (last layer over sqrt(h)).
+All weights are standard Gaussians at initialisation.  The activation is
+``sigma(z) = c * softplus(beta z) / beta`` with ``c`` chosen so that ``E[sigma(z)^2] = 1`` for
+``z ~ N(0, 1)`` (computed by quadrature; beta = 5 gives c = 1.40438); ``relu`` gives ``sqrt(2) relu`` and
+``tanh`` gives ``c tanh`` with its own normaliser.
+
+With ``bias=b > 0`` every layer gets a bias ``b * B(l)`` with ``B(l)`` initialised to zero (as in the
+paper's reference code), so the bias enters the NTK as ``b^2 D_l D_l'^T``.
+
+Per-layer features (DESIGN.md section 2): ``A_l`` is the (scaled) input of layer l and ``D_l = df/dz``
+at its output, so that ``df/dW(l) = D_l A_l^T`` and
+
+    Theta(x, x') = sum_l (D_l(x) . D_l(x')) (A_l(x) . A_l(x')).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+ACTIVATIONS = ("softplus", "relu", "tanh")
+
+
+def _gaussian_second_moment(fn, lim: float = 12.0, n: int = 400_001) -> float:
+    """E[fn(z)^2] for z ~ N(0, 1) by composite Simpson quadrature on [-lim, lim] (error < 1e-10)."""
+    z = np.linspace(-lim, lim, n)
+    w = np.ones(n)
+    w[1:-1:2] = 4.0
+    w[2:-1:2] = 2.0
+    step = z[1] - z[0]
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return float(np.sum(w * fn(z) ** 2 * pdf) * step / 3.0)
+
+
+@lru_cache(maxsize=None)
+def activation_normaliser(activation: str = "softplus", beta: float = 5.0) -> float:
+    """The constant c with E[(c * act(z))^2] = 1 for z ~ N(0, 1).
+
+    softplus: act(z) = softplus(beta z) / beta  (beta = 5 -> 1.40438; beta -> inf -> sqrt(2));
+    relu: sqrt(2) exactly; tanh: quadrature.
+    """
+    if activation == "relu":
+        return math.sqrt(2.0)
+    if activation == "softplus":
+        if not beta > 0:
+            raise ValueError(f"softplus beta must be > 0, got {beta}")
+        return 1.0 / math.sqrt(_gaussian_second_moment(lambda z: np.logaddexp(0.0, beta * z) / beta))
+    if activation == "tanh":
+        return 1.0 / math.sqrt(_gaussian_second_moment(np.tanh))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activation_and_derivative(activation: str, beta: float):
+    """Return (sigma, sigma') as torch functions for the normalised activation."""
+    c = activation_normaliser(activation, beta)
+    if activation == "softplus":
+        return (lambda z: c * torch.nn.functional.softplus(z, beta=beta, threshold=1e30),
+                lambda z: c * torch.sigmoid(beta * z))
+    if activation == "relu":
+        return (lambda z: c * torch.relu(z), lambda z: c * (z > 0).to(z.dtype))
+    if activation == "tanh":
+        return (lambda z: c * torch.tanh(z), lambda z: c * (1.0 - torch.tanh(z) ** 2))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+class FCNet(nn.Module):
+    """Deep FC network f: R^d -> R^k of the paper (see the module docstring for the maths).
+
+    Args:
+        d: input dimension.  h: width.  L: number of hidden layers (>= 1).  k: outputs.
+        activation: "softplus" (default, beta=5), "relu" or "tanh".
+        bias: False/0 for none (the paper), or a scale b > 0 (True means 1.0).
+        dtype, device: of the weights.  generator: a torch.Generator for the initialisation.
+
+    ``forward(x)`` takes (n, d) and returns (n,) when k == 1, else (n, k).
+    """
+
+    def __init__(self, d: int, h: int, L: int, k: int = 1, activation: str = "softplus", beta: float = 5.0,
+                 bias: float | bool = False, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device | str] = None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        for name, v in (("d", d), ("h", h), ("L", L), ("k", k)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"FCNet: {name} must be a positive int, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"FCNet: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.d, self.h, self.L, self.k = d, h, L, k
+        self.activation, self.beta = activation, float(beta)
+        self.bias_scale = float(bias) if not isinstance(bias, bool) else (1.0 if bias else 0.0)
+        if self.bias_scale < 0:
+            raise ValueError(f"FCNet: bias scale must be >= 0, got {bias}")
+        dtype = dtype or torch.get_default_dtype()
+        self.sigma, self.dsigma = activation_and_derivative(activation, self.beta)
+        self.act_c = activation_normaliser(activation, self.beta)
+        shapes = [(h, d)] + [(h, h)] * (L - 1) + [(k, h)]
+        self.weights = nn.ParameterList([
+            nn.Parameter(torch.randn(s, generator=generator, dtype=dtype,
+                                     device=generator.device if generator is not None else device).to(device))
+            for s in shapes])
+        if self.bias_scale > 0:
+            self.biases = nn.ParameterList([nn.Parameter(torch.zeros(s[0], dtype=dtype, device=device))
+                                            for s in shapes])
+        else:
+            self.biases = None
+
+    @property
+    def fan_ins(self) -> List[int]:
+        return [self.d] + [self.h] * self.L
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, h={self.h}, L={self.L}, k={self.k}, activation={self.activation}, "
+                f"beta={self.beta}, bias={self.bias_scale}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.d:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FCNet: x must have shape (n, {self.d}), got {shape}")
+        w = self.weights[0]
+        if x.dtype != w.dtype or x.device != w.device:
+            raise ValueError(f"FCNet: x is {x.dtype} on {x.device} but the weights are {w.dtype} on {w.device}")
+
+    def _pre(self, l: int, a: torch.Tensor) -> torch.Tensor:
+        z = a @ self.weights[l].t()
+        if self.biases is not None:
+            z = z + self.bias_scale * self.biases[l]
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        a = x / math.sqrt(self.d)
+        for l in range(self.L):
+            a = self.sigma(self._pre(l, a)) / math.sqrt(self.h)
+        out = self._pre(self.L, a)
+        return out[:, 0] if self.k == 1 else out
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per-layer NTK features of a batch (one forward and one backward pass, no autograd).
+
+        Returns (A, D), lists over the L + 1 weight matrices:
+          A[l]: (n, fan_in_l) = a(l), with a constant column of value ``bias`` appended when biases are on;
+          D[l]: (n, fan_out_l) = df/dz(l+1) when k == 1, else (n, k, fan_out_l) (one row per output).
+        Then Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T) (per output pair when k > 1).
+        Cost: 2 n (d h + (L-1) h^2 + k h) flops forward, about twice that backward.
+        """
+        self._check_input(x)
+        n, h, k = x.shape[0], self.h, self.k
+        A: List[torch.Tensor] = [x / math.sqrt(self.d)]
+        dsig: List[torch.Tensor] = []
+        for l in range(self.L):
+            z = self._pre(l, A[-1])
+            dsig.append(self.dsigma(z))
+            A.append(self.sigma(z) / math.sqrt(h))
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        delta = eye.expand(n, k, k)                                  # df_c / df_c' for the output layer
+        D: List[torch.Tensor] = [delta]
+        for l in range(self.L, 0, -1):                               # df/dz(l) from df/dz(l+1)
+            delta = (delta @ self.weights[l]) * (dsig[l - 1].unsqueeze(1) / math.sqrt(h))
+            D.append(delta)
+        D.reverse()
+        if self.biases is not None:
+            ones = torch.full((n, 1), self.bias_scale, dtype=x.dtype, device=x.device)
+            A = [torch.cat([a, ones], dim=1) for a in A]
+        if k == 1:
+            D = [dl[:, 0, :] for dl in D]
+        return A, D

@@ -1,0 +1,58 @@
+"""Build the extension ntk_fast._C.
+
+CPU kernels are always built.  CUDA kernels (``csrc/**/*.cu``) are added when the
+installed torch is a CUDA build (``torch.version.cuda``) and ``nvcc`` is found;
+``NTK_FAST_CUDA=0`` / ``NTK_FAST_CUDA=1`` forces either way.  The decision never
+looks at ``torch.cuda.is_available()``: build machines need no GPU.
+
+Install with ``pip install --no-build-isolation -e .`` so that the extension is
+compiled against the torch that is already installed.
+"""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("NTK_FAST_CUDA")
+    if forced is not None and forced.strip() != "":
+        return forced.strip() not in ("0", "false", "False", "no")
+    has_nvcc = shutil.which("nvcc") is not None or (
+        CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    return torch.version.cuda is not None and has_nvcc
+
+
+def extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    link = ["-fopenmp"]
+    if want_cuda():
+        if torch.version.cuda is None:
+            raise RuntimeError("NTK_FAST_CUDA=1 but the installed torch is a CPU-only build")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DNTK_FAST_WITH_CUDA"]
+        return CUDAExtension("ntk_fast._C", cpp + cu, py_limited_api=True,
+                             extra_compile_args={"cxx": cxx + ["-DNTK_FAST_WITH_CUDA"], "nvcc": nvcc},
+                             extra_link_args=link)
+    return CppExtension("ntk_fast._C", cpp, py_limited_api=True,
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+
+setup(
+    name="ntk_fast",
+    version="0.1.0",
+    description="Fast empirical NTK Gram matrices and lazy/feature training dynamics of deep FC nets",
+    packages=find_packages(include=["ntk_fast", "ntk_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={"test": ["pytest", "scipy", "pytest-benchmark"]},
+)
