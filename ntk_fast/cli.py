@@ -1,8 +1,15 @@
-"""Command line: ``python -m ntk_fast <subcommand> ...`` (``--help`` on each)."""
+"""Command line: ``python -m ntk_fast <subcommand> ...`` (``--help`` on each).
+
+Subcommands: gram (NTK Gram timing, the README's main job), train (gradient flow of the alpha-scaled net),
+kernel (frozen-kernel dynamics), sweep (grid over alpha, h and seeds), bench (the benchmark runner) and
+demo (a tiny end-to-end example on scikit-learn's digits).  Article notation: last layer over sqrt(h),
+F = alpha (f - f0); the reference code's alpha is alpha sqrt(h) (``--alpha-sqrt-h``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -22,7 +29,8 @@ def machine_info() -> dict:
 
 
 def cmd_gram(args: argparse.Namespace) -> int:
-    """Empirical NTK Gram of the paper's FC net on Fashion-MNIST, timed against the plain-torch reference."""
+    """Empirical NTK Gram of the paper's FC net on Fashion-MNIST (or --dataset), timed against the plain-torch
+    reference; writes gram.npy and summary.json to --out."""
     from . import data
     from .fc import FCNet
     from .ntk import empirical_ntk, fcnet_fans, gram_flops, structured_features
@@ -32,8 +40,8 @@ def cmd_gram(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    print(f"loading Fashion-MNIST ({args.p} training points, seed {args.seed}) ...", flush=True)
-    x, _, _, _ = data.binary_dataset("fashion", p=args.p, p_test=1, seed=args.seed, root=args.data)
+    print(f"loading {args.dataset} ({args.p} training points, seed {args.seed}) ...", flush=True)
+    x, _, _, _ = data.binary_dataset(args.dataset, p=args.p, p_test=1, seed=args.seed, root=args.data)
     x = x.to(dtype=dtype, device=device)
     net = FCNet(x.shape[1], args.h, args.L, activation="softplus", beta=args.beta, dtype=dtype, device=device,
                 generator=torch.Generator(device=device).manual_seed(args.seed))
@@ -75,8 +83,188 @@ def cmd_gram(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ runs
+def _alpha_from(args: argparse.Namespace, h: int) -> float:
+    """alpha (article) from --alpha or --alpha-sqrt-h (= alpha sqrt(h), the reference code's alpha)."""
+    if args.alpha_sqrt_h is not None:
+        return args.alpha_sqrt_h / math.sqrt(h)
+    return args.alpha
+
+
+def _config_from(args: argparse.Namespace, **over) -> "RunConfig":
+    from .experiment import RunConfig
+    h = over.pop("h", args.h)
+    alpha = over.pop("alpha", None)
+    cfg = RunConfig(dataset=args.dataset, p=args.p, p_test=args.p_test, data_seed=args.data_seed, d=args.d or None,
+                    whitening=not args.no_whitening, data_root=args.data, h=h, L=args.L, act_beta=args.act_beta,
+                    seed=args.seed, ensemble=args.ensemble,
+                    alpha=alpha if alpha is not None else _alpha_from(args, h),
+                    loss=args.loss, loss_beta=args.loss_beta, max_dgrad=args.max_dgrad, max_dout=args.max_dout,
+                    tau=args.tau, max_time=args.max_time, max_steps=args.max_steps, max_wall=args.max_wall,
+                    kernel_points=args.kernel_points, dtype=args.dtype, device=args.device,
+                    checkpoint_every=args.checkpoint_every)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _print_summary(s: dict) -> None:
+    line = [f"alpha={s['alpha']:.4g} (alpha*sqrt(h)={s['alpha_sqrt_h']:.4g}) h={s['h']}"]
+    if "train" in s:
+        t = s["train"]
+        line.append(f"status={s.get('status')} steps={t.get('step')} t={_g(t.get('t'))} "
+                    f"test_err={_g(t.get('test_err'))} kernel_change={_g(t.get('kernel_change'))}")
+        if s.get("ensemble"):
+            e = s["ensemble"]
+            line.append(f"ensemble: K={e.get('K')} ens_err={_g(e.get('ens_err'))} var={_g(e.get('var'))}")
+    for name in ("init_kernel", "final_kernel"):
+        if name in s:
+            k = s[name]
+            line.append(f"{name}: status={k.get('status')} test_err={_g(k.get('test_err'))} "
+                        f"gap_vs_net={_g(k.get('test_output_gap_vs_net'))}")
+    print("\n  ".join(line), flush=True)
+
+
+def _g(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the alpha-scaled FC net by the paper's adaptive gradient flow (ntk_fast.flow.train) until every
+    training point has y F >= 1 (or a budget runs out); optionally also the frozen-kernel runs with Theta(w0)
+    (--init-kernel) and Theta(w_T) (--final-kernel).  Writes config.json, train.pt/.json, outputs.pt and
+    summary.json to --out; an interrupted run resumes from its checkpoint when run again."""
+    from .experiment import run_experiment
+    cfg = _config_from(args, init_kernel=args.init_kernel, final_kernel=args.final_kernel)
+    s = run_experiment(cfg, args.out, progress=not args.no_progress)
+    _print_summary(s)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the empirical NTK at initialisation
+    (ntk_fast.kernel.frozen_kernel_run), same loss, step rule and stop as the trainer: the lazy limit.
+    Writes config.json, init_kernel.json, outputs.pt and summary.json to --out."""
+    from .experiment import run_experiment
+    cfg = _config_from(args, regular=False, init_kernel=True, final_kernel=False)
+    s = run_experiment(cfg, args.out, progress=not args.no_progress)
+    _print_summary(s)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Grid of runs over alpha (or alpha*sqrt(h)), h and seeds, one run folder each under --out.  Finished runs
+    (summary.json present) are skipped, interrupted ones resume from their checkpoint; --jobs N runs N
+    processes at once; a file named 'stop' in --out stops launching new runs.  Writes --out/sweep.json
+    (the grid) and --out/results.json (one summary line per finished run)."""
+    from .sweep import grid_configs, run_sweep
+    if (args.alphas is None) == (args.alphas_sqrt_h is None):
+        print("error: give exactly one of --alphas and --alphas-sqrt-h", file=sys.stderr)
+        return 2
+    cfgs = grid_configs(lambda **kw: _config_from(args, **kw), hs=args.hs, seeds=args.seeds,
+                        alphas=args.alphas, alphas_sqrt_h=args.alphas_sqrt_h,
+                        init_kernel=args.init_kernel, final_kernel=args.final_kernel)
+    res = run_sweep(cfgs, args.out, jobs=args.jobs, progress=not args.no_progress, threads=args.threads)
+    print(f"{res['done']} runs done ({res['skipped']} skipped as finished, {res['failed']} failed) in {args.out}")
+    return 0 if res["failed"] == 0 else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark runner (ntk_fast.bench_runner.main); arguments after 'bench' are passed to it."""
+    try:
+        from . import bench_runner
+    except ImportError as exc:
+        print(f"error: the benchmark runner ntk_fast/bench_runner.py is not in this checkout ({exc}); "
+              "the pytest-benchmark suites are in bench/ (python -m pytest bench)", file=sys.stderr)
+        return 2
+    rc = bench_runner.main(list(args.bench_args))
+    return int(rc or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A tiny end-to-end example in seconds: scikit-learn's 8x8 digits (odd vs even), an FC net with h=--h,
+    trained in the feature regime (alpha*sqrt(h) = 0.1) and the lazy regime (alpha*sqrt(h) = 1000), with the
+    frozen-kernel run at initialisation when the solver is available.  Prints test errors, the kernel change and
+    the trainer/kernel gap; writes a run folder per regime under --out and --out/demo.json."""
+    from .experiment import RunConfig, run_experiment, write_json
+    have_kernel = _has_kernel_solver()
+    rows = []
+    for regime, a_sqrt_h in (("feature", 0.1), ("lazy", 1000.0)):
+        cfg = RunConfig(dataset="digits", p=args.p, p_test=args.p_test, h=args.h, L=args.L, seed=args.seed,
+                        alpha=a_sqrt_h / math.sqrt(args.h), init_kernel=have_kernel, dtype="float64",
+                        max_wall=args.max_wall)
+        print(f"== {regime} regime: alpha*sqrt(h) = {a_sqrt_h:g}", flush=True)
+        s = run_experiment(cfg, os.path.join(args.out, regime), progress=not args.no_progress)
+        _print_summary(s)
+        rows.append({"regime": regime, "alpha_sqrt_h": a_sqrt_h, "status": s.get("status"),
+                     "test_err": s["train"].get("test_err"), "kernel_change": s["train"].get("kernel_change"),
+                     "init_kernel_test_err": s.get("init_kernel", {}).get("test_err"),
+                     "gap_vs_kernel": s.get("init_kernel", {}).get("test_output_gap_vs_net")})
+    if not have_kernel:
+        print("(the frozen-kernel solver ntk_fast.kernel is not in this checkout: kernel runs skipped)")
+    write_json(os.path.join(args.out, "demo.json"), {"runs": rows})
+    print(f"{'regime':8s} {'a*sqrt(h)':>9s} {'test err':>9s} {'|dTheta|/|Theta|':>16s} {'kernel err':>10s} {'gap':>8s}")
+    for r in rows:
+        print(f"{r['regime']:8s} {r['alpha_sqrt_h']:9g} {_g(r['test_err']):>9s} {_g(r['kernel_change']):>16s} "
+              f"{_g(r['init_kernel_test_err']):>10s} {_g(r['gap_vs_kernel']):>8s}")
+    print(f"wrote {os.path.join(args.out, 'demo.json')}")
+    return 0
+
+
+def _has_kernel_solver() -> bool:
+    try:
+        from . import kernel
+    except ImportError:
+        return False
+    return hasattr(kernel, "frozen_kernel_run")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
+    from .data import DATASETS
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="dataset (default digits: scikit-learn's 8x8 digits, bundled)")
+    g.add_argument("--data", default=None, help="folder of a file-based dataset (see ntk_fast.data)")
+    g.add_argument("--p", type=int, default=500, help="training points (default 500)")
+    g.add_argument("--p-test", type=int, default=1000, help="test points (default 1000)")
+    g.add_argument("--data-seed", type=int, default=0, help="per-class shuffle seed (default 0)")
+    g.add_argument("--d", type=int, default=None, help="PCA dimension (default: no PCA)")
+    g.add_argument("--no-whitening", action="store_true", help="PCA without whitening")
+    g = p.add_argument_group("network")
+    if single:
+        g.add_argument("--h", type=int, default=100, help="width (default 100)")
+        g.add_argument("--seed", type=int, default=0, help="init seed; net r of an ensemble uses seed + r")
+    g.add_argument("--L", type=int, default=3, help="hidden layers (default 3)")
+    g.add_argument("--act-beta", type=float, default=5.0, help="softplus beta of the activation (default 5)")
+    g.add_argument("--ensemble", type=int, default=1, help="train K nets at once (seeds seed..seed+K-1)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    g.add_argument("--device", default="cpu")
+    g = p.add_argument_group("dynamics (article notation)")
+    if single:
+        a = g.add_mutually_exclusive_group()
+        a.add_argument("--alpha", type=float, default=1.0, help="alpha of F = alpha (f - f0) (default 1)")
+        a.add_argument("--alpha-sqrt-h", type=float, default=None,
+                       help="alpha * sqrt(h) instead (= the reference code's alpha)")
+    g.add_argument("--loss", choices=("softhinge", "qhinge"), default="softhinge")
+    g.add_argument("--loss-beta", type=float, default=20.0, help="soft-hinge beta (default 20)")
+    g.add_argument("--max-dgrad", type=float, default=1e-4, help="step rule: gradient change bound (1e-4)")
+    g.add_argument("--max-dout", type=float, default=0.1, help="step rule: output change bound (0.1)")
+    g.add_argument("--tau", type=float, default=0.0, help="momentum time (0: gradient flow)")
+    g.add_argument("--max-time", type=float, default=math.inf, help="stop at flow time t (default: none)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many accepted steps")
+    g.add_argument("--max-wall", type=float, default=math.inf, help="seconds per training / kernel run")
+    g.add_argument("--kernel-points", type=int, default=256,
+                   help="test points of the kernel change |Theta_T - Theta_0|/|Theta_0| (0: off)")
+    g.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ntk_fast", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ntk_fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gram", help="empirical NTK Gram of the paper's FC net on Fashion-MNIST",
                        description=cmd_gram.__doc__)
@@ -87,11 +275,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files (default: Debian's)")
+    g.add_argument("--dataset", default="fashion", help="dataset (default fashion; see ntk_fast.data.DATASETS)")
+    g.add_argument("--data", default=None, help="folder with the dataset's files (default: Debian's Fashion-MNIST)")
     g.add_argument("--out", default="runs/gram", help="output folder (gram.npy + summary.json)")
     g.add_argument("--no-reference", action="store_true", help="skip the plain-torch reference timing")
     g.add_argument("--progress", action="store_true", help="progress bar over row panels")
     g.set_defaults(func=cmd_gram)
+
+    t = sub.add_parser("train", help="train the alpha-scaled net by gradient flow (run folder)",
+                       description=cmd_train.__doc__)
+    _add_run_args(t)
+    t.add_argument("--init-kernel", action="store_true", help="also the frozen-kernel run with Theta(w0)")
+    t.add_argument("--final-kernel", action="store_true", help="also the frozen-kernel run with Theta(w_T)")
+    t.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("kernel", help="frozen-kernel dynamics with the NTK at initialisation (run folder)",
+                       description=cmd_kernel.__doc__)
+    _add_run_args(k)
+    k.add_argument("--out", default="runs/kernel", help="run folder (default runs/kernel)")
+    k.set_defaults(func=cmd_kernel)
+
+    s = sub.add_parser("sweep", help="grid over alpha, h and seeds; skips finished runs, resumes, --jobs",
+                       description=cmd_sweep.__doc__)
+    _add_run_args(s, single=False)
+    s.add_argument("--hs", type=int, nargs="+", default=[100], help="widths (default 100)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="init seeds (default 0)")
+    s.add_argument("--alphas", type=float, nargs="+", default=None, help="alpha values (article)")
+    s.add_argument("--alphas-sqrt-h", type=float, nargs="+", default=None,
+                   help="alpha*sqrt(h) values (the paper's axis), converted per h")
+    s.add_argument("--init-kernel", action="store_true", help="also the frozen-kernel run with Theta(w0)")
+    s.add_argument("--final-kernel", action="store_true", help="also the frozen-kernel run with Theta(w_T)")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per job (default cpus / jobs)")
+    s.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
+    s.set_defaults(func=cmd_sweep, seed=0, h=None, alpha=None, alpha_sqrt_h=None)
+
+    b = sub.add_parser("bench", help="benchmark runner (ntk_fast/bench_runner.py); args passed through",
+                       description=cmd_bench.__doc__, add_help=True)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the runner (try: bench -- --help)")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="tiny end-to-end example on scikit-learn's digits (seconds)",
+                       description=cmd_demo.__doc__)
+    d.add_argument("--p", type=int, default=200, help="training points (default 200)")
+    d.add_argument("--p-test", type=int, default=500, help="test points (default 500)")
+    d.add_argument("--h", type=int, default=64, help="width (default 64)")
+    d.add_argument("--L", type=int, default=3, help="hidden layers (default 3)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-wall", type=float, default=60.0, help="seconds per run (default 60)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.set_defaults(func=cmd_demo)
     return p
 
 
@@ -99,6 +334,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,290 @@
+"""One experiment of the paper in a run folder: data, network(s), training, frozen-kernel runs, summary.
+
+Notation is the article's (DESIGN.md section 5): last layer over sqrt(h), F = alpha (f - f0), loss
+1/(alpha^2 n) sum l(y F).  The reference code (feature_lazy) uses alpha_code = sqrt(h) alpha and
+t_code / h = t / (sqrt(h) alpha); summaries store both ``alpha`` and ``alpha_sqrt_h`` (= alpha_code).
+
+A run folder holds::
+
+    config.json         the RunConfig (written first)
+    checkpoint.pt       the trainer's resumable checkpoint (while training; removed when the run is done)
+    train.pt/.json      the trainer's result (ntk_fast.flow.FlowResult.save)
+    outputs.pt          tensors: labels, f0 and F of every net on train and test, and of the kernel runs
+    init_kernel.json    frozen-kernel run with Theta(w0)    (when asked)
+    final_kernel.json   frozen-kernel run with Theta(w_T)   (when asked)
+    summary.json        the JSON summary, written last and atomically: its presence marks the run done
+
+``run_experiment`` skips a done folder, and resumes an interrupted training from checkpoint.pt.
+Networks: net r of an ensemble of K is initialised with torch.Generator().manual_seed(seed + r), so an
+ensemble of K equals K single runs with seeds seed .. seed + K - 1 (same init for every alpha and h-free).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import data
+from .fc import FCNet
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (article notation; alpha multiplies F = f - f0).
+
+    Data: dataset, p (train points), p_test, data_seed, d (PCA dim, None = none), whitening, data_root.
+    Net: h, L, activation, act_beta (softplus beta), seed (init seed), ensemble (K nets, seeds seed + r).
+    Dynamics: alpha, loss, loss_beta, max_dgrad, max_dout, tau; budgets max_time (flow time t), max_steps,
+    max_wall (seconds, per training and per kernel run).  Runs: regular (train the net), init_kernel /
+    final_kernel (frozen-kernel dynamics with Theta(w0) / Theta(w_T)), kernel_points (test points for
+    the kernel change |Theta_T - Theta_0| / |Theta_0|), checkpoint_every (seconds).
+    """
+    dataset: str = "digits"
+    p: int = 500
+    p_test: Optional[int] = 1000
+    data_seed: int = 0
+    d: Optional[int] = None
+    whitening: bool = True
+    data_root: Optional[str] = None
+    h: int = 100
+    L: int = 3
+    activation: str = "softplus"
+    act_beta: float = 5.0
+    seed: int = 0
+    ensemble: int = 1
+    alpha: float = 1.0
+    loss: str = "softhinge"
+    loss_beta: float = 20.0
+    max_dgrad: float = 1e-4
+    max_dout: float = 0.1
+    tau: float = 0.0
+    max_time: float = math.inf
+    max_steps: Optional[int] = None
+    max_wall: float = math.inf
+    regular: bool = True
+    init_kernel: bool = False
+    final_kernel: bool = False
+    kernel_points: int = 256
+    dtype: str = "float64"
+    device: str = "cpu"
+    checkpoint_every: float = 60.0
+
+    @property
+    def alpha_sqrt_h(self) -> float:
+        """alpha sqrt(h): the lazy/feature control parameter, equal to the reference code's alpha."""
+        return self.alpha * math.sqrt(self.h)
+
+    def to_json(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["alpha_sqrt_h"] = self.alpha_sqrt_h
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Dict[str, Any]) -> "RunConfig":
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in obj:
+                v = obj[f.name]
+                kw[f.name] = float(v) if isinstance(v, str) and v in ("inf", "-inf") else v
+        return cls(**kw)
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
+        if not (self.regular or self.init_kernel):
+            raise ValueError("nothing to run: ask for regular training and/or the init-kernel run")
+        if self.final_kernel and not self.regular:
+            raise ValueError("final_kernel needs regular training (Theta at the end of training)")
+
+
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return _json_safe(o.tolist()) if o.numel() <= 64 else f"<tensor {tuple(o.shape)}>"
+    if isinstance(o, float) and not math.isfinite(o):
+        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
+    if hasattr(o, "item") and callable(o.item):
+        try:
+            return _json_safe(o.item())
+        except (TypeError, ValueError):
+            return str(o)
+    if isinstance(o, (str, int, float, bool)) or o is None:
+        return o
+    return str(o)
+
+
+def write_json(path: str, obj: Dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename); NaN becomes null, inf the string "inf"."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_summary(folder: str) -> Optional[Dict[str, Any]]:
+    """The summary of a done run folder, else None."""
+    path = os.path.join(folder, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def make_nets(cfg: RunConfig, d: int) -> List[FCNet]:
+    """The K nets of a run: net r initialised from torch.Generator().manual_seed(seed + r) (on the CPU)."""
+    dtype = DTYPES[cfg.dtype]
+    return [FCNet(d, cfg.h, cfg.L, activation=cfg.activation, beta=cfg.act_beta, dtype=dtype,
+                  generator=torch.Generator().manual_seed(cfg.seed + r)).to(cfg.device)
+            for r in range(cfg.ensemble)]
+
+
+def load_run_data(cfg: RunConfig):
+    """(x_train, y_train, x_test, y_test) of a run, in its dtype and on its device."""
+    xtr, ytr, xte, yte = data.load_dataset(cfg.dataset, cfg.p, cfg.p_test, seed=cfg.data_seed, d=cfg.d,
+                                           whitening=cfg.whitening, root=cfg.data_root, dtype=DTYPES[cfg.dtype])
+    dev = torch.device(cfg.device)
+    return xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev)
+
+
+def _kernel_module():
+    try:
+        from . import kernel
+    except ImportError as exc:
+        raise RuntimeError("the frozen-kernel solver ntk_fast.kernel is not available in this checkout "
+                           f"({exc}); run without --init-kernel/--final-kernel") from exc
+    if not hasattr(kernel, "frozen_kernel_run"):
+        raise RuntimeError("ntk_fast.kernel has no frozen_kernel_run in this checkout")
+    return kernel
+
+
+def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -> Any:
+    """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the NTK of ``net`` at its weights
+    (ntk_fast.kernel.frozen_kernel_run), same loss and step rule as the trainer."""
+    kernel = _kernel_module()
+    kw = dict(loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
+              max_time=cfg.max_time, max_wall=cfg.max_wall, progress=progress)
+    if cfg.max_steps is not None:
+        kw["max_steps"] = cfg.max_steps
+    return kernel.frozen_kernel_run(net, xtr, ytr, xte, yte, **kw)
+
+
+def _outputs_of(res: Any) -> Dict[str, torch.Tensor]:
+    out = getattr(res, "outputs", None)
+    if out is None and isinstance(res, dict):
+        out = res.get("outputs")
+    return {k: v.detach().cpu() for k, v in (out or {}).items() if isinstance(v, torch.Tensor)}
+
+
+def _kernel_summary(res: Any, yte: torch.Tensor) -> Dict[str, Any]:
+    outs = _outputs_of(res)
+    s: Dict[str, Any] = {"status": getattr(res, "status", None)}
+    final = getattr(res, "final", None)
+    if isinstance(final, list) and final:
+        final = final[0]
+    if isinstance(final, dict):
+        s.update({k: v for k, v in final.items() if isinstance(v, (int, float, str)) or v is None})
+    if "test" in outs:
+        Ft = outs["test"].reshape(-1, yte.shape[0])[0].double()
+        s["test_err"] = float(((Ft * yte.cpu().double()) <= 0).double().mean())
+    return s
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Euclidean norms)."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float((a - b).norm() / b.norm()) if float(b.norm()) > 0 else math.nan
+
+
+def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print) -> Dict[str, Any]:
+    """Run (or finish, or skip) the experiment ``cfg`` in ``folder``; return its summary (see module doc).
+
+    The summary holds config, alpha_sqrt_h, status, final observables of net 0 (t, step, train/test error,
+    kernel_change, t1, weight_change), per-net test errors, ensemble stats (K > 1), kernel runs and the
+    relative gap |F_net - F_kernel| / |F_kernel| of test outputs between the trainer and the init-kernel run.
+    """
+    cfg.check()
+    done = read_summary(folder)
+    if done is not None:
+        log(f"{folder}: done already, skipped")
+        return done
+    os.makedirs(folder, exist_ok=True)
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if RunConfig.from_json(old) != cfg:
+            raise ValueError(f"{folder} holds a run with another config; use a new folder")
+    write_json(cfg_path, cfg.to_json())
+    wall0 = time.perf_counter()
+    xtr, ytr, xte, yte = load_run_data(cfg)
+    nets = make_nets(cfg, xtr.shape[1])
+    summary: Dict[str, Any] = {"config": cfg.to_json(), "alpha": cfg.alpha, "alpha_sqrt_h": cfg.alpha_sqrt_h,
+                               "h": cfg.h, "seed": cfg.seed, "n_train": int(xtr.shape[0]),
+                               "n_test": int(xte.shape[0]), "input_dim": int(xtr.shape[1])}
+    tensors: Dict[str, Any] = {"y_train": ytr.cpu(), "y_test": yte.cpu()}
+    trained = None
+    if cfg.regular:
+        from .flow import train
+        ckpt = os.path.join(folder, "checkpoint.pt")
+        resume = ckpt if os.path.exists(ckpt) else None
+        if resume:
+            log(f"{folder}: resuming from {ckpt}")
+        res = train(nets if cfg.ensemble > 1 else nets[0], xtr, ytr, cfg.alpha, x_test=xte, y_test=yte,
+                    loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
+                    tau=cfg.tau, max_time=cfg.max_time, max_wall=cfg.max_wall, max_steps=cfg.max_steps,
+                    kernel_points=cfg.kernel_points, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
+                    resume=resume, progress=progress)
+        res.save(os.path.join(folder, "train"))
+        trained = res
+        fin = res.final[0]
+        keep = ("status", "step", "attempts", "t", "t_code_over_h", "train_err", "train_nd", "test_err",
+                "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_over_h_code", "t_grow",
+                "weight_change", "wall")
+        summary.update({"status": res.status, "resumed": resume is not None,
+                        "train": {k: fin.get(k) for k in keep if k in fin},
+                        "test_err_per_net": [f.get("test_err") for f in res.final],
+                        "kernel_change_per_net": [f.get("kernel_change") for f in res.final],
+                        "ensemble": res.ensemble})
+        outs = _outputs_of(res)
+        tensors.update({f"regular_{k}": v for k, v in outs.items()})
+    if cfg.init_kernel or cfg.final_kernel:
+        runs = ([("init_kernel", nets[0])] if cfg.init_kernel else []) + \
+               ([("final_kernel", trained.nets[0])] if cfg.final_kernel else [])
+        for name, net in runs:
+            log(f"{folder}: {name.replace('_', ' ')} run")
+            kres = kernel_run(net, xtr, ytr, xte, yte, cfg, progress)
+            ks = _kernel_summary(kres, yte)
+            kouts = _outputs_of(kres)
+            tensors.update({f"{name}_{k}": v for k, v in kouts.items()})
+            if trained is not None and "test" in kouts and "regular_test" in tensors:
+                ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"].reshape(-1, yte.shape[0])[0],
+                                                         kouts["test"].reshape(-1, yte.shape[0])[0])
+            summary[name] = ks
+            write_json(os.path.join(folder, f"{name}.json"), ks)
+    torch.save(tensors, os.path.join(folder, "outputs.pt"))
+    summary["wall"] = time.perf_counter() - wall0
+    summary["done"] = True
+    write_json(os.path.join(folder, SUMMARY), summary)
+    ckpt = os.path.join(folder, "checkpoint.pt")
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+    return summary
