@@ -1,0 +1,190 @@
+"""`python -m ntk_fast` subcommands end to end on the tiny digits dataset (exit codes, files, JSON)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ntk_fast import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has(mod, attr):
+    try:
+        m = __import__(f"ntk_fast.{mod}", fromlist=[attr])
+    except ImportError:
+        return False
+    return hasattr(m, attr)
+
+
+needs_flow = pytest.mark.skipif(not _has("flow", "train"), reason="ntk_fast.flow (the trainer) not in this checkout")
+needs_kernel = pytest.mark.skipif(not _has("kernel", "frozen_kernel_run"),
+                                  reason="ntk_fast.kernel (the frozen-kernel solver) not in this checkout")
+SMALL = ["--p", "60", "--p-test", "120", "--L", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTK_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_help_of_every_subcommand(capsys):
+    for sub in ("gram", "train", "kernel", "sweep", "demo", "bench"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        assert "usage: python -m ntk_fast " + sub in capsys.readouterr().out
+
+
+def test_module_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ntk_fast", "--help"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
+
+
+def test_gram_on_digits(tmp_path):
+    out = tmp_path / "g"
+    assert cli.main(["gram", "--dataset", "digits", "--p", "50", "--h", "16", "--L", "2", "--dtype", "float64",
+                     "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["n"] == 50 and s["d"] == 64 and s["max_rel_diff_vs_reference"] < 1e-12
+    assert (out / "gram.npy").exists()
+
+
+@needs_flow
+def test_train_run_folder(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert cli.main(["train", *SMALL, "--h", "32", "--alpha-sqrt-h", "100", "--out", str(out)]) == 0
+    for f in ("config.json", "train.pt", "train.json", "outputs.pt", "summary.json"):
+        assert (out / f).exists(), f
+    assert not (out / "checkpoint.pt").exists()
+    s = _json(out / "summary.json")
+    assert s["done"] and s["status"] == "converged" and s["h"] == 32
+    assert abs(s["alpha_sqrt_h"] - 100) < 1e-9 and abs(s["alpha"] - 100 / 32 ** 0.5) < 1e-9
+    assert 0 <= s["train"]["test_err"] <= 1 and s["train"]["train_err"] == 0 and s["train"]["kernel_change"] > 0
+    assert s["n_train"] == 60 and s["n_test"] == 120
+    t = torch.load(out / "outputs.pt")
+    assert t["regular_test"].numel() == 120 and t["y_train"].shape == (60,)
+    assert bool((t["regular_train"].reshape(-1) * t["y_train"] >= 1).all())      # margin reached
+    assert "test_err=" in capsys.readouterr().out
+    # run again: the folder is done, nothing is recomputed
+    mtime = os.path.getmtime(out / "summary.json")
+    assert cli.main(["train", *SMALL, "--h", "32", "--alpha-sqrt-h", "100", "--out", str(out)]) == 0
+    assert os.path.getmtime(out / "summary.json") == mtime
+    # another config in the same folder is refused
+    assert cli.main(["train", *SMALL, "--h", "33", "--out", str(out)]) == 2
+
+
+@needs_flow
+def test_train_ensemble(tmp_path):
+    out = tmp_path / "e"
+    assert cli.main(["train", *SMALL, "--h", "16", "--alpha", "1", "--ensemble", "3", "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["ensemble"]["K"] == 3 and s["ensemble"]["var"] > 0 and len(s["test_err_per_net"]) == 3
+
+
+@needs_kernel
+def test_kernel_run_folder(tmp_path):
+    out = tmp_path / "k"
+    assert cli.main(["kernel", *SMALL, "--h", "32", "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["done"] and "init_kernel" in s and 0 <= s["init_kernel"]["test_err"] <= 1 and "train" not in s
+    assert (out / "init_kernel.json").exists() and (out / "outputs.pt").exists()
+
+
+@needs_flow
+@needs_kernel
+def test_train_with_kernel_runs_lazy_agreement(tmp_path):
+    out = tmp_path / "tk"
+    assert cli.main(["train", *SMALL, "--h", "64", "--alpha-sqrt-h", "1e4", "--init-kernel", "--final-kernel",
+                     "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["init_kernel"]["test_output_gap_vs_net"] < 0.05                  # lazy regime: net = frozen kernel
+    assert s["final_kernel"]["test_output_gap_vs_net"] < 0.05
+
+
+@needs_flow
+def test_sweep_jobs_skip_and_results(tmp_path):
+    out = tmp_path / "s"
+    args = ["sweep", *SMALL, "--hs", "16", "24", "--alphas-sqrt-h", "10", "1000", "--seeds", "0", "--out", str(out)]
+    assert cli.main(args + ["--jobs", "2"]) == 0
+    res = _json(out / "results.json")["runs"]
+    assert sorted(r["name"] for r in res) == sorted(f"h{h}_asqrth{a}_s0" for h in (16, 24) for a in ("10", "1000"))
+    assert all(r["done"] and r["status"] == "converged" for r in res)
+    mtimes = {r["name"]: os.path.getmtime(out / r["name"] / "summary.json") for r in res}
+    assert cli.main(args) == 0
+    assert {n: os.path.getmtime(out / n / "summary.json") for n in mtimes} == mtimes
+
+
+@needs_flow
+def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
+    """Kill the sweep in the middle of its second run: the first run is not redone, the second resumes from its
+    checkpoint and ends where an uninterrupted run ends, the third runs."""
+    from ntk_fast import flow
+    out = tmp_path / "s"
+    args = ["sweep", *SMALL, "--hs", "32", "--alphas-sqrt-h", "0.3", "--seeds", "0", "1", "2",
+            "--checkpoint-every", "0", "--out", str(out)]
+    real_save = flow._atomic_save
+    calls = {"n": 0}
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if "h32_asqrth0.3_s1" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 30:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(flow, "_atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    monkeypatch.setattr(flow, "_atomic_save", real_save)
+    first, second, third = (out / f"h32_asqrth0.3_s{s}" for s in range(3))
+    assert (first / "summary.json").exists() and not (second / "summary.json").exists()
+    assert (second / "checkpoint.pt").exists() and not third.exists()
+    step_at_kill = torch.load(second / "checkpoint.pt", weights_only=False)["host"]["step"][0]
+    mtime = os.path.getmtime(first / "summary.json")
+    assert cli.main(args + ["--checkpoint-every", "60"]) == 2                 # another config: refused
+    assert cli.main(args) == 0
+    assert os.path.getmtime(first / "summary.json") == mtime
+    s2 = _json(second / "summary.json")
+    assert s2["resumed"] and s2["status"] == "converged" and s2["train"]["step"] > step_at_kill > 0
+    assert _json(third / "summary.json")["done"]
+    # the resumed run ends exactly where an uninterrupted one does
+    ref = tmp_path / "ref"
+    assert cli.main(["train", *SMALL, "--h", "32", "--alpha-sqrt-h", "0.3", "--seed", "1", "--checkpoint-every",
+                     "0", "--out", str(ref)]) == 0
+    r = _json(ref / "summary.json")
+    assert (r["train"]["step"], r["train"]["t"], r["train"]["test_err"]) == \
+           (s2["train"]["step"], s2["train"]["t"], s2["train"]["test_err"])
+    assert torch.equal(torch.load(ref / "outputs.pt")["regular_test"], torch.load(second / "outputs.pt")["regular_test"])
+
+
+@needs_flow
+def test_demo(tmp_path, capsys):
+    assert cli.main(["demo", "--p", "100", "--p-test", "200", "--h", "32", "--no-progress",
+                     "--out", str(tmp_path / "d")]) == 0
+    rows = _json(tmp_path / "d" / "demo.json")["runs"]
+    assert [r["regime"] for r in rows] == ["feature", "lazy"]
+    assert rows[1]["kernel_change"] < 0.05 < rows[0]["kernel_change"]
+    assert "regime" in capsys.readouterr().out
+
+
+def test_bench_without_or_with_runner(capsys):
+    if _has("bench_runner", "main"):
+        pytest.skip("bench_runner present; its own tests cover it")
+    assert cli.main(["bench"]) == 2
+    assert "bench_runner" in capsys.readouterr().err
+
+
+def test_missing_dataset_message(tmp_path, capsys):
+    rc = cli.main(["train", "--dataset", "mnist", "--data", str(tmp_path), "--no-progress", "--out",
+                   str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mnist not found" in err and "To get it" in err and "mnist5k" in err
