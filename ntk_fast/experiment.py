@@ -222,17 +222,19 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
     relative gap |F_net - F_kernel| / |F_kernel| of test outputs between the trainer and the init-kernel run.
     """
     cfg.check()
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = RunConfig.from_json(json.load(f))
+        if old != cfg:
+            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_json()
+                    if k != "alpha_sqrt_h" and getattr(old, k) != getattr(cfg, k)}
+            raise ValueError(f"{folder} holds a run with another config (old, new: {diff}); use a new folder")
     done = read_summary(folder)
     if done is not None:
         log(f"{folder}: done already, skipped")
         return done
     os.makedirs(folder, exist_ok=True)
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if RunConfig.from_json(old) != cfg:
-            raise ValueError(f"{folder} holds a run with another config; use a new folder")
     write_json(cfg_path, cfg.to_json())
     wall0 = time.perf_counter()
     xtr, ytr, xte, yte = load_run_data(cfg)
