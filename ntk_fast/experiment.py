@@ -35,6 +35,7 @@ from .fc import FCNet
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMMARY = "summary.json"
+_OPERATIONAL = ("alpha_sqrt_h", "checkpoint_every", "max_wall")     # may change when a run is resumed
 
 
 @dataclass
@@ -226,9 +227,9 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             old = RunConfig.from_json(json.load(f))
-        if old != cfg:
-            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_json()
-                    if k != "alpha_sqrt_h" and getattr(old, k) != getattr(cfg, k)}
+        diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_json()
+                if k not in _OPERATIONAL and getattr(old, k) != getattr(cfg, k)}
+        if diff:
             raise ValueError(f"{folder} holds a run with another config (old, new: {diff}); use a new folder")
     done = read_summary(folder)
     if done is not None:
