@@ -131,7 +131,7 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
     from ntk_fast import flow
     out = tmp_path / "s"
     args = ["sweep", *SMALL, "--hs", "16", "--alphas-sqrt-h", "1", "--seeds", "0", "1", "2",
-            "--checkpoint-every", "0.02", "--max-steps", "300", "--out", str(out)]
+            "--checkpoint-every", "0.2", "--max-steps", "300", "--out", str(out)]
     real_save = flow._atomic_save
     calls = {"n": 0}
 
@@ -139,7 +139,7 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
         real_save(obj, path)
         if "h16_asqrth1_s1" in str(path):
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 2:
                 raise KeyboardInterrupt
     monkeypatch.setattr(flow, "_atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
