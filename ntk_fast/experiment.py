@@ -10,8 +10,8 @@ A run folder holds::
     checkpoint.pt       the trainer's resumable checkpoint (while training; removed when the run is done)
     train.pt/.json      the trainer's result (ntk_fast.flow.FlowResult.save)
     outputs.pt          tensors: labels, f0 and F of every net on train and test, and of the kernel runs
-    init_kernel.json    frozen-kernel run with Theta(w0)    (when asked)
-    final_kernel.json   frozen-kernel run with Theta(w_T)   (when asked)
+    init_kernel.pt/.json   frozen-kernel run with Theta(w0)    (when asked; KernelFlowResult.save)
+    final_kernel.pt/.json  frozen-kernel run with Theta(w_T)   (when asked)
     summary.json        the JSON summary, written last and atomically: its presence marks the run done
 
 ``run_experiment`` skips a done folder, and resumes an interrupted training from checkpoint.pt.
@@ -179,30 +179,36 @@ def _kernel_module():
 
 def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -> Any:
     """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the NTK of ``net`` at its weights
-    (ntk_fast.kernel.frozen_kernel_run), same loss and step rule as the trainer."""
+    (ntk_fast.kernel.frozen_kernel_run), same loss, step rule, margin stop and budgets as the trainer."""
     kernel = _kernel_module()
-    kw = dict(loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
-              max_time=cfg.max_time, max_wall=cfg.max_wall, progress=progress)
-    if cfg.max_steps is not None:
-        kw["max_steps"] = cfg.max_steps
+    kw = dict(loss=cfg.loss, beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
+              max_steps=cfg.max_steps, max_t=cfg.max_time if math.isfinite(cfg.max_time) else None,
+              max_walltime=cfg.max_wall if math.isfinite(cfg.max_wall) else None, progress=progress)
     return kernel.frozen_kernel_run(net, xtr, ytr, xte, yte, **kw)
 
 
 def _outputs_of(res: Any) -> Dict[str, torch.Tensor]:
-    out = getattr(res, "outputs", None)
-    if out is None and isinstance(res, dict):
-        out = res.get("outputs")
-    return {k: v.detach().cpu() for k, v in (out or {}).items() if isinstance(v, torch.Tensor)}
+    """{"train": F (n,) or (K, n), "test": ...} of a trainer or kernel-solver result."""
+    if hasattr(res, "F_train"):                                  # ntk_fast.kernel.KernelFlowResult
+        out = {"train": res.F_train, "test": res.F_test}
+    else:                                                        # ntk_fast.flow.FlowResult
+        out = getattr(res, "outputs", None) or {}
+    return {k: v.detach().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def _kernel_summary(res: Any, yte: torch.Tensor) -> Dict[str, Any]:
+    """Status, t, steps, wall and the test error of a frozen-kernel run (problem 0)."""
     outs = _outputs_of(res)
-    s: Dict[str, Any] = {"status": getattr(res, "status", None)}
-    final = getattr(res, "final", None)
-    if isinstance(final, list) and final:
-        final = final[0]
-    if isinstance(final, dict):
-        s.update({k: v for k, v in final.items() if isinstance(v, (int, float, str)) or v is None})
+    status = getattr(res, "status", None)
+    s: Dict[str, Any] = {"status": status[0] if isinstance(status, list) else status}
+    for k in ("t", "steps", "attempts"):
+        v = getattr(res, k, None)
+        if isinstance(v, torch.Tensor):
+            s[k] = float(v.reshape(-1)[0]) if k == "t" else int(v.reshape(-1)[0])
+    s["wall"] = getattr(res, "wall", None)
+    hist = getattr(res, "history", None)
+    if isinstance(hist, list) and hist and isinstance(hist[0], list) and hist[0]:
+        s["last_checkpoint"] = {k: v for k, v in hist[0][-1].items() if isinstance(v, (int, float, str))}
     if "test" in outs:
         Ft = outs["test"].reshape(-1, yte.shape[0])[0].double()
         s["test_err"] = float(((Ft * yte.cpu().double()) <= 0).double().mean())
@@ -282,7 +288,10 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
                 ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"].reshape(-1, yte.shape[0])[0],
                                                          kouts["test"].reshape(-1, yte.shape[0])[0])
             summary[name] = ks
-            write_json(os.path.join(folder, f"{name}.json"), ks)
+            if hasattr(kres, "save"):
+                kres.save(os.path.join(folder, f"{name}.pt"))   # the solver's own .pt + .json
+            else:
+                write_json(os.path.join(folder, f"{name}.json"), ks)
     torch.save(tensors, os.path.join(folder, "outputs.pt"))
     summary["wall"] = time.perf_counter() - wall0
     summary["done"] = True
