@@ -1,0 +1,1 @@
+from .flow import FlowResult, train  # noqa: F401  (gradient-flow trainer, issue 4)
