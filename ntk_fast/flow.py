@@ -477,6 +477,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         return obs.kernel_change(th, theta0[k])
 
     def record(k: int, event: str) -> None:
+        k = int(k)
         b = eng.base
         F = eng.F[b, k]
         Ws = eng.net_weights(k)
