@@ -195,6 +195,7 @@ class _Engine:
         a = nets[0]
         self.K, self.d, self.h, self.L = len(nets), a.d, a.h, a.L
         self.sigma, self.dsigma = a.sigma, a.dsigma
+        self.activation, self.act_beta, self.act_c = a.activation, a.beta, a.act_c
         self.alpha, self.loss, self.loss_beta, self.tau = alpha, loss, loss_beta, tau
         w0 = a.weights[0]
         self.dtype, self.device = w0.dtype, w0.device
@@ -216,43 +217,59 @@ class _Engine:
             for k, m in enumerate(nets):
                 self.w[0, k].copy_(torch.cat([p.detach().reshape(-1) for p in m.weights]))
         self.w0 = self.w[0].clone()
-        self.views = [self._layer_views(self.w[p]) for p in (0, 1)]
-        self.gviews = [self._layer_views(self.g[p]) for p in (0, 1)]
+        self.views = [self._layer_views(self.w[p], squeeze=True) for p in (0, 1)]
+        self.gviews = [self._layer_views(self.g[p], squeeze=True) for p in (0, 1)]
         self.base = 0
         self.f0 = self.forward(self.views[0], self.a0)[0]            # (K, n): F = alpha (f - f0) = 0 at t = 0
         self.use_graph = use_graph and self.device.type == "cuda"
         self.graphs: Dict[int, Any] = {}
         self._dt_host = torch.zeros(K, dtype=self.dtype, pin_memory=self.use_graph)
 
-    def _layer_views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        return [flat[:, o:o + s].view(flat.shape[0], *sh)
-                for o, s, sh in zip(self.offsets[:-1], self.sizes, self.shapes)]
+    def _layer_views(self, flat: torch.Tensor, squeeze: bool = False) -> List[torch.Tensor]:
+        """Per-layer (K, out, in) views of a flat (K, P) buffer; (out, in) with squeeze=True and K = 1
+        (plain mm instead of bmm)."""
+        vs = [flat[:, o:o + s].view(flat.shape[0], *sh) for o, s, sh in zip(self.offsets[:-1], self.sizes, self.shapes)]
+        return [v[0] for v in vs] if squeeze and flat.shape[0] == 1 else vs
 
     def net_weights(self, k: int, parity: Optional[int] = None) -> List[torch.Tensor]:
         p = self.base if parity is None else parity
-        return [v[k] for v in self.views[p]]
+        return [v[k] for v in self._layer_views(self.w[p])]
 
     # forward and backward of the batched nets: Ws[l] is (K, out, in), a0 is (n, d)
+    def _act(self, z: torch.Tensor, keep: bool):
+        """a = sigma(z)/sqrt(h) and (keep) s = sigma'(z)/sqrt(h), with the constants folded in place."""
+        scale = self.act_c / math.sqrt(self.h)
+        if self.activation == "softplus":
+            a = torch.nn.functional.softplus(z, beta=self.act_beta, threshold=1e30).mul_(scale)
+            s = torch.mul(z, self.act_beta).sigmoid_().mul_(scale) if keep else None
+        else:
+            a = self.sigma(z) / math.sqrt(self.h)
+            s = self.dsigma(z) / math.sqrt(self.h) if keep else None
+        return a, s
+
+    # forward and backward of the batched nets: Ws[l] is (K, out, in) (2-D (out, in) when K = 1), a0 is (n, d)
     def forward(self, Ws: Sequence[torch.Tensor], a0: torch.Tensor, keep: bool = False):
-        """f (K, n) of the K nets; with keep=True also the layer inputs a(l) and sigma'(z(l)) for backward."""
+        """f (K, n) of the nets; with keep=True also the layer inputs a(l) and sigma'(z(l))/sqrt(h) for backward.
+        Cost: 2 n (d h + (L-1) h^2 + h) flops per net (matmuls) plus 2 elementwise passes per hidden layer."""
         acts, ds = [a0], []
         a = a0
         for l in range(self.L):
             z = torch.matmul(a, Ws[l].transpose(-1, -2))                # (K, n, h)
+            a, s = self._act(z, keep)
             if keep:
-                ds.append(self.dsigma(z))
-            a = self.sigma(z) / math.sqrt(self.h)
+                ds.append(s)
             acts.append(a)
         f = torch.matmul(a, Ws[self.L].transpose(-1, -2))[..., 0]       # (K, n)
-        return f, acts, ds
+        return (f if f.dim() == 2 else f.unsqueeze(0)), acts, ds
 
     def backward(self, Ws, G, acts, ds, r: torch.Tensor) -> None:
-        """G[l] <- dL/dW(l) = delta(l+1)^T a(l), delta(L+1) = r = dL/df, delta(l) = (delta(l+1) W(l)) o sigma'/sqrt(h)."""
-        delta = r.unsqueeze(-1)                                          # (K, n, 1)
+        """G[l] <- dL/dW(l) = delta(l+1)^T a(l), delta(L+1) = r = dL/df, delta(l) = (delta(l+1) W(l)) o sigma'/sqrt(h).
+        Cost: 2 n (d h + (L-1) h^2 + h) flops for the gradients plus 2 n ((L-1) h^2 + h) for the deltas."""
+        delta = (r if Ws[0].dim() == 3 else r[0]).unsqueeze(-1)         # (K, n, 1)
         for l in range(self.L, -1, -1):
             torch.matmul(delta.transpose(-1, -2), acts[l], out=G[l])
             if l > 0:
-                delta = torch.matmul(delta, Ws[l]) * ds[l - 1] / math.sqrt(self.h)
+                delta = torch.matmul(delta, Ws[l]).mul_(ds[l - 1])
 
     def _attempt_ops(self, pb: int, pt: int) -> None:
         """Trial from buffers pb into buffers pt; fills report[pt].  No host synchronisation."""
@@ -470,7 +487,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         theta0 = [obs.gram_from_features(*obs.fc_features([v[k] for v in w0v], xk, eng.sigma, eng.dsigma))
                   for k in range(K)]
     rms_f0 = obs.rms(eng.f0).cpu().numpy()
-    f0_test = eng.forward(eng._layer_views(eng.w0), x_test / math.sqrt(eng.d))[0] if x_test is not None else None
+    f0_test = eng.forward(eng._layer_views(eng.w0, squeeze=True), x_test / math.sqrt(eng.d))[0] if x_test is not None else None
 
     def kernel_change(k: int) -> float:
         th = obs.gram_from_features(*obs.fc_features(eng.net_weights(k), xk, eng.sigma, eng.dsigma))
@@ -491,7 +508,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                    grad_norm=math.sqrt(S["gsq"][k]), dw=dw, dw_total=math.sqrt(sum(v * v for v in dw)),
                    w0_norm=float(torch.linalg.norm(eng.w0[k].double())))
         if x_test is not None:
-            Ft = alpha * (eng.forward([w.unsqueeze(0) for w in Ws], x_test / math.sqrt(eng.d))[0][0] - f0_test[k])
+            Ft = alpha * (eng.forward(Ws if K > 1 else eng.views[b], x_test / math.sqrt(eng.d))[0][0] - f0_test[k])
             u = y_test * Ft
             lf = _loss_fn(loss)
             rec.update(test_loss=float(lf(u.double(), loss_beta).mean()) / alpha ** 2,
