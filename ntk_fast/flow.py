@@ -211,7 +211,8 @@ class _Engine:
         self.g = torch.zeros(2, K, P, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(2, K, P, dtype=self.dtype, device=self.device) if tau > 0 else None
         self.F = torch.zeros(2, K, n, dtype=self.dtype, device=self.device)
-        self.report = torch.zeros(2, K, 5, dtype=torch.float64, device=self.device)  # |g'|^2,|g-g'|^2,dout,loss,nd
+        # per attempt: |g'|^2, |g - g'|^2, dout, loss, nd, mean F^2 (read by the host in one transfer)
+        self.report = torch.zeros(2, K, 6, dtype=torch.float64, device=self.device)
         self.dt = torch.zeros(K, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for k, m in enumerate(nets):
@@ -286,20 +287,22 @@ class _Engine:
         rep[:, 2].copy_(dout)
         rep[:, 3].copy_(loss)
         rep[:, 4].copy_(nd)
+        rep[:, 5].copy_(F.double().pow(2).mean(1))
 
     def init_state(self) -> np.ndarray:
-        """Gradient, loss and |g|^2 at the initial weights (base buffers); returns report row (K, 5)."""
+        """Gradient, loss and |g|^2 at the initial weights (base buffers); returns the (K, 6) report."""
         pb = self.base
         f, acts, ds = self.forward(self.views[pb], self.a0, keep=True)
         F, r, loss, nd, dout = ops.flow_loss(f, self.f0, self.y, self.F[pb], self.alpha, self.loss_beta, self.loss)
         self.backward(self.views[pb], self.gviews[pb], acts, ds, r)
         self.F[pb].copy_(F)
         st = ops.flow_grad_stats(self.g[pb], self.g[pb])
-        rep = torch.stack([st[:, 0], st[:, 1], dout.double(), loss.double(), nd.double()], 1)
+        rep = torch.stack([st[:, 0], st[:, 1], dout.double(), loss.double(), nd.double(),
+                           F.double().pow(2).mean(1)], 1)
         return rep.cpu().numpy()
 
     def attempt(self, dts: np.ndarray) -> np.ndarray:
-        """One trial step with per-net dt (0 freezes a net); returns the (K, 5) report on the host."""
+        """One trial step with per-net dt (0 freezes a net); returns the (K, 6) report on the host."""
         pb, pt = self.base, 1 - self.base
         if self.use_graph:
             self._dt_host.copy_(torch.from_numpy(dts))
@@ -462,6 +465,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         rep = eng.init_state()
         S = dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K,
                  gsq=rep[:, 0].tolist(), loss=rep[:, 3].tolist(), nd=rep[:, 4].astype(int).tolist(),
+                 msq=rep[:, 5].tolist(),
                  l0=(rep[:, 3] * alpha * alpha).tolist(), next_ckpt=[0] * K, n_ckpt=[0] * K,
                  last_dt=[0.0] * K, last_dgrad=[0.0] * K, last_dout=[0.0] * K,
                  t1=[math.nan] * K, t_grow=[math.nan] * K, status=["running"] * K)
@@ -565,7 +569,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
             rep = eng.attempt(dts)
             accepted = np.zeros(K, dtype=bool)
             for k in np.nonzero(active)[0]:
-                gpsq, diffsq, dout, lossv, nd = rep[k]
+                gpsq, diffsq, dout, lossv, nd, msq = rep[k]
                 dgrad = dgrad_from_norms(S["gsq"][k], gpsq, diffsq) if np.isfinite(gpsq + diffsq) else math.nan
                 S["attempts"][k] += 1
                 ok, new_dt = rule.decide(dgrad, dout, S["dt"][k])
@@ -575,6 +579,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                     S["step"][k] += 1
                     S["last_dt"][k], S["last_dgrad"][k], S["last_dout"][k] = S["dt"][k], dgrad, float(dout)
                     S["gsq"][k], S["loss"][k], S["nd"][k] = float(gpsq), float(lossv), int(nd)
+                    S["msq"][k] = float(msq)
                     S["rejections"][k] = 0
                 else:
                     S["rejections"][k] += 1
@@ -588,7 +593,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                 if math.isnan(S["t1"][k]) and S["loss"][k] * alpha * alpha <= t1_fraction * S["l0"][k]:
                     S["t1"][k] = t
                 if math.isnan(S["t_grow"][k]):
-                    rf = float(obs.rms(eng.F[eng.base, k])) / alpha
+                    rf = math.sqrt(S["msq"][k]) / alpha
                     if rf >= grow_factor * rms_f0[k]:
                         S["t_grow"][k] = t
                 stop = "converged" if S["nd"][k] == 0 else limit_status(k)
