@@ -88,24 +88,10 @@ def fc_features(weights: Sequence[torch.Tensor], x: torch.Tensor, sigma, dsigma)
 
 
 def gram_from_features(A: Sequence[torch.Tensor], D: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Theta = sum_l (D_l D_l^T) o (A_l A_l^T), (m, m), through the extension's gram op (plain torch when the
-    op has no kernel for the device).  Cost: 2 m^2 sum_l (fan_in_l + fan_out_l) flops."""
-    if _has_gram_kernel(A[0]):
-        return torch.ops.ntk_fast.gram(list(A), list(D), [], [], [1.0] * len(A), True)
-    out = None
-    for a, dl in zip(A, D):
-        term = (dl @ dl.t()) * (a @ a.t())
-        out = term if out is None else out + term
-    return out
-
-
-def _has_gram_kernel(t: torch.Tensor) -> bool:
-    try:
-        from . import _C  # noqa: F401
-        key = "CPU" if t.device.type == "cpu" else "CUDA" if t.device.type == "cuda" else None
-        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("ntk_fast::gram", key)
-    except Exception:
-        return False
+    """Theta = sum_l (D_l D_l^T) o (A_l A_l^T), (m, m), through the fused Gram op (:func:`ntk_fast._ops.gram`,
+    which falls back to plain torch without the extension).  Cost: m^2 sum_l (fan_in_l + fan_out_l) flops."""
+    from ._ops import gram
+    return gram(list(A), list(D))
 
 
 def kernel_change(theta: torch.Tensor, theta0: torch.Tensor) -> float:
