@@ -15,6 +15,15 @@ from ntk_fast.observables import loglinspace, next_checkpoint
 D, H, L = 6, 16, 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one thread avoids OpenMP hand-offs that dominate (and get slow on a busy machine)."""
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(nt)
+
+
 def data(n, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g, dtype=dtype)
