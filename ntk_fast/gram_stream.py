@@ -90,12 +90,20 @@ def _compute_panel(a1, d1, a2, d2, scales, symmetric: bool, r0: int, r1: int, c0
 
 
 def _store_panel(out: torch.Tensor, panel: torch.Tensor, r0: int, r1: int, c0: int, symmetric: bool) -> None:
-    """Host side: out[r0:r1, c0:] = panel, and in symmetric mode out[r1:, r0:r1] = panel[:, m:]^T."""
-    out[r0:r1, c0:].copy_(panel)
-    if symmetric:
-        m = r1 - r0
-        if panel.shape[1] > m:
-            out[r1:, r0:r1].copy_(panel[:, m:].t())
+    """Host side: out[r0:r1, c0:] = panel, and in symmetric mode out[r1:, r0:r1] = panel[:, m:]^T.
+
+    In symmetric mode the diagonal block is written from its upper triangle, so that ``out`` is exactly
+    symmetric whatever the kernel does inside a diagonal block (the CPU kernel's BLAS tiles need not be).
+    """
+    if not symmetric:
+        out[r0:r1, c0:].copy_(panel)
+        return
+    m = r1 - r0
+    diag = panel[:, :m]
+    out[r0:r1, r0:r1].copy_(torch.triu(diag) + torch.triu(diag, 1).t())
+    if panel.shape[1] > m:
+        out[r0:r1, r1:].copy_(panel[:, m:])
+        out[r1:, r0:r1].copy_(panel[:, m:].t())
 
 
 def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
