@@ -38,7 +38,7 @@ def base_parser(description: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-wall", type=float, default=None, help="seconds per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each when jobs = cpus (default 2)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true")
     return p
