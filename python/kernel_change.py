@@ -3,7 +3,7 @@
 Theta_T: the empirical NTK at the end of training, Theta_0 at initialisation, both on the first
 ``kernel_points`` (256) test points (computed by the trainer with the Gram op).  In the lazy regime the
 weights move by O(1/(alpha sqrt(h))) so the kernel change falls as (alpha*sqrt(h))^-1: the fitted log-log slope
-over alpha*sqrt(h) >= --lazy-from should be about -1.  Same grid and run folders as phase_diagram.py (runs
+over alpha*sqrt(h) >= --lazy-from (100) should be about -1.  Same grid and run folders as phase_diagram.py (runs
 already finished there are reused).  Writes <out>/kernel_change.json and .png.
 """
 import _common as C
@@ -14,14 +14,14 @@ import numpy as np
 
 def main(argv=None):
     p = C.base_parser(__doc__.splitlines()[0], "runs/experiments")
-    p.add_argument("--lazy-from", type=float, default=10.0, help="fit over alpha*sqrt(h) >= this (default 10)")
+    p.add_argument("--lazy-from", type=float, default=100.0, help="fit over alpha*sqrt(h) >= this (default 100)")
     args = p.parse_args(argv)
     paper = args.paper
     args.p = args.p or (10000 if paper else 500)
     args.p_test = args.p_test or (50000 if paper else 2000)
     args.ensemble = args.ensemble or (10 if paper else 3)
     hs = args.hs or ([100, 300, 1000] if paper else [32, 128])
-    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1000.0])
+    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1e3, 1e4])
     rows = C.run_grid(args, C.configs(args, hs, a_list))
     table, fits = [], {}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

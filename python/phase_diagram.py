@@ -19,7 +19,7 @@ def main(argv=None):
     args.p_test = args.p_test or (50000 if paper else 2000)
     args.ensemble = args.ensemble or (10 if paper else 3)
     hs = args.hs or ([100, 300, 1000] if paper else [32, 128])
-    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1000.0])
+    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1e3, 1e4])
     rows = C.run_grid(args, C.configs(args, hs, a_list))
     table = []
     for r in rows:
