@@ -71,12 +71,21 @@ void gram_cpu_kernel(const std::vector<at::Tensor>& a1, const std::vector<at::Te
           }
         }
       }
+      if (symmetric && i0 == j0) {
+        // diagonal tile: keep its upper triangle and mirror it, so that out is exactly symmetric
+        for (int64_t r = 0; r < mi; ++r)
+          for (int64_t c = r; c < mj; ++c) {
+            optr[(i0 + r) * os0 + (j0 + c) * os1] = A[r * T + c];
+            optr[(i0 + c) * os0 + (j0 + r) * os1] = A[r * T + c];
+          }
+        continue;
+      }
       for (int64_t r = 0; r < mi; ++r) {
         scalar_t* orow = optr + (i0 + r) * os0 + j0 * os1;
         const scalar_t* ar = A + r * T;
         for (int64_t c = 0; c < mj; ++c) orow[c * os1] = ar[c];
       }
-      if (symmetric && i0 != j0) {
+      if (symmetric) {
         for (int64_t c = 0; c < mj; ++c) {
           scalar_t* orow = optr + (j0 + c) * os0 + i0 * os1;
           for (int64_t r = 0; r < mi; ++r) orow[r * os1] = A[r * T + c];

@@ -1,0 +1,351 @@
+"""empirical_ntk(): the empirical NTK Gram matrix of a model at its current weights.
+
+    Theta(x, x')[c, c'] = sum_p d f_c(x)/d w_p  d f_c'(x')/d w_p        (p over parameters that require grad)
+
+Two paths:
+
+* **structured** (``FCNet`` and any ``nn.Sequential`` of ``nn.Linear`` and elementwise activations):
+  per-layer features from one forward and k backward passes, then the fused op
+  ``Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T)`` (DESIGN.md section 2).  Cost
+  2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (half when x2 is None), about h/4 times fewer than a
+  Jacobian contraction, and memory for the features plus the output only.
+* **jacobian** (any module): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of
+  ``block_size`` points, contracted block by block; memory about 2 block_size k P elements.
+
+Modes: ``"full"`` gives (n1, n2) for one output and (n1, n2, k, k) for k > 1; ``"trace"`` gives
+sum_c Theta[., ., c, c] as (n1, n2); ``"diagonal"`` gives the trace kernel's diagonal Theta(x_i, x_i) as (n1,)
+(x2 must be None).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _ops
+from .fc import FCNet
+from .reference import per_sample_jacobian
+
+ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
+MODES = ("full", "trace", "diagonal")
+METHODS = ("auto", "structured", "jacobian")
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+def supports_structured(model: nn.Module) -> bool:
+    """True for FCNet and for nn.Sequential made only of nn.Linear and elementwise activations."""
+    if isinstance(model, FCNet):
+        return True
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        has_linear = False
+        for m in model:
+            if isinstance(m, nn.Linear):
+                has_linear = True
+            elif not isinstance(m, ELEMENTWISE):
+                return False
+        return has_linear
+    return False
+
+
+def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """Features (A, D) of a Sequential of Linear + elementwise layers, D as (n, k, fan_out).
+
+    For a Linear layer y = x W^T + b: df/dW = delta x^T and df/db = delta, with delta = df/dy from autograd
+    (k backward passes of sum_i f_c(x_i): points do not interact in such a network).  A_l is the layer
+    input when W requires grad, with a column of ones appended when b requires grad.
+    """
+    inputs, outs, linears = [], [], []
+    h = x
+    with torch.enable_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad):
+                    linears.append(m)
+                    inputs.append(h.detach())
+                    h = m(h)
+                    outs.append(h)
+                else:
+                    h = m(h)
+            else:
+                h = m(h)
+        if h.dim() == 1:
+            h = h.unsqueeze(1)
+        out = h.reshape(h.shape[0], -1)
+        k = out.shape[1]
+        if not outs:
+            raise ValueError("empirical_ntk: the model has no parameters that require grad")
+        grads = [[] for _ in outs]
+        for c in range(k):
+            g = torch.autograd.grad(out[:, c].sum(), outs, retain_graph=c < k - 1, allow_unused=True)
+            for l, gl in enumerate(g):
+                grads[l].append(torch.zeros_like(outs[l]) if gl is None else gl)
+    A, D = [], []
+    n = x.shape[0]
+    for l, m in enumerate(linears):
+        cols = []
+        if m.weight.requires_grad:
+            cols.append(inputs[l])
+        if m.bias is not None and m.bias.requires_grad:
+            cols.append(torch.ones(n, 1, dtype=x.dtype, device=x.device))
+        A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
+        D.append(torch.stack(grads[l], dim=1).detach())
+    return A, D, k
+
+
+def _fcnet_features(model: FCNet, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """FCNet features restricted to the parameters that require grad, D as (n, k, fan_out)."""
+    A, D = model.features(x)
+    k = model.k
+    if k == 1:
+        D = [d.unsqueeze(1) for d in D]
+    keepA, keepD = [], []
+    for l, (a, d) in enumerate(zip(A, D)):
+        w_grad = model.weights[l].requires_grad
+        b_grad = model.biases is not None and model.biases[l].requires_grad
+        if w_grad and (b_grad or model.biases is None):
+            keepA.append(a)
+        elif w_grad:   # bias exists but is frozen: drop the constant column
+            keepA.append(a[:, :-1])
+        elif b_grad:
+            keepA.append(a[:, -1:])
+        else:
+            continue
+        keepD.append(d)
+    if not keepA:
+        raise ValueError("empirical_ntk: the model has no parameters that require grad")
+    return keepA, keepD, k
+
+
+def structured_features(model: nn.Module, x: torch.Tensor, block_size: Optional[int] = None
+                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """Per-layer features (A_l (n, p_l), D_l (n, k, q_l)) of a structured model, computed in row blocks."""
+    fn = _fcnet_features if isinstance(model, FCNet) else _sequential_features
+    n = x.shape[0]
+    bs = n if block_size is None else max(1, block_size)
+    if bs >= n:
+        return fn(model, x)
+    parts = [fn(model, x[i:i + bs]) for i in range(0, n, bs)]
+    A = [torch.cat([p[0][l] for p in parts]) for l in range(len(parts[0][0]))]
+    D = [torch.cat([p[1][l] for p in parts]) for l in range(len(parts[0][1]))]
+    return A, D, parts[0][2]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _model_params(model: nn.Module) -> List[torch.Tensor]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"empirical_ntk: model must be a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("empirical_ntk: the model has no parameters that require grad "
+                         "(the NTK is taken over the parameters with requires_grad=True)")
+    return params
+
+
+def _check_x(name: str, x, ref: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"empirical_ntk: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"empirical_ntk: {name} must have a leading batch dimension, got shape {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise ValueError(f"empirical_ntk: {name} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"empirical_ntk: {name} is on {x.device} but the model's parameters are on {ref.device}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"empirical_ntk: {name} contains NaN or inf")
+
+
+# ---------------------------------------------------------------------------------------------- jacobian path
+
+def _jacobian_blocks(model: nn.Module, x: torch.Tensor, block: int):
+    for i in range(0, x.shape[0], block):
+        yield i, per_sample_jacobian(model, x[i:i + block])
+
+
+def _jacobian_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str,
+                  block_size: Optional[int], out: Optional[torch.Tensor], progress: bool) -> torch.Tensor:
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        k = model(x1[:1]).reshape(1, -1).shape[1]
+    esize = x1.element_size()
+    if block_size is None:   # two Jacobian blocks of about 256 MB each
+        block_size = max(1, min(x1.shape[0], int(256e6 // max(1, k * n_params * esize))))
+    n1 = x1.shape[0]
+    if mode == "diagonal":
+        res = torch.empty(n1, dtype=x1.dtype, device=x1.device) if out is None else out
+        for i, j in _jacobian_blocks(model, x1, block_size):
+            res[i:i + j.shape[0]] = (j * j).sum(dim=(1, 2))
+        return res
+    sym = x2 is None
+    xb = x1 if sym else x2
+    n2 = xb.shape[0]
+    full = mode == "full" and k > 1
+    shape = (n1, n2, k, k) if full else (n1, n2)
+    res = out if out is not None else torch.empty(shape, dtype=x1.dtype, device=x1.device)
+    it = range(0, n1, block_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="ntk (jacobian)", unit="block")
+    for i in it:
+        ji = per_sample_jacobian(model, x1[i:i + block_size])
+        for j0, jj in _jacobian_blocks(model, xb, block_size):
+            if sym and j0 + jj.shape[0] <= i:
+                continue    # lower block: mirrored below
+            blk = torch.einsum("icp,jdp->ijcd", ji, jj)
+            blk = blk if full else torch.diagonal(blk, dim1=2, dim2=3).sum(-1)
+            res[i:i + ji.shape[0], j0:j0 + jj.shape[0]] = blk
+            if sym and j0 > i:
+                res[j0:j0 + jj.shape[0], i:i + ji.shape[0]] = blk.transpose(0, 1).transpose(2, 3) if full \
+                    else blk.transpose(0, 1)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- structured path
+
+def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str,
+                    block_size: Optional[int], out: Optional[torch.Tensor], progress: bool,
+                    precision: str) -> torch.Tensor:
+    A1, D1, k = structured_features(model, x1, block_size)
+    n1 = x1.shape[0]
+    if mode == "diagonal":
+        diag = sum((d * d).sum(dim=(1, 2)) * (a * a).sum(dim=1) for a, d in zip(A1, D1))
+        if out is not None:
+            out.copy_(diag)
+            return out
+        return diag
+    sym = x2 is None
+    if sym:
+        A2, D2 = A1, D1
+    else:
+        A2, D2, _ = structured_features(model, x2, block_size)
+    n2 = A2[0].shape[0]
+    full = mode == "full" and k > 1
+    if full:
+        # rows are (point, output) pairs: A repeated k times, D flattened per output
+        A1 = [a.repeat_interleave(k, dim=0) for a in A1]
+        D1 = [d.reshape(n1 * k, d.shape[2]) for d in D1]
+        A2 = A1 if sym else [a.repeat_interleave(k, dim=0) for a in A2]
+        D2 = D1 if sym else [d.reshape(n2 * k, d.shape[2]) for d in D2]
+    else:
+        D1 = [d.reshape(n1, -1) for d in D1]           # trace: sum over outputs of D Grams
+        D2 = D1 if sym else [d.reshape(n2, -1) for d in D2]
+    m1, m2 = A1[0].shape[0], A2[0].shape[0]
+    if full:
+        target = torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
+    else:
+        target = out if out is not None else torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
+    panel = block_size if (block_size is not None or progress) else None
+    if panel is None:
+        _ops.gram(A1, D1, None if sym else A2, None if sym else D2, out=target, precision=precision)
+    else:
+        _panels(A1, D1, A2, D2, sym, target, panel or 1024, progress, precision)
+    if full:
+        res = target.reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res.contiguous()
+    return target
+
+
+def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress: bool, precision: str) -> None:
+    """Row panels of the Gram written into out one after another (each panel is one op call).
+
+    Symmetric: panel rows [r0, r1) against columns [r0, n), then the part right of the diagonal block is
+    mirrored into rows [r1, n) of columns [r0, r1): the strictly lower blocks are never computed.
+    """
+    m1 = A1[0].shape[0]
+    starts = range(0, m1, panel)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="ntk", unit="panel")
+    for r0 in starts:
+        r1 = min(m1, r0 + panel)
+        a1 = [a[r0:r1] for a in A1]
+        d1 = [d[r0:r1] for d in D1]
+        if sym:
+            a2 = [a[r0:] for a in A2]
+            d2 = [d[r0:] for d in D2]
+            _ops.gram(a1, d1, a2, d2, out=out[r0:r1, r0:], precision=precision)
+            diag = out[r0:r1, r0:r1]                  # make the diagonal block exactly symmetric
+            diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
+            if r1 < m1:
+                out[r1:, r0:r1] = out[r0:r1, r1:].T
+        else:
+            _ops.gram(a1, d1, A2, D2, out=out[r0:r1], precision=precision)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
+                  method: str = "auto", block_size: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                  progress: bool = False, precision: str = "highest") -> torch.Tensor:
+    """Empirical NTK Gram of ``model`` between x1 (n1, ...) and x2 (n2, ...) (x2=None: x1 with itself).
+
+    Args:
+        mode: "full" -> (n1, n2) for one output, (n1, n2, k, k) for k outputs; "trace" -> (n1, n2);
+            "diagonal" -> (n1,) (trace over outputs; x2 must be None).
+        method: "structured" (FCNet, Sequential of Linear + elementwise), "jacobian" (torch.func, any module),
+            "auto" (structured when supported).
+        block_size: structured path: rows per panel written to ``out`` (and per feature batch);
+            jacobian path: points per Jacobian block (default: about 256 MB per block).
+        out: preallocated result of the right shape and dtype (may wrap a numpy memmap: the Gram is
+            written panel by panel and may exceed RAM when block_size is given).
+        progress: tqdm bar over panels.  precision: "highest" or "tf32" (CUDA, float32 only).
+
+    The NTK is taken at the model's current weights over every parameter with requires_grad=True.
+    The cost of the structured path is 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (x2 given) or half
+    of it (x2 None); the jacobian path costs 2 n1 n2 k^2 P plus the Jacobians.
+    """
+    if mode not in MODES:
+        raise ValueError(f"empirical_ntk: mode must be one of {MODES}, got {mode!r}")
+    if method not in METHODS:
+        raise ValueError(f"empirical_ntk: method must be one of {METHODS}, got {method!r}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"empirical_ntk: block_size must be a positive int or None, got {block_size!r}")
+    params = _model_params(model)
+    _check_x("x1", x1, params[0])
+    if x2 is not None:
+        _check_x("x2", x2, params[0])
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"empirical_ntk: x2 has per-point shape {tuple(x2.shape[1:])}, "
+                             f"expected {tuple(x1.shape[1:])} like x1")
+    if mode == "diagonal" and x2 is not None:
+        raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
+    structured = supports_structured(model)
+    if method == "structured" and not structured:
+        raise ValueError(f"empirical_ntk: method='structured' needs an FCNet or an nn.Sequential of nn.Linear and "
+                         f"elementwise activations; got {type(model).__name__} (use method='jacobian')")
+    use_structured = structured and method != "jacobian"
+    if use_structured and x1.dim() != 2:
+        raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for the structured path, got {tuple(x1.shape)}")
+    with torch.no_grad():
+        k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] > 0 else 1
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"empirical_ntk: out must have shape {expected}, got {shape}")
+        if out.dtype != x1.dtype:
+            raise ValueError(f"empirical_ntk: out has dtype {out.dtype}, expected {x1.dtype}")
+    if n1 == 0 or n2 == 0:
+        return out if out is not None else torch.empty(expected, dtype=x1.dtype, device=x1.device)
+    if use_structured:
+        return _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
+    return _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+
+
+def gram_flops(fans: List[Tuple[int, int]], n1: int, n2: Optional[int] = None) -> float:
+    """Flops of the structured Gram: 2 n1 n2 sum_l (p_l + q_l), or n^2 sum_l (p_l + q_l) when symmetric."""
+    s = sum(p + q for p, q in fans)
+    return float(n1) * n1 * s if n2 is None else 2.0 * n1 * n2 * s
+
+
+def fcnet_fans(d: int, h: int, L: int, k: int = 1) -> List[Tuple[int, int]]:
+    """(fan_in, fan_out) of each weight matrix of FCNet(d, h, L, k)."""
+    return [(d, h)] + [(h, h)] * (L - 1) + [(h, k)]
+

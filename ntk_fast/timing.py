@@ -1,0 +1,34 @@
+"""Small timing helpers shared by the command line and the benchmarks."""
+from __future__ import annotations
+
+import time
+from typing import Callable, List
+
+import torch
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, device=None) -> List[float]:
+    """Wall times (s) of ``repeats`` calls of fn after ``warmup`` calls (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device="cpu") -> float:
+    """Measured torch.mm rate in flop/s on square n x n matrices (median of repeats, after a warm-up)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ts = sorted(time_call(lambda: a @ b, repeats=repeats, warmup=2, device=device))
+    return 2.0 * n ** 3 / ts[len(ts) // 2]
