@@ -20,7 +20,7 @@ TORCH_LIBRARY(ntk_fast, m) {
   m.def("gram_out(Tensor[] a1, Tensor[] d1, Tensor[] a2, Tensor[] d2, float[] scales, bool symmetric, int block, str precision, Tensor(a!) out) -> ()");
   // One attempt of the frozen-kernel flow for E problems (rows of the (E, n) state f, g, r, c, y):
   //   f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n
-  //   stats (E x 6, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(y o f')].
+  //   stats (E x 7, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(y o f'), max|g'|].
   // theta: (n, n) shared or (E, n, n) per problem, symmetric, only the upper triangle is read; or, with
   // packed_block = T > 0, tile-packed upper triangle (P,) / (E, P).  loss: softhinge | qhinge | mse (beta used
   // by softhinge).  Inactive problems (active[e] = False) pass through unchanged with zero stats.

@@ -44,7 +44,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("ntk_fast::kernel_flow_step")
     def _fake(theta, y, f, g, r, c, dt, active, loss, beta, packed_block=0, block=0):
         torch._check(f.dim() == 2, lambda: "kernel_flow_step: f must be 2-D")
-        stats = f.new_empty((f.shape[0], 6), dtype=torch.float64)
+        stats = f.new_empty((f.shape[0], 7), dtype=torch.float64)
         return (torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), stats)
 
 
@@ -88,7 +88,7 @@ def kernel_flow_step(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: t
     """One attempt of the frozen-kernel flow for E problems: returns (f', r', g', c', stats).
 
     f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n;
-    stats (E, 6) float64 = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(y o f')].
+    stats (E, 7) float64 = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(y o f'), max|g'|].
     theta: (n, n) shared by all problems or (E, n, n), symmetric (only its upper triangle is read), or the
     tile-packed upper triangle ((P,) or (E, P)) when packed_block > 0.
     Cost: one read of the upper half of each Theta, 2 E n^2 flops.

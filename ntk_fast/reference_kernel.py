@@ -7,7 +7,7 @@ problem e (rows of the (E, n) state; 1/n written inv_n)::
     r'  = l'(y o f') o y
     c'  = c + dt r inv_n                   c(t) = int_0^t (1/n) l'(y o F) o y ds,  so that F = -Theta c
     g'  = Theta r' inv_n
-    stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(y o f')]      (float64, (E, 6))
+    stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(y o f'), max|g'|]   (float64, (E, 7))
 
 Inactive problems are returned unchanged with zero stats.
 
@@ -98,7 +98,8 @@ def kernel_flow_step_ref(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, 
     g64, gn64 = g.double(), gn.double()
     stats = torch.stack([
         (g64 ** 2).sum(1), (gn64 ** 2).sum(1), ((g64 - gn64) ** 2).sum(1),
-        dt.double() * g64.abs().amax(1), u.double().amin(1), lfun(u.double(), beta).mean(1)], dim=1)
+        dt.double() * g64.abs().amax(1), u.double().amin(1), lfun(u.double(), beta).mean(1),
+        gn64.abs().amax(1)], dim=1)
     a = active[:, None]
     return (torch.where(a, fn, f), torch.where(a, rn, r), torch.where(a, gn, g), torch.where(a, cn, c),
             torch.where(a, stats, torch.zeros_like(stats)))

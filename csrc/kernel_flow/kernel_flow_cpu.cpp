@@ -5,7 +5,7 @@
 //   u'  = y o f',  r' = l'(u') o y      (loss derivative in output space)
 //   c'  = c + dt r inv_n               (c(t) = int (1/n) l'(y o F) o y dt; F = -Theta c)
 //   g'  = Theta r' inv_n               (the only O(n^2) work: one read of the upper triangle of Theta)
-//   stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min u', mean l(u')]   (float64)
+//   stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min u', mean l(u'), max|g'|]   (float64)
 // Inactive problems are copied through unchanged with zero stats.
 //
 // The symmetric product reads only the tiles (I, J), I <= J, of Theta (full storage or tile-packed): an
@@ -54,21 +54,29 @@ NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, b
     }
     return;
   }
+  // Four rows at a time: a quarter of the loads/stores of YJ, four independent Theta streams (measured here:
+  // 4 rows stream at ~38 GB/s on one core, 2 rows at ~22 GB/s, 1 row at ~34 GB/s).
   int64_t i = 0;
-  for (; i + 2 <= mi; i += 2) {  // two rows at a time: half the loads/stores of YJ
+  for (; i + 4 <= mi; i += 4) {
     const S* t0 = th + i * ld;
     const S* t1 = t0 + ld;
-    const S r0 = RI[i], r1 = RI[i + 1];
-    S a0 = 0, a1 = 0;
-#pragma omp simd reduction(+ : a0, a1)
+    const S* t2 = t1 + ld;
+    const S* t3 = t2 + ld;
+    const S r0 = RI[i], r1 = RI[i + 1], r2 = RI[i + 2], r3 = RI[i + 3];
+    S a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
     for (int64_t j = 0; j < mj; ++j) {
       const S rj = RJ[j];
       a0 += t0[j] * rj;
       a1 += t1[j] * rj;
-      YJ[j] += t0[j] * r0 + t1[j] * r1;
+      a2 += t2[j] * rj;
+      a3 += t3[j] * rj;
+      YJ[j] += (t0[j] * r0 + t1[j] * r1) + (t2[j] * r2 + t3[j] * r3);
     }
     YI[i] += a0;
     YI[i + 1] += a1;
+    YI[i + 2] += a2;
+    YI[i + 3] += a3;
   }
   for (; i < mi; ++i) {
     const S* t = th + i * ld;
@@ -283,14 +291,14 @@ void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tenso
   double* st = stats.data_ptr<double>();
   std::vector<int64_t> act;
   for (int64_t e = 0; e < E; ++e) {
-    double* se = st + e * 6;
+    double* se = st + e * 7;
     const int64_t o = e * n;
     if (!pa[e]) {
       std::copy(pf + o, pf + o + n, qf + o);
       std::copy(pr + o, pr + o + n, qr + o);
       std::copy(pg + o, pg + o + n, qg + o);
       std::copy(pc + o, pc + o + n, qc + o);
-      for (int k = 0; k < 6; ++k) se[k] = 0.0;
+      for (int k = 0; k < 7; ++k) se[k] = 0.0;
       continue;
     }
     act.push_back(e);
@@ -344,18 +352,20 @@ void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tenso
     }
   }
   for (int64_t e : act) {
-    double a = 0, b = 0, dd = 0;
+    double a = 0, b = 0, dd = 0, mx = 0;
     const S *g0 = pg + e * n, *g1 = qg + e * n;
     for (int64_t i = 0; i < n; ++i) {
       const double x = g0[i], z = g1[i];
       a += x * x;
       b += z * z;
       dd += (x - z) * (x - z);
+      mx = std::isnan(z) || std::isnan(mx) ? std::numeric_limits<double>::quiet_NaN() : std::max(mx, std::abs(z));
     }
-    double* se = st + e * 6;
+    double* se = st + e * 7;
     se[0] = a;
     se[1] = b;
     se[2] = dd;
+    se[6] = mx;
   }
 }
 
@@ -369,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
   const at::Tensor theta = theta_.contiguous(), y = y_.contiguous(), f = f_.contiguous(), g = g_.contiguous(),
                    r = r_.contiguous(), c = c_.contiguous(), dt = dt_.contiguous(), active = active_.contiguous();
   at::Tensor fn = at::empty_like(f), rn = at::empty_like(f), gn = at::empty_like(f), cn = at::empty_like(f);
-  at::Tensor stats = at::empty({s.E, 6}, f.options().dtype(at::kDouble));
+  at::Tensor stats = at::empty({s.E, 7}, f.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "kernel_flow_step_cpu", [&] {
     flow_step_cpu<scalar_t>(theta, y, f, g, r, c, dt, active, kind, beta, packed_block, block, s, fn, rn, gn, cn,
                             stats);
