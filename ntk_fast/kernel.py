@@ -126,7 +126,7 @@ class KernelFlowResult:
     """Outcome of kernel_flow for E problems (tensors have a leading E axis; ``single`` squeezes it).
 
     F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,),
-    status per problem ("margin", "max_steps", "max_t", "walltime", "nan", "dt_underflow", "running"),
+    status per problem ("margin", "max_steps", "max_t", "walltime", "max_iterations", "nan", "dt_underflow"),
     history: per problem, a list of checkpoint dicts (step, t, dt, loss, err, nd, margin_min, test_err, ...),
     config: the arguments (JSON-safe), wall: seconds spent.
     """
@@ -190,6 +190,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 max_dgrad: float = 1e-4, max_dout: float = 0.1, grow: float = 1.1, shrink: float = 10.0,
                 grow_fraction: float = 0.5, stop_margin: bool = True, max_steps: Optional[int] = None,
                 max_t: Optional[float] = None, max_walltime: Optional[float] = None,
+                max_iterations: Optional[int] = None,
                 checkpoint_rate: float = 0.01, checkpoint_step: int = 100, packed: bool = False, block: int = 256,
                 checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: float = 60.0,
                 checkpoint_every_steps: Optional[int] = None, resume: Optional[Union[str, os.PathLike]] = None,
@@ -205,7 +206,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         loss: "softhinge" (beta = 20), "qhinge", or "mse" (square loss, no margin stop: give max_t/max_steps).
         max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.steprule.StepRule).
         stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_t / max_walltime: other stops
-            (accepted steps, flow time, seconds).
+            (accepted steps, flow time, seconds); max_iterations: passes over Theta (all problems stop together,
+            so a run resumed from there continues bit for bit).
         checkpoint_rate, checkpoint_step: history at accepted steps of loglinspace(rate, step) (and at the end).
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
             caller may then free K_train); block: tile edge.
@@ -291,7 +293,13 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         dt, tt, gmax = list(st["dt"]), list(st["t"]), list(st["gmax"])
         steps, attempts = list(st["steps"]), list(st["attempts"])
         status, history, ck_index = list(st["status"]), st["history"], list(st["ck_index"])
-        wall0 = st["wall"]
+        # Stops by limits are re-decided with this call's limits; margin / nan stops are final.
+        status = ["running" if s_ in ("max_steps", "max_t", "walltime", "max_iterations") else s_ for s_ in status]
+        for e in range(E):  # drop the end-of-run record of the interrupted run (not a schedule checkpoint)
+            if history[e] and ck_index[e] > 0 and history[e][-1]["step"] != _nth_checkpoint(
+                    ck_index[e] - 1, checkpoint_rate, checkpoint_step) and status[e] == "running":
+                history[e].pop()
+        wall0, iters0 = st["wall"], st["iterations"]
     else:
         # Initial gradient: g = Theta r(0) / n (a dt = 0 call of the op).
         dt0 = torch.zeros(E, dtype=dtype, device=device)
@@ -304,7 +312,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         status = ["running"] * E
         history = [[] for _ in range(E)]
         ck_index = [0] * E
-        wall0 = 0.0
+        wall0, iters0 = 0.0, 0
 
     def record(e: int) -> None:
         u = (Y[e] * F[e]).double()
@@ -333,7 +341,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     def save_state(path) -> None:
         _atomic_save({"F": F, "r": r, "g": g, "c": c, "dt": dt, "t": tt, "gmax": gmax, "steps": steps,
                       "attempts": attempts, "status": status, "history": history, "ck_index": ck_index,
-                      "config": config, "wall": wall0 + (time.perf_counter() - start)}, os.fspath(path))
+                      "config": config, "wall": wall0 + (time.perf_counter() - start), "iterations": iters},
+                     os.fspath(path))
 
     bar = None
     if progress:
@@ -344,7 +353,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             bar = None
     start = time.perf_counter()
     last_save = start
-    iters = 0
+    iters = iters0
     max_dout_, shrink_ = rule.max_dout, rule.shrink
     active_all = torch.ones(E, dtype=torch.bool, device=device)
     while True:
@@ -359,6 +368,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 status[e] = "max_t"
             elif max_walltime is not None and elapsed >= max_walltime:
                 status[e] = "walltime"
+            elif max_iterations is not None and iters >= max_iterations:
+                status[e] = "max_iterations"
             elif not math.isfinite(gmax[e]):
                 status[e] = "nan"
             else:

@@ -44,12 +44,16 @@ struct TileJob {
 template <typename S>
 NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* RI,
                               const S* RJ, S* YI, S* YJ) {
-  if (diag) {
+  if (diag) {  // upper triangle of the diagonal tile only: element (i, j > i) serves rows i and j
     for (int64_t i = 0; i < mi; ++i) {
       const S* t = th + i * ld;
-      S acc = 0;
+      const S ri = RI[i];
+      S acc = t[i] * ri;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < mj; ++j) acc += t[j] * RJ[j];
+      for (int64_t j = i + 1; j < mj; ++j) {
+        acc += t[j] * RJ[j];
+        YJ[j] += t[j] * ri;
+      }
       YI[i] += acc;
     }
     return;
@@ -97,16 +101,23 @@ NTK_ALWAYS_INLINE void tile_e(const S* th, int64_t ld, int64_t mi, int64_t mj, b
                               const S* RJ, S* YI, S* YJ, int eb_rt) {
   const int eb = EB > 0 ? EB : eb_rt;
   constexpr int CAP = EB > 0 ? EB : 64;
-  if (diag) {
+  if (diag) {  // upper triangle of the diagonal tile only
     for (int64_t i = 0; i < mi; ++i) {
       const S* t = th + i * ld;
-      S acc[CAP];
-      for (int e = 0; e < eb; ++e) acc[e] = 0;
-      for (int64_t j = 0; j < mj; ++j) {
+      S acc[CAP], ri[CAP];
+      for (int e = 0; e < eb; ++e) {
+        ri[e] = RI[i * eb + e];
+        acc[e] = t[i] * ri[e];
+      }
+      for (int64_t j = i + 1; j < mj; ++j) {
         const S tj = t[j];
         const S* rj = RJ + j * eb;
+        S* yj = YJ + j * eb;
 #pragma omp simd
-        for (int e = 0; e < eb; ++e) acc[e] += tj * rj[e];
+        for (int e = 0; e < eb; ++e) {
+          acc[e] += tj * rj[e];
+          yj[e] += tj * ri[e];
+        }
       }
       for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
     }
