@@ -191,7 +191,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 grow_fraction: float = 0.5, stop_margin: bool = True, max_steps: Optional[int] = None,
                 max_t: Optional[float] = None, max_walltime: Optional[float] = None,
                 max_iterations: Optional[int] = None,
-                checkpoint_rate: float = 0.01, checkpoint_step: int = 100, packed: bool = False, block: int = 256,
+                checkpoint_rate: float = 0.01, checkpoint_step: int = 100, packed: bool = False, block: Optional[int] = None,
                 checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: float = 60.0,
                 checkpoint_every_steps: Optional[int] = None, resume: Optional[Union[str, os.PathLike]] = None,
                 progress: bool = True, validate: bool = True) -> KernelFlowResult:
@@ -210,7 +210,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             so a run resumed from there continues bit for bit).
         checkpoint_rate, checkpoint_step: history at accepted steps of loglinspace(rate, step) (and at the end).
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
-            caller may then free K_train); block: tile edge.
+            caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
         checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
             ``checkpoint_every_steps`` loop iterations) and at the end; resume: such a file to continue from
             (bit-for-bit: the same inputs and thread count give the same trajectory as an uninterrupted run).
@@ -264,11 +264,17 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         raise ValueError("kernel_flow: y_test needs K_test_train")
 
     theta = K_train.contiguous()
+    if device.type == "cuda":
+        if block not in (None, 64):
+            raise ValueError(f"kernel_flow: the CUDA kernel uses 64 x 64 tiles, got block={block}")
+        block = 64
+    elif block is None:
+        block = 256
     packed_block = 0
     if packed:
         theta = pack_symmetric(theta, block)
         packed_block = block
-    step_block = 0 if packed else block
+    step_block = 0 if (packed or device.type == "cuda") else block
     lfun, _ = get_loss(loss)
 
     config = {"n": n, "E": E, "loss": loss, "beta": beta, "max_dgrad": max_dgrad, "max_dout": max_dout,

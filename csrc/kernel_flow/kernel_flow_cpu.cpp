@@ -247,7 +247,11 @@ void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const 
     for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back((int32_t)bi, (int32_t)bj);
   const int64_t ntiles = (int64_t)tiles.size();
   // One private accumulator per chunk of tiles (a deterministic partition for a given thread count).
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
+  // Small products run on one thread: a parallel region costs more than it saves below ~4M multiply-adds
+  // (and on an oversubscribed machine its barrier can cost milliseconds).
+  const int64_t work = n * n / 2 * eb;
+  const int64_t nthreads =
+      work < (int64_t)4000000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
   const int64_t nchunks = nthreads;
   std::vector<S> Yall((size_t)nchunks * n * eb, S(0));
   TileJob<S> job{theta, packed, n, T, nt, R, eb, tiles.data()};
