@@ -103,7 +103,7 @@ def reference_style(K, y, steps=None, loss="softhinge", beta=20.0, rule=StepRule
 
 def ours(K, y, steps=None, packed=False):
     res = kernel_flow(K, y, packed=packed, max_iterations=steps, progress=False, validate=False,
-                      checkpoint_step=10 ** 9)
+                      checkpoint_rate=1e-9, checkpoint_step=10 ** 9)  # history every step (O(n) each)
     iters = int(res.attempts.max())  # upper bound on passes: includes attempts decided without a pass
     wall = res.wall
     return {"attempts": int(res.attempts.sum()), "steps": res.steps.tolist(), "t": res.t.tolist(),
@@ -165,7 +165,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     out = {"machine": {"host": socket.gethostname(), "platform": platform.platform(),
                        "processor": platform.processor(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, **rates},
+                       "torch": torch.__version__, "loadavg_at_end": os.getloadavg(), **rates},
            "n": n, "dtype": args.dtype, "converge": args.converge, "steps": steps, "half_theta_bound_ms": bound_ms,
            "reference_style": ref, "ours_full": full, "ours_packed": pk,
            "E_sweep": {str(E): {**esweep[E], "throughput_vs_E1": E * t1 / esweep[E]["per_attempt_ms"],

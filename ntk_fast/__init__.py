@@ -1,8 +1,9 @@
 """ntk_fast: fast empirical NTK Gram matrices and lazy/feature training dynamics of deep FC networks."""
 from ._ops import extension_available, gram
 from .fc import FCNet, activation_normaliser
+from .kernel import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
 from .ntk import empirical_ntk, fcnet_fans, gram_flops, structured_features, supports_structured
 
-__all__ = ["FCNet", "activation_normaliser", "empirical_ntk", "extension_available", "fcnet_fans", "gram",
+__all__ = ["KernelFlowResult", "frozen_kernel_run", "kernel_flow", "kernel_regression", "mse_flow", "FCNet", "activation_normaliser", "empirical_ntk", "extension_available", "fcnet_fans", "gram",
            "gram_flops", "structured_features", "supports_structured"]
 __version__ = "0.1.0"
