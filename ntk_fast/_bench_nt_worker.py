@@ -12,36 +12,17 @@ On CPU, jax's float32 matmuls are true float32.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def _status(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_ramp import fix_malloc, ramp_measure  # noqa: E402  (pure Python, no torch)
 
 
 def main(spec_path: str) -> int:
+    fix_malloc()
     with open(spec_path) as f:
         spec = json.load(f)
     import jax
@@ -79,36 +60,20 @@ def main(spec_path: str) -> int:
             params.append(p)
     kfn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0,
                                       implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
-    out = {"versions": {"jax": jax.__version__, "neural_tangents": getattr(nt, "__version__", "?")}, "jobs": []}
-    for job in spec["jobs"]:
-        n = int(job["n"])
-        x = jnp.asarray(x_all[:n], dtype=dtype)
 
-        def fn():
-            return kfn(x, None, params).block_until_ready()
-        K = None
-        for _ in range(int(job["warmup"])):
-            K = fn()
-            del K
-        gc.collect()
-        base = _status("VmRSS:")
-        ok = _reset_peak()
-        times, peak = [], -1
-        for i in range(int(job["repeats"])):
-            K = None
-            t0 = time.perf_counter()
-            K = fn()
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                peak = _status("VmHWM:") - base if ok and base >= 0 else -1
-        rec = {"n": n, "times": times, "peak_bytes": peak}
-        if job.get("save"):
-            path = os.path.join(spec["out"], f"K_{n}.npy")
-            np.save(path, np.asarray(K, dtype=np.float64).reshape(n, n))
-            rec["kernel"] = path
-        out["jobs"].append(rec)
-        del K
-        gc.collect()
+    def make(m):
+        x = jnp.asarray(x_all[:m], dtype=dtype)
+        return lambda: kfn(x, None, params).block_until_ready()
+
+    r = spec["ramp"]
+    m, times, peak, K, reason, trace = ramp_measure(make, r["sizes"], r["flops"], r["fits"], r["budget"],
+                                                    r["warmup"], r["repeats"])
+    out = {"versions": {"jax": jax.__version__, "neural_tangents": getattr(nt, "__version__", "?")},
+           "n": m, "times": times, "peak_bytes": peak, "reason": reason, "trace": trace}
+    if spec.get("save", True):
+        path = os.path.join(spec["out"], f"K_{m}.npy")
+        np.save(path, np.asarray(K, dtype=np.float64).reshape(m, m))
+        out["kernel"] = path
     with open(os.path.join(spec["out"], "result.json"), "w") as f:
         json.dump(out, f)
     return 0

@@ -8,9 +8,9 @@ when the peers are importable next to ntk_fast; otherwise it runs this file as a
 
 SPEC.json: {"method": "nngeometry" | "asdl", "dtype": "float32", "beta": 5.0, "c": 1.40438..,
 "data": "problem.npz" (x and W0..WL, torch orientation (out, in)), "out": folder,
-"jobs": [{"n": 64, "warmup": 1, "repeats": 1, "save": false}, ...], "block": null}.
-It writes out/result.json ({"jobs": [{"n", "times", "peak_bytes", "kernel"}], "versions"}) and the kernels as
-out/K_<n>.npy.  This file imports only numpy, torch and the peer (never ntk_fast), so that it runs in any
+"ramp": {"sizes", "flops", "fits", "budget", "warmup", "repeats"} (see _bench_ramp.ramp_measure), "block": null}.
+It writes out/result.json ({"n", "times", "peak_bytes", "reason", "trace", "kernel", "versions"}) and the
+kernel at the measured size as out/K_<n>.npy.  This file imports only numpy, torch and the peer (never ntk_fast), so that it runs in any
 environment with torch.
 
 The network is the paper's FC net written as an ordinary nn.Sequential: Scale(1/sqrt(d)), Linear(d, h),
@@ -20,16 +20,19 @@ gradients with respect to the Linear weights, and hence the NTK, are exactly tho
 """
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 from torch import nn
+
+try:
+    from ._bench_ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
+except ImportError:                       # run as a script: this folder is sys.path[0]
+    from _bench_ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
 
 
 class Scale(nn.Module):
@@ -116,56 +119,10 @@ def peer_kernel_fn(method: str, model: nn.Module, x: torch.Tensor, block=None):
     raise ValueError(f"unknown peer {method!r}")
 
 
-# ------------------------------------------------------------------------------------------ memory
-
-def rss_bytes(key: str = "VmRSS:") -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
-
-
-def reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def timed_with_peak(fn, warmup: int, repeats: int, sync=None):
-    """(times, peak_extra_bytes, result): peak RSS above the RSS before the first timed call (-1 if unknown)."""
-    res = None
-    for _ in range(warmup):
-        res = fn()
-        del res
-        res = None
-    gc.collect()
-    base = rss_bytes()
-    ok = reset_peak()
-    times = []
-    for i in range(repeats):
-        if i:
-            res = None
-        t0 = time.perf_counter()
-        res = fn()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak = rss_bytes("VmHWM:") - base if ok and base >= 0 else -1
-    return times, peak, res
-
-
 # ------------------------------------------------------------------------------------------ script
 
 def main(spec_path: str) -> int:
+    fix_malloc()
     with open(spec_path) as f:
         spec = json.load(f)
     method = spec["method"]
@@ -177,19 +134,16 @@ def main(spec_path: str) -> int:
     weights = [data[f"W{l}"] for l in range(nl)]
     x_all = torch.as_tensor(data["x"]).to(dtype)
     model = torch_sequential(weights, spec["beta"], spec["c"], dtype)
-    out = {"versions": {"torch": torch.__version__, method: peer_version(method)}, "jobs": []}
-    for job in spec["jobs"]:
-        n = int(job["n"])
-        fn = peer_kernel_fn(method, model, x_all[:n].contiguous(), spec.get("block"))
-        times, peak, K = timed_with_peak(fn, int(job["warmup"]), int(job["repeats"]))
-        rec = {"n": n, "times": times, "peak_bytes": peak}
-        if job.get("save"):
-            path = os.path.join(spec["out"], f"K_{n}.npy")
-            np.save(path, K.detach().double().numpy())
-            rec["kernel"] = path
-        out["jobs"].append(rec)
-        del K
-        gc.collect()
+    r = spec["ramp"]
+    m, times, peak, K, reason, trace = ramp_measure(
+        lambda m: peer_kernel_fn(method, model, x_all[:m].contiguous(), spec.get("block")),
+        r["sizes"], r["flops"], r["fits"], r["budget"], r["warmup"], r["repeats"])
+    out = {"versions": {"torch": torch.__version__, method: peer_version(method)},
+           "n": m, "times": times, "peak_bytes": peak, "reason": reason, "trace": trace}
+    if spec.get("save", True):
+        path = os.path.join(spec["out"], f"K_{m}.npy")
+        np.save(path, K.detach().double().numpy().reshape(m, m))
+        out["kernel"] = path
     with open(os.path.join(spec["out"], "result.json"), "w") as f:
         json.dump(out, f)
     return 0

@@ -20,10 +20,11 @@ Methods (``--methods``, default all):
   brute_force     reference-code style: one backward pass per point, dense Jacobian product J J^T, over
                   parameter groups of at most 2e9 bytes of Jacobian (as the paper's code does)
 
-Timing: median of ``--repeats`` calls after ``--warmup`` calls.  A method whose predicted time (from a probe at
-``--probe-n`` points scaled by its flop count) exceeds ``--max-seconds`` per call, or whose predicted memory
-exceeds ``--max-memory-gb``, is measured at the largest n/2^k that fits and its time extrapolated to n with
-its flop model (marked "extrap."; its rate, memory and error are those of the measured size).
+Timing: median of ``--repeats`` calls after ``--warmup`` calls.  Each method ramps up through n/2^k, from the
+first size >= ``--probe-n``, one call per size; it stops below n when the next size's predicted time (the last
+time scaled by the method's flop model) exceeds ``--max-seconds`` per call, or its memory model exceeds
+``--max-memory-gb``.  It is then measured at the last size and its time extrapolated to n with its flop model
+(marked "extrap."; its rate, memory and error are those of the measured size).
 """
 from __future__ import annotations
 
@@ -292,9 +293,9 @@ class SubprocessRunner:
         self.npz, self.spec_base, self.tmp, self.timeout = problem_npz, spec_base, tmp, timeout
         self.versions: dict = {}
 
-    def run(self, jobs: List[dict]) -> List[dict]:
+    def run(self, ramp: dict) -> dict:
         out = tempfile.mkdtemp(dir=self.tmp, prefix=self.method + "-")
-        spec = dict(self.spec_base, method=self.method, data=self.npz, out=out, jobs=jobs)
+        spec = dict(self.spec_base, method=self.method, data=self.npz, out=out, ramp=ramp, save=True)
         path = os.path.join(out, "spec.json")
         with open(path, "w") as f:
             json.dump(spec, f)
@@ -309,7 +310,7 @@ class SubprocessRunner:
         with open(res_path) as f:
             res = json.load(f)
         self.versions = res.get("versions", {})
-        return res["jobs"]
+        return res
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -385,25 +386,6 @@ def _make_problem(n: int, d: int, h: int, L: int, beta: float, dtype, seed: int)
     return x.to(dtype), x, net_t, net64
 
 
-def _choose_size(t_probe: float, probe_n: int, method: str, dims: Dims, n: int, opts: dict,
-                 max_seconds: float, max_bytes: float, cap_n: Optional[int]):
-    """Largest m = n / 2^k (>= probe_n) whose predicted time per call and memory fit; with a reason."""
-    m, reason = n, ""
-    if cap_n is not None and m > cap_n:
-        while m > cap_n:
-            m //= 2
-        reason = f"n capped at {cap_n}"
-    while m > probe_n:
-        t = t_probe * flops_model(method, dims, m, opts) / flops_model(method, dims, probe_n, opts)
-        mem = memory_model(method, dims, m, opts)
-        if t <= max_seconds and mem <= max_bytes:
-            break
-        reason = (f"predicted {t:.0f} s > {max_seconds:.0f} s/call" if t > max_seconds
-                  else f"predicted memory {mem / 2**30:.1f} GiB > {max_bytes / 2**30:.1f} GiB")
-        m //= 2
-    return max(m, min(probe_n, n)), reason
-
-
 def run_case(n: int, h: int, args, methods: Sequence[str], rates: Dict[str, float], log) -> dict:
     """All methods at one (n, h).  Returns the case dict of the JSON output."""
     dtype = getattr(torch, args.dtype)
@@ -418,7 +400,8 @@ def run_case(n: int, h: int, args, methods: Sequence[str], rates: Dict[str, floa
     versions = {"torch": torch.__version__}
 
     import ntk_fast
-    from ._bench_worker import peer_available, peer_version, timed_with_peak, torch_sequential
+    from ._bench_ramp import ramp_measure, ramp_sizes
+    from ._bench_worker import peer_available, peer_version, torch_sequential
 
     seq = None
     tmp = tempfile.mkdtemp(prefix="ntk_fast-bench-")
@@ -454,7 +437,7 @@ def run_case(n: int, h: int, args, methods: Sequence[str], rates: Dict[str, floa
                 runner = SubprocessRunner(method, py, os.path.join(HERE, "_bench_worker.py"), problem_file(),
                                           {"dtype": args.dtype, "beta": args.beta, "c": net.act_c,
                                            "block": args.peer_block, "threads": torch.get_num_threads()},
-                                          tmp, timeout=calls * args.max_seconds * 4 + 300)
+                                          tmp, timeout=(calls + 8) * args.max_seconds * 2 + 300)
                 where = f"subprocess {py}"
             elif method == "neural_tangents":
                 py = args.nt_python
@@ -465,34 +448,29 @@ def run_case(n: int, h: int, args, methods: Sequence[str], rates: Dict[str, floa
                     continue
                 runner = SubprocessRunner(method, py, os.path.join(HERE, "_bench_nt_worker.py"), problem_file(),
                                           {"dtype": args.dtype, "beta": args.beta, "c": net.act_c},
-                                          tmp, timeout=calls * args.max_seconds * 4 + 300)
+                                          tmp, timeout=(calls + 8) * args.max_seconds * 2 + 300)
                 where = f"subprocess {py}"
             else:
                 where = "in-process"
             try:
-                probe_n = min(n, args.probe_n)
-                # probe: one warm-up and one timed call at probe_n (for the size decision only)
+                sizes = ramp_sizes(n, min(n, args.probe_n), cap_n)
+                ramp = {"sizes": sizes, "flops": [flops_model(method, dims, m, opts) for m in sizes],
+                        "fits": [memory_model(method, dims, m, opts) <= max_bytes for m in sizes],
+                        "budget": args.max_seconds, "warmup": args.warmup, "repeats": args.repeats}
+                log(f"  {method:16s} ({where}) sizes {sizes[0]}..{sizes[-1]}")
                 if runner is None:
-                    fn = make_in_process(method, net, x[:probe_n], dims, opts)
-                    ts, _, K = timed_with_peak(fn, 1, 1)
-                    del K
-                else:
-                    ts = runner.run([{"n": probe_n, "warmup": 1, "repeats": 1, "save": False}])[0]["times"]
-                m, reason = _choose_size(ts[0], probe_n, method, dims, n, opts, args.max_seconds,
-                                         max_bytes, cap_n)
-                log(f"  {method:16s} probe n={probe_n}: {ts[0]:.3g} s -> measuring at n={m} ({where})")
-                if runner is None:
-                    fn = make_in_process(method, net, x[:m], dims, opts)
-                    gc.collect()
-                    times, peak, K = timed_with_peak(fn, args.warmup, args.repeats)
+                    m, times, peak, K, reason, trace = ramp_measure(
+                        lambda m: make_in_process(method, net, x[:m], dims, opts), sizes, ramp["flops"],
+                        ramp["fits"], args.max_seconds, args.warmup, args.repeats, log=log)
                     K = K.detach().to(torch.float64)
-                    del fn
                 else:
-                    rec = runner.run([{"n": m, "warmup": args.warmup, "repeats": args.repeats, "save": True}])[0]
-                    times, peak = rec["times"], rec["peak_bytes"]
+                    rec = runner.run(ramp)
+                    m, times, peak, reason = rec["n"], rec["times"], rec["peak_bytes"], rec["reason"]
                     K = torch.from_numpy(np.load(rec["kernel"]))
                     os.remove(rec["kernel"])
                     versions.update(runner.versions)
+                if cap_n is not None and m < n and not reason:
+                    reason = f"n capped at {cap_n}"
                 kernels[method] = (m, K)
                 row.measured_n, row.times = m, times
                 row.measured_seconds = _median(times)
@@ -679,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="", help="comma-separated methods to leave out")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--probe-n", type=int, default=64, help="points of the probe call that predicts the time")
+    p.add_argument("--probe-n", type=int, default=64, help="smallest size of the ramp (n/2^k >= it)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="time limit of one call (else extrapolate)")
     p.add_argument("--max-memory-gb", type=float, default=12.0, help="memory limit (else extrapolate)")
     p.add_argument("--brute-max-n", type=int, default=512, help="largest n for the brute force")
@@ -705,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from ._bench_ramp import fix_malloc
+    fix_malloc()
     from .timing import matmul_rate
     if args.threads:
         torch.set_num_threads(args.threads)
