@@ -615,6 +615,16 @@ def _plot_elsewhere(result: dict, path: str) -> Optional[str]:
     return path if r.returncode == 0 and os.path.exists(path) else None
 
 
+def busy_warning(mach: dict) -> str:
+    """A warning when the machine was busy at the start (load average over half the cores)."""
+    la, cpus = mach.get("load_average"), mach.get("cpus") or 1
+    if not la or la[0] <= 0.5 * cpus:
+        return ""
+    return (f"**Warning: the machine was busy (load average {la[0]:.1f} on {cpus} cores): these timings are not "
+            "reliable.** With the cores oversubscribed, torch's OpenMP threads slow small and medium calls down "
+            "by 10-60x here (2 threads vs 1), while JAX's thread pool suffers much less. Re-run on a quiet machine.")
+
+
 def markdown(result: dict) -> str:
     cfg, mach, rates = result["config"], result["machine"], result["matmul_gflops"]
     rates_flops = {k: v * 1e9 for k, v in rates.items()}
@@ -623,6 +633,7 @@ def markdown(result: dict) -> str:
              f"torch {mach.get('torch')}, {mach.get('threads')} threads"
              + (f", load average at start {mach['load_average'][0]:.2f}" if mach.get("load_average") else "")
              + f". Command: `{result['command']}`.", "",
+             *(busy_warning(mach) and [busy_warning(mach), ""] or []),
              f"torch.mm rate measured in this run ({cfg['dtype']}, square {cfg['matmul_n']}): "
              + ", ".join(f"{v:.0f}" for v in result["matmul_gflops_samples"]) + " GFLOP/s (the largest is used).",
              ""]
@@ -703,6 +714,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"what": "empirical NTK Gram of the paper's FC net, ntk_fast vs alternatives, symmetric case",
               "command": f"python -m ntk_fast.bench_runner {argv_s}".strip(), "date": date, "machine": machine,
               "config": {k: v for k, v in vars(args).items()}, "cases": []}
+    if busy_warning(machine):
+        log(busy_warning(machine).replace("**", ""))
     log(f"measuring torch.mm ({args.dtype}, {args.matmul_n}^2) ...")
     samples = [matmul_rate(dtype, n=args.matmul_n)]
     rates = {args.dtype: max(samples)}
