@@ -28,15 +28,23 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and has_nvcc
 
 
+def cxx_std() -> str:
+    # torch >= 2.14's headers require C++20 (ATen.h: "#error C++20 or later"); older ones build with C++17.
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-g0", "-fopenmp", cxx_std(), "-DPy_LIMITED_API=0x03090000"]
     link = ["-fopenmp"]
     if want_cuda():
         if torch.version.cuda is None:
             raise RuntimeError("NTK_FAST_CUDA=1 but the installed torch is a CPU-only build")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DNTK_FAST_WITH_CUDA"]
+        nvcc = ["-O3", cxx_std(), "--use_fast_math", "-lineinfo", "-DNTK_FAST_WITH_CUDA"]
+        # Extra nvcc flags, e.g. NTK_FAST_NVCC_FLAGS="-Xptxas=-v" for the register/spill report.
+        nvcc += os.environ.get("NTK_FAST_NVCC_FLAGS", "").split()
         return CUDAExtension("ntk_fast._C", cpp + cu, py_limited_api=True,
                              extra_compile_args={"cxx": cxx + ["-DNTK_FAST_WITH_CUDA"], "nvcc": nvcc},
                              extra_link_args=link)

@@ -18,4 +18,11 @@ TORCH_LIBRARY(ntk_fast, m) {
   // cores for float32 features; the CPU kernel treats it as "highest").
   m.def("gram(Tensor[] a1, Tensor[] d1, Tensor[] a2, Tensor[] d2, float[] scales, bool symmetric, int block=0, str precision=\"highest\") -> Tensor");
   m.def("gram_out(Tensor[] a1, Tensor[] d1, Tensor[] a2, Tensor[] d2, float[] scales, bool symmetric, int block, str precision, Tensor(a!) out) -> ()");
+  // Gradient-flow trainer (ntk_fast/flow.py; maths in csrc/flow/flow_cpu.cpp).  K nets stored row-wise in (K, P).
+  // flow_step: w_out = w - dt g (tau == 0), or v_out = x v - (1 - x) g, w_out = w + dt v_out with x = exp(-dt/tau).
+  m.def("flow_step(Tensor w, Tensor g, Tensor v, Tensor dt, float tau, Tensor(a!) w_out, Tensor(b!) v_out) -> ()");
+  // flow_grad_stats: (K, 2) float64 [|gp|^2, |g - gp|^2] per net.
+  m.def("flow_grad_stats(Tensor g, Tensor gp) -> Tensor");
+  // flow_loss: (F, r, loss, nd, dout) from outputs f, f0 (K, n), labels y (n,), previous F (K, n); kind 0 softhinge, 1 qhinge.
+  m.def("flow_loss(Tensor f, Tensor f0, Tensor y, Tensor F_prev, float alpha, float beta, int kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,8 +1,9 @@
 """ntk_fast: fast empirical NTK Gram matrices and lazy/feature training dynamics of deep FC networks."""
 from ._ops import extension_available, gram
 from .fc import FCNet, activation_normaliser
+from .flow import FlowResult, train
 from .ntk import empirical_ntk, fcnet_fans, gram_flops, structured_features, supports_structured
 
-__all__ = ["FCNet", "activation_normaliser", "empirical_ntk", "extension_available", "fcnet_fans", "gram",
-           "gram_flops", "structured_features", "supports_structured"]
+__all__ = ["FCNet", "FlowResult", "activation_normaliser", "empirical_ntk", "extension_available", "fcnet_fans",
+           "gram", "gram_flops", "structured_features", "supports_structured", "train"]
 __version__ = "0.1.0"

@@ -132,8 +132,9 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     d2l = [] if symmetric else list(d2)
     if out is None:
         return torch.ops.ntk_fast.gram(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision)
-    if out.device != device:  # GPU features, CPU out: computed on the device, then copied
-        out.copy_(torch.ops.ntk_fast.gram(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision))
-        return out
+    if out.device != device:  # GPU features, CPU out (maybe a memmap): row panels double-buffered to the host
+        from .gram_stream import gram_streamed
+        return gram_streamed(list(a1), list(d1), None if symmetric else list(a2), None if symmetric else list(d2),
+                             scales, out, precision=precision)
     torch.ops.ntk_fast.gram_out(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision, out)
     return out

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# CI step: compile the CUDA kernels (no GPU needed) in a separate CUDA-13 torch environment and check
+# that the module imports and registers a CUDA kernel for ntk_fast::gram.  A compile error fails CI.
+#   .ci/compile_cuda.sh            # venv at $NTK_FAST_CU_VENV (default: <repo>/.venv-cu), created if missing
+# Build output goes to build-cu/ and the module to a scratch copy, so the CPU build in the checkout is
+# left alone.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${NTK_FAST_CU_VENV:-$REPO/.venv-cu}
+PY_BOOT=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY_BOOT" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q torch==2.14.1 numpy setuptools wheel ninja
+fi
+PY="$VENV/bin/python"
+"$PY" -c 'import torch, sys; v = torch.version.cuda; print("torch", torch.__version__, "cuda", v); sys.exit(0 if v else 1)' \
+  || { echo "compile_cuda: the torch in $VENV is not a CUDA build"; exit 1; }
+SITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
+export NTK_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-2}
+export PATH="$CUDA_HOME/bin:$PATH"
+[ -x "$CUDA_HOME/bin/nvcc" ] || { echo "compile_cuda: no nvcc under CUDA_HOME=$CUDA_HOME"; exit 1; }
+
+# Build from a scratch copy of the sources so that the checkout's ntk_fast/_C*.so (CPU build) stays.
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/csrc" "$REPO/ntk_fast" "$WORK/"
+rm -f "$WORK"/ntk_fast/_C*.so
+mkdir -p "$REPO/build-cu"
+echo "== compiling (log: build-cu/compile.log)"
+if ! (cd "$WORK" && "$PY" setup.py build_ext --inplace --build-temp "$REPO/build-cu/temp") > "$REPO/build-cu/compile.log" 2>&1; then
+  grep -E "error|Error" "$REPO/build-cu/compile.log" | head -40
+  echo "compile_cuda: FAILED"
+  exit 1
+fi
+grep -E "ptxas info *: Used|spill" "$REPO/build-cu/compile.log" || true
+cp "$WORK"/ntk_fast/_C*.so "$REPO/build-cu/"
+echo "== import check"
+(cd "$WORK" && "$PY" - <<'PYEOF'
+import torch
+import ntk_fast._C  # noqa: F401
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+for op in ("ntk_fast::gram", "ntk_fast::gram_out"):
+    for key in ("CPU", "CUDA"):
+        assert has(op, key), f"{op} has no {key} kernel"
+print("ntk_fast._C imports; gram/gram_out have CPU and CUDA kernels")
+PYEOF
+)
+echo "compile_cuda: OK"

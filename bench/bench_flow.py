@@ -1,0 +1,151 @@
+"""Side-by-side speed of the gradient-flow trainer.
+
+Compares, per attempt of the adaptive step (one forward and one backward pass each):
+  * ref:   a reference-code-style loop written by us (feature_lazy's train_regular, article units): a deep copy
+           of the state every step, autograd through FCNet.forward, the loss, the gradient flattened with cat,
+           the update and the step-rule statistics as separate passes with host reads;
+  * ours:  ntk_fast.train (flat double buffers, fused flow_step / flow_loss / flow_grad_stats ops);
+  * floor: the flops of one forward and one backward pass,
+           2 n (d h + (L-1) h^2 + h)  +  2 n (d h + (L-1) h^2 + h) + 2 n ((L-1) h^2 + h),
+           at the best rate torch.mm reaches on the step's (n, d) x (d, h) and (n, h) x (h, h) products.
+Times are medians over the timed attempts (robust to a shared machine).
+Prints a table and writes JSON into bench/results/.  Defaults: n=2000, d=784, L=3, h in {100, 1000},
+float32 and float64, a few attempts each (the lead runs the long version on a quiet machine).
+
+    python bench/bench_flow.py [--steps 10] [--big-steps 3] [--h 100 1000] [--n 2000] [--out bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from ntk_fast.fc import FCNet
+from ntk_fast.flow import train
+from ntk_fast.losses import softhinge
+
+
+def make_data(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(d)
+    y = torch.where(torch.randn(n, generator=g) > 0, 1.0, -1.0).to(dtype)
+    return x, y
+
+
+def reference_style(net, x, y, alpha, attempts, max_dgrad=1e-4, max_dout=0.1):
+    """Reference-code-style loop (deep copy per step, autograd, separate passes).  Returns seconds per attempt."""
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        f0 = net(x)
+
+    def loss_grad(m):
+        m.zero_grad()
+        F = alpha * (m(x) - f0)
+        (softhinge(y * F).mean() / alpha ** 2).backward()
+        return F.detach(), torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+    F, g = loss_grad(net)
+    dt, done, times = 1.0, 0, []
+    t0 = time.perf_counter()
+    while done < attempts:
+        state = copy.deepcopy(net.state_dict())                       # the reference code copies everything
+        while done < attempts:
+            with torch.no_grad():
+                o = 0
+                for p in net.parameters():
+                    p.add_(g[o:o + p.numel()].view_as(p), alpha=-dt)
+                    o += p.numel()
+            F2, g2 = loss_grad(net)
+            done += 1
+            dout = (F2 - F).abs().max().item()
+            dgrad = ((g - g2).pow(2).sum() / (g.norm() * g2.norm())).item()
+            times.append(time.perf_counter() - t0)
+            if dgrad < max_dgrad and dout < max_dout:
+                if dgrad < 0.5 * max_dgrad and dout < 0.5 * max_dout:
+                    dt *= 1.1
+                F, g = F2, g2
+                break
+            dt /= 10
+            net.load_state_dict(state)
+            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+    return statistics.median(times)
+
+
+def ours(net, x, y, alpha, attempts):
+    """Median seconds per attempt of ntk_fast.train, from the wall clock of its per-step checkpoint records
+    (every step <= 100 is recorded; the record's own cost, a few passes over the weights, is included)."""
+    r = train(net, x, y, alpha, max_steps=attempts + 1, progress=False, kernel_points=0)
+    recs = [q for q in r.history_of(0) if q["event"] == "checkpoint" and q["step"] >= 1]
+    per = [(b["wall"] - a["wall"]) / (b["attempts"] - a["attempts"]) for a, b in zip(recs, recs[1:])]
+    return statistics.median(per)
+
+
+def mm_rate(n, d, h, dtype, reps=3):
+    """Best torch.mm rate (flop/s) over the step's two main shapes, (n, d) x (d, h) and (n, h) x (h, h)."""
+    best = 0.0
+    for k in (d, h):
+        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, h, dtype=dtype)
+        torch.mm(a, b)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2.0 * n * k * h / (time.perf_counter() - t0))
+    return best
+
+
+def step_flops(n, d, h, L):
+    fwd = 2 * n * (d * h + (L - 1) * h * h + h)
+    bwd = fwd + 2 * n * ((L - 1) * h * h + h)
+    return fwd + bwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--d", type=int, default=784)
+    ap.add_argument("--L", type=int, default=3)
+    ap.add_argument("--h", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=10, help="attempts timed at h < 500")
+    ap.add_argument("--big-steps", type=int, default=3, help="attempts timed at h >= 500")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    rows = []
+    print(f"{'h':>6} {'dtype':>8} {'ref ms':>9} {'ours ms':>9} {'floor ms':>9} {'ours/floor':>10} "
+          f"{'speedup':>8} {'ref steps/s':>11} {'ours steps/s':>12}")
+    for h in args.h:
+        for dn in args.dtypes:
+            dtype = getattr(torch, dn)
+            x, y = make_data(args.n, args.d, dtype)
+            net = FCNet(args.d, h, args.L, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            k = args.steps if h < 500 else args.big_steps
+            t_ref = reference_style(net, x, y, args.alpha, k)
+            t_ours = ours(net, x, y, args.alpha, k)
+            rate = mm_rate(args.n, args.d, h, dtype)
+            floor = step_flops(args.n, args.d, h, args.L) / rate
+            row = dict(n=args.n, d=args.d, L=args.L, h=h, dtype=dn, attempts=k, ref_s=t_ref, ours_s=t_ours,
+                       floor_s=floor, mm_gflops=rate / 1e9, ours_over_floor=t_ours / floor, speedup=t_ref / t_ours)
+            rows.append(row)
+            print(f"{h:>6} {dn:>8} {1e3 * t_ref:>9.2f} {1e3 * t_ours:>9.2f} {1e3 * floor:>9.2f} "
+                  f"{t_ours / floor:>10.2f} {t_ref / t_ours:>8.2f} {1 / t_ref:>11.2f} {1 / t_ours:>12.2f}")
+    machine = dict(host=platform.node(), cpu=platform.processor() or platform.machine(),
+                   threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"flow_{platform.node()}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as fh:
+        json.dump(dict(machine=machine, args=vars(args), rows=rows), fh, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

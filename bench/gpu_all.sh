@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the cuda tests and the GPU benchmark.
+#   bash bench/gpu_all.sh OUTDIR
+# Writes OUTDIR/{build.log, pytest_cuda.log, bench.log, gpu_gram.json, gpu_gram.md, nvidia-smi.txt}.
+# Exits non-zero if the build or the tests fail (the benchmark still runs after failing tests).
+set -u
+OUT=${1:?usage: bench/gpu_all.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+export NTK_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export NTK_FAST_NVCC_FLAGS=${NTK_FAST_NVCC_FLAGS:--Xptxas=-v}
+echo "== build" | tee "$OUT/build.log"
+if ! $PY -m pip install --no-build-isolation -e . >> "$OUT/build.log" 2>&1; then
+  echo "build failed; see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1
+fi
+grep -E "ptxas info *: (Used|Function properties)|spill" "$OUT/build.log" | tail -12
+echo "== tests"
+$PY -m pytest -m cuda tests/ -q -rs > "$OUT/pytest_cuda.log" 2>&1
+TEST_RC=$?
+tail -15 "$OUT/pytest_cuda.log"
+echo "== benchmark"
+$PY bench/gpu_gram.py "$OUT" > "$OUT/bench.log" 2>&1
+BENCH_RC=$?
+tail -20 "$OUT/bench.log"
+echo "tests rc=$TEST_RC bench rc=$BENCH_RC; results in $OUT"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]

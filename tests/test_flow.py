@@ -1,0 +1,239 @@
+"""The gradient-flow trainer: naive plain-torch loop, ensembles, resume, lazy limit, bad inputs."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import ntk_fast
+from ntk_fast.fc import FCNet
+from ntk_fast.flow import FlowResult, train
+from ntk_fast.losses import get_loss
+from ntk_fast.observables import loglinspace, next_checkpoint
+
+D, H, L = 6, 16, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one thread avoids OpenMP hand-offs that dominate (and get slow on a busy machine)."""
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(nt)
+
+
+def data(n, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=dtype)
+    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(D)
+    y = torch.where(x[:, 0] + 0.5 * x[:, 1] * x[:, 2] >= 0, 1.0, -1.0).to(dtype)
+    return x, y
+
+
+def make_net(seed, h=H, dtype=torch.float64):
+    return FCNet(D, h, L, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def naive_flow(net, x, y, alpha, *, loss="softhinge", beta=20.0, max_dgrad=1e-4, max_dout=0.1, tau=0.0,
+               max_steps=10**9):
+    """Deliberately naive: autograd through FCNet.forward, a deep copy of the state every step, and the step rule
+    written out inline (the reference code's train_regular, in article units)."""
+    lf, _ = get_loss(loss)
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        f0 = net(x)
+
+    def loss_and_grad(m):
+        for p in m.weights:
+            p.grad = None
+        F = alpha * (m(x) - f0)
+        Lw = lf(y * F, beta).mean() / alpha ** 2
+        Lw.backward()
+        return F.detach(), torch.cat([p.grad.reshape(-1) for p in m.weights]).clone()
+
+    F, g = loss_and_grad(net)
+    v = torch.zeros_like(g)
+    t, dt, steps, attempts, traj = 0.0, 1.0, 0, 0, []
+    while steps < max_steps and not bool((y * F >= 1).all()):
+        saved = copy.deepcopy(net)
+        while True:
+            attempts += 1
+            w = torch.cat([p.detach().reshape(-1) for p in saved.weights])
+            if tau > 0:
+                xx = math.exp(-dt / tau)
+                v_new = xx * v - (1 - xx) * g
+                w_new = w + dt * v_new
+            else:
+                v_new, w_new = v, w - dt * g
+            net = copy.deepcopy(saved)
+            with torch.no_grad():
+                o = 0
+                for p in net.weights:
+                    p.copy_(w_new[o:o + p.numel()].view_as(p))
+                    o += p.numel()
+            F2, g2 = loss_and_grad(net)
+            dout = float((F2 - F).abs().max())
+            ng, ng2 = float(g.norm()), float(g2.norm())
+            dgrad = 0.0 if ng == 0 or ng2 == 0 else float(((g - g2) ** 2).sum()) / (ng * ng2)
+            if dgrad < max_dgrad and dout < max_dout:
+                t += dt
+                traj.append((t, dt))
+                if dgrad < 0.5 * max_dgrad and dout < 0.5 * max_dout:
+                    dt *= 1.1
+                break
+            dt /= 10
+        F, g, v = F2, g2, v_new
+        steps += 1
+    return dict(net=net, t=t, steps=steps, attempts=attempts, traj=traj, F=F,
+                converged=bool((y * F >= 1).all()))
+
+
+def weights_of(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.weights])
+
+
+def test_public_api():
+    assert ntk_fast.train is train
+
+
+def test_loglinspace():
+    s = loglinspace(1000)
+    assert s[:101] == list(range(101))
+    assert next_checkpoint(10**6) == 10**6 + 101
+    assert len(s) == 298
+
+
+@pytest.mark.parametrize("loss,tau,alpha", [("softhinge", 0.0, 1.0), ("qhinge", 0.0, 3.0), ("softhinge", 2.0, 0.5)])
+def test_trainer_matches_naive_loop(loss, tau, alpha):
+    x, y = data(40, 1)
+    net = make_net(2)
+    steps = 150
+    ref = naive_flow(net, x, y, alpha, loss=loss, tau=tau, max_steps=steps)
+    res = train(net, x, y, alpha, loss=loss, tau=tau, max_steps=steps, progress=False, kernel_points=0)
+    fin = res.final[0]
+    assert fin["step"] == ref["steps"] and fin["attempts"] == ref["attempts"]
+    assert res.status == ("converged" if ref["converged"] else "max_steps")
+    hist = [r for r in res.history_of(0) if r["event"] == "checkpoint" and r["step"] > 0]
+    for r in hist:                                   # every step <= 100 is a checkpoint: same clock and dt
+        t_ref, dt_ref = ref["traj"][r["step"] - 1]
+        assert r["t"] == pytest.approx(t_ref, rel=1e-12) and r["dt"] == pytest.approx(dt_ref, rel=1e-12)
+    torch.testing.assert_close(weights_of(res.net), weights_of(ref["net"]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.outputs["train"][0], ref["F"], rtol=1e-9, atol=1e-11)
+
+
+def test_converges_and_records():
+    x, y = data(40, 3)
+    xt, yt = data(30, 4)
+    res = train(make_net(5), x, y, 1.0, x_test=xt, y_test=yt, progress=False, kernel_every=20)
+    assert res.status == "converged"
+    fin = res.final[0]
+    assert fin["train_nd"] == 0 and fin["train_err"] == 0.0
+    assert (y * res.outputs["train"][0] >= 1).all()
+    assert 0 <= fin["test_err"] <= 1 and math.isfinite(fin["kernel_change"]) and math.isfinite(fin["t1"])
+    assert len(fin["dw"]) == L + 1 and fin["grad_norm"] > 0
+    steps = [r["step"] for r in res.history_of(0) if r["event"] == "checkpoint"]
+    assert steps[:5] == [0, 1, 2, 3, 4]
+    assert any("kernel_change" in r for r in res.history if r["event"] == "checkpoint")
+
+
+def test_ensemble_equals_separate_runs():
+    x, y = data(32, 6)
+    xt, yt = data(20, 7)
+    nets = [make_net(s) for s in (10, 11, 12)]
+    ens = train(nets, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=400, kernel_points=8)
+    assert len(ens.nets) == 3 and ens.ensemble is not None and ens.ensemble["K"] == 3
+    for k, m in enumerate(nets):
+        one = train(m, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=400, kernel_points=8)
+        assert ens.statuses[k] == one.status
+        assert ens.final[k]["step"] == one.final[0]["step"] and ens.final[k]["attempts"] == one.final[0]["attempts"]
+        assert ens.final[k]["t"] == pytest.approx(one.final[0]["t"], rel=1e-12)
+        torch.testing.assert_close(weights_of(ens.nets[k]), weights_of(one.net), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ens.outputs["test"][k], one.outputs["test"][0], rtol=1e-9, atol=1e-11)
+    Fm = ens.outputs["test"].mean(0)
+    assert ens.ensemble["ens_err"] == pytest.approx(float(((Fm * yt) <= 0).double().mean()))
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    x, y = data(40, 8)
+    xt, yt = data(16, 9)
+    net = make_net(13)
+    kw = dict(x_test=xt, y_test=yt, progress=False, kernel_points=0)
+    full = train(net, x, y, 1.0, max_steps=300, **kw)
+    ck = str(tmp_path / "run.ckpt")
+    part = train(net, x, y, 1.0, max_steps=123, checkpoint=ck, **kw)
+    assert part.status == "max_steps"
+    res = train(net, x, y, 1.0, max_steps=300, resume=ck, **kw)
+    assert res.status == full.status
+    assert torch.equal(weights_of(res.net), weights_of(full.net))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall"} for r in h]  # noqa: E731
+    assert strip(res.history) == strip(full.history)
+    # interrupted by the wall clock, checkpointing at every attempt
+    ck2 = str(tmp_path / "wall.ckpt")
+    cut = train(net, x, y, 1.0, max_steps=300, checkpoint=ck2, checkpoint_every=0.0, max_wall=0.05, **kw)
+    assert cut.status in ("max_wall", "max_steps")
+    res2 = train(net, x, y, 1.0, max_steps=300, resume=ck2, **kw)
+    assert torch.equal(weights_of(res2.net), weights_of(full.net))
+    with pytest.raises(ValueError, match="alpha"):
+        train(net, x, y, 2.0, resume=ck2, **kw)
+
+
+def test_save_and_load(tmp_path):
+    x, y = data(24, 14)
+    res = train(make_net(15), x, y, 1.0, progress=False, max_steps=50, kernel_points=0)
+    res.save(str(tmp_path / "out"))
+    back = FlowResult.load(str(tmp_path / "out"))
+    assert back.status == res.status and back.history == res.history
+    json.dumps(res.history)
+    assert torch.equal(weights_of(back.net), weights_of(res.net))
+    summary = json.load(open(tmp_path / "out.json"))
+    assert summary["status"] == "max_steps" and summary["config"]["alpha"] == 1.0
+
+
+def test_lazy_limit_kernel_change_shrinks():
+    x, y = data(32, 16)
+    changes = []
+    for alpha in (10.0, 100.0):               # alpha sqrt(h) = 40, 400: lazy; the change scales like 1/alpha
+        res = train(make_net(17), x, y, alpha, progress=False, kernel_points=32, max_steps=5000)
+        assert res.status == "converged"
+        changes.append(res.final[0]["kernel_change"])
+    assert changes[1] < 0.03
+    assert changes[1] < changes[0] / 5
+
+
+def test_status_max_time_and_nonfinite():
+    x, y = data(24, 18)
+    res = train(make_net(19), x, y, 1.0, progress=False, max_time=5.0, kernel_points=0)
+    assert res.status == "max_time" and res.final[0]["t"] >= 5.0
+    net = make_net(20)
+    with torch.no_grad():
+        net.weights[1][0, 0] = math.inf
+    res = train(net, x, y, 1.0, progress=False, kernel_points=0)
+    assert res.status == "nonfinite"
+
+
+def test_bad_inputs():
+    x, y = data(10, 21)
+    net = make_net(22)
+    with pytest.raises(ValueError, match="labels"):
+        train(net, x, (y + 1) / 2, 1.0, progress=False)
+    for a in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="alpha"):
+            train(net, x, y, a, progress=False)
+    with pytest.raises(ValueError, match=r"x must .*\(n, 6\)"):
+        train(net, x[:, :5], y, 1.0, progress=False)
+    with pytest.raises(ValueError, match="y must"):
+        train(net, x, y[:9], 1.0, progress=False)
+    xn = x.clone()
+    xn[3, 2] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        train(net, xn, y, 1.0, progress=False)
+    with pytest.raises(ValueError, match="x_test"):
+        train(net, x, y, 1.0, x_test=x, progress=False)
+    with pytest.raises(ValueError, match="loss"):
+        train(net, x, y, 1.0, loss="mse", progress=False)
+    with pytest.raises(ValueError, match="max_dgrad"):
+        train(net, x, y, 1.0, max_dgrad=0.0, progress=False)
+    with pytest.raises(ValueError, match="ensemble"):
+        train([net, FCNet(D, H + 1, L, dtype=torch.float64)], x, y, 1.0, progress=False)
