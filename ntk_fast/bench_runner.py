@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--probe-n", type=int, default=64, help="smallest size of the ramp (n/2^k >= it)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="time limit of one call (else extrapolate)")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="time limit of one call (else extrapolate)")
     p.add_argument("--max-memory-gb", type=float, default=12.0, help="memory limit (else extrapolate)")
     p.add_argument("--brute-max-n", type=int, default=512, help="largest n for the brute force")
     p.add_argument("--jac-block", type=int, default=None, help="points per Jacobian block (default ~0.5 GB)")
