@@ -689,13 +689,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--plot", action="store_true", help="write the log-log plot (PNG; default for sweeps)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc's malloc as it is (by default large freed blocks go back to the OS, for the "
+                        "peak-memory column; the setting stays for the rest of the process)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ._bench_ramp import fix_malloc
-    fix_malloc()
+    if not args.no_malloc_tuning:
+        from ._bench_ramp import fix_malloc
+        fix_malloc()
     from .timing import matmul_rate
     if args.threads:
         torch.set_num_threads(args.threads)

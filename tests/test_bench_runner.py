@@ -13,7 +13,7 @@ def test_runner_tiny_table_and_json(tmp_path, capsys):
     rc = bench_runner.main(["--n", "48", "--h", "32", "--d", "20", "--L", "2", "--dtype", "float64",
                             "--methods", "ntk_fast,reference,func_jacobian,func_ntvp,brute_force",
                             "--repeats", "1", "--warmup", "0", "--probe-n", "16", "--matmul-n", "128",
-                            "--out-dir", str(tmp_path), "--tag", "tiny", "--quiet"])
+                            "--out-dir", str(tmp_path), "--tag", "tiny", "--quiet", "--no-malloc-tuning"])
     assert rc == 0
     out = capsys.readouterr().out
     for label in ("ntk_fast (features + fused Gram op)", "plain torch structured", "torch.func Jacobian contraction",
@@ -45,7 +45,7 @@ def test_runner_extrapolates_and_skips(tmp_path, capsys):
                             "--methods", "func_ntvp,neural_tangents,nngeometry", "--peers-subprocess",
                             "--peers-python", str(tmp_path / "none"), "--nt-python", str(tmp_path / "none"),
                             "--repeats", "1", "--warmup", "0", "--probe-n", "16", "--max-seconds", "0",
-                            "--matmul-n", "128", "--no-save", "--quiet"])
+                            "--matmul-n", "128", "--no-save", "--quiet", "--no-malloc-tuning"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "(extrap.)" in out and "skipped" in out
@@ -64,4 +64,4 @@ def test_flop_models_scale():
 
 
 def test_unknown_method_is_an_error(capsys):
-    assert bench_runner.main(["--methods", "nope", "--no-save"]) == 2
+    assert bench_runner.main(["--methods", "nope", "--no-save", "--no-malloc-tuning"]) == 2
