@@ -62,5 +62,10 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "scipy", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "scipy", "pytest-benchmark"],
+                    # PyTorch peers of the side-by-side benchmark (python -m ntk_fast.bench_runner); nngeometry
+                    # needs torchvision: pin the release matching the installed torch (0.28 for torch 2.13) or
+                    # pip upgrades torch.  neural-tangents needs old jax/numpy: its own venv (setup_peers.sh).
+                    "peers": ["nngeometry", "asdfghjkl"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
 )

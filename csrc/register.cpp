@@ -25,4 +25,12 @@ TORCH_LIBRARY(ntk_fast, m) {
   m.def("flow_grad_stats(Tensor g, Tensor gp) -> Tensor");
   // flow_loss: (F, r, loss, nd, dout) from outputs f, f0 (K, n), labels y (n,), previous F (K, n); kind 0 softhinge, 1 qhinge.
   m.def("flow_loss(Tensor f, Tensor f0, Tensor y, Tensor F_prev, float alpha, float beta, int kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One attempt of the frozen-kernel flow for E problems (rows of the (E, n) state f, g, r, c, y):
+  //   f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n
+  //   stats (E x 7, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(y o f'), max|g'|].
+  // theta: (n, n) shared or (E, n, n) per problem, symmetric, only the upper triangle is read; or, with
+  // packed_block = T > 0, tile-packed upper triangle (P,) / (E, P).  loss: softhinge | qhinge | mse (beta used
+  // by softhinge).  Inactive problems (active[e] = False) pass through unchanged with zero stats.
+  // block: tile edge for full storage (0 = automatic).
+  m.def("kernel_flow_step(Tensor theta, Tensor y, Tensor f, Tensor g, Tensor r, Tensor c, Tensor dt, Tensor active, str loss, float beta, int packed_block=0, int block=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,130 @@
+"""Training dynamics: the trainer's fused step op, one training run, the frozen-kernel step op, one kernel run.
+
+These cases activate once the trainer (ntk_fast.flow, ops in ntk_fast._flow_ops) and the solver
+(ntk_fast.kernel, op in ntk_fast._kernel_ops) are merged; until then they are skipped (importorskip), and a
+case whose API does not match what is called here is skipped with the reason rather than failed.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+
+import ntk_fast
+
+from ntkbench_util import DEVICES, DTYPES, paper_inputs, paper_net, sync
+
+D_IN, L = 784, 3
+
+
+def _labels(n, device, dtype):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(dtype=dtype, device=device)
+
+
+def _call_or_skip(fn, *args, **kwargs):
+    """Call fn, keeping only the keyword arguments its signature accepts; skip on an API mismatch."""
+    try:
+        params = inspect.signature(fn).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+    except (TypeError, ValueError):
+        pass
+    try:
+        return fn(*args, **kwargs)
+    except TypeError as exc:
+        pytest.skip(f"{getattr(fn, '__qualname__', fn)}: API differs from this benchmark ({exc})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("h", [256, 1024])
+@pytest.mark.parametrize("K", [1, 8])
+def test_flow_step(benchmark, K, h, dtype, device):
+    """One trial step w' = w - dt g of K nets with P = d h + (L-1) h^2 + h weights each (one memory pass)."""
+    ops = pytest.importorskip("ntk_fast._flow_ops")
+    if not hasattr(ops, "flow_step"):
+        pytest.skip("ntk_fast._flow_ops.flow_step not available")
+    dt_ = DTYPES[dtype]
+    P = sum(p * q for p, q in ntk_fast.fcnet_fans(D_IN, h, L))
+    w = torch.randn(K, P, dtype=dt_, device=device)
+    g = torch.randn(K, P, dtype=dt_, device=device)
+    out = torch.empty_like(w)
+    dt = torch.full((K,), 0.1, dtype=dt_, device=device)
+    benchmark.group = f"flow_step K={K} h={h} {dtype} {device}"
+    benchmark.extra_info["bytes"] = 3 * K * P * w.element_size()
+
+    def run():
+        _call_or_skip(ops.flow_step, w, g, dt, w_out=out)
+        sync(device)
+    benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n", [1024, 4096])
+@pytest.mark.parametrize("E", [1, 8])
+def test_kernel_flow_step(benchmark, E, n, dtype, device):
+    """One attempt of the frozen-kernel flow on E problems: one read of the upper half of Theta (n x n)."""
+    kops = pytest.importorskip("ntk_fast._kernel_ops")
+    if not hasattr(kops, "kernel_flow_step"):
+        pytest.skip("ntk_fast._kernel_ops.kernel_flow_step not available")
+    dt_ = DTYPES[dtype]
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 64, generator=g, dtype=dt_)
+    theta = (X @ X.T / 64).to(device)
+    y = _labels(n, device, dt_).expand(E, n).contiguous()
+    f = torch.zeros(E, n, dtype=dt_, device=device)
+    r = torch.zeros_like(f)
+    gr = torch.zeros_like(f)
+    c = torch.zeros_like(f)
+    dt = torch.full((E,), 0.1, dtype=dt_, device=device)
+    active = torch.ones(E, dtype=torch.bool, device=device)
+    benchmark.group = f"kernel_flow_step E={E} n={n} {dtype} {device}"
+    benchmark.extra_info["flops"] = 2.0 * E * n * n
+    benchmark.extra_info["bytes_theta_half"] = n * (n + 1) / 2 * theta.element_size()
+
+    def run():
+        res = _call_or_skip(kops.kernel_flow_step, theta, y, f, gr, r, c, dt, active)
+        sync(device)
+        return res
+    benchmark(run)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("h", [128, 512])
+def test_training_run(benchmark, h, dtype):
+    """A short training run of the paper's net by the trainer (n=256, 25 accepted steps, soft hinge)."""
+    flow = pytest.importorskip("ntk_fast.flow")
+    if not hasattr(flow, "train"):
+        pytest.skip("ntk_fast.flow.train not available")
+    n, dt_ = 256, DTYPES[dtype]
+    x = paper_inputs(n, D_IN, dt_, "cpu")
+    y = _labels(n, "cpu", dt_)
+    alpha = 1.0 / math.sqrt(h)
+    benchmark.group = f"training n={n} h={h} {dtype}"
+
+    def setup():
+        return (paper_net(D_IN, h, L, dt_, "cpu"), x, y, alpha), {}
+
+    def run(net, x, y, alpha):
+        return _call_or_skip(flow.train, net, x, y, alpha, max_steps=25, progress=False, kernel_points=0)
+    benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n", [512, 2048])
+def test_kernel_run(benchmark, n, dtype):
+    """A frozen-kernel run by the solver (ntk_fast.kernel) on the Gram of the paper's net, bounded steps."""
+    kernel = pytest.importorskip("ntk_fast.kernel")
+    names = [nm for nm in ("kernel_flow", "train_kernel", "kernel_train", "solve", "run") if hasattr(kernel, nm)]
+    if not names:
+        pytest.skip("ntk_fast.kernel has no run function this benchmark knows (kernel_flow/train_kernel/solve)")
+    fn = getattr(kernel, names[0])
+    dt_ = DTYPES[dtype]
+    x = paper_inputs(n, D_IN, dt_, "cpu")
+    y = _labels(n, "cpu", dt_)
+    theta = ntk_fast.empirical_ntk(paper_net(D_IN, 256, L, dt_, "cpu"), x)
+    benchmark.group = f"kernel run n={n} {dtype}"
+    benchmark.pedantic(lambda: _call_or_skip(fn, theta, y, max_steps=200, progress=False),
+                       rounds=3, warmup_rounds=1)

@@ -1,0 +1,181 @@
+"""Frozen-kernel solver benchmark: a reference-code-style loop vs ntk_fast.kernel_flow, one machine, one run.
+
+    python bench/bench_kernel.py --n 10000 --steps 30                 # per-attempt times (quick)
+    python bench/bench_kernel.py --n 10000 --converge                 # both loops to the margin stop (long)
+    python bench/bench_kernel.py --n 2000 --steps 20 --E 1,2,4,8,16   # small smoke run
+
+What is measured (float64 by default):
+  * memory read bandwidth of this machine (best of 5 torch sums over a tensor as big as Theta) and the
+    float64 matmul rate (best of 3 square mm of 2048);
+  * "reference-style": the paper code's loop written by us: every attempt a full matrix-vector product
+    K @ l' / n, separate passes for the trial outputs, dout, dgrad and the margin, and the state copied
+    (clone) every step; same step rule;
+  * ntk_fast: kernel_flow (fused op, upper triangle only; full storage and tile-packed);
+  * the bound "half of Theta read once per attempt" = (n^2 / 2) * 8 B / bandwidth, and for E problems
+    the compute bound E n^2 multiply-adds / matmul rate: an attempt cannot beat max(bytes/BW, flops/peak);
+  * E in {1, 2, 4, 8, 16} label vectors sharing one Theta: time per attempt and throughput relative to E=1.
+Writes a table to stdout and JSON to bench/results/kernel_<host>_<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ntk_fast import _kernel_ops  # noqa: E402
+from ntk_fast.kernel import kernel_flow  # noqa: E402
+from ntk_fast.losses import get_loss  # noqa: E402
+from ntk_fast.steprule import StepRule, dgrad_from_norms  # noqa: E402
+
+
+def best_of(fn, reps):
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def machine_rates(n: int, dtype: torch.dtype):
+    x = torch.ones(n * n, dtype=dtype)
+    t_sum = best_of(lambda: x.sum(), 5)
+    del x
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    t_mm = best_of(lambda: a @ b, 3)
+    esz = torch.finfo(dtype).bits // 8
+    return {"read_bw_GBs": n * n * esz / t_sum / 1e9, "mm_GFLOPs": 2 * 2048 ** 3 / t_mm / 1e9}
+
+
+def make_problem(n: int, E: int, dtype: torch.dtype, seed: int = 0):
+    """An RBF kernel of Gaussian points in d = 20 and linearly separable-ish labels (E label vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    d = 20
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    K = torch.cdist(x, x).square_().mul_(-1.0 / (2 * d)).exp_()
+    K = 0.5 * (K + K.t())
+    w = torch.randn(E, d, generator=g, dtype=dtype)
+    y = torch.sign(w @ x.t() + 0.3 * torch.randn(E, n, generator=g, dtype=dtype))
+    y[y == 0] = 1
+    return K, y
+
+
+def reference_style(K, y, steps=None, loss="softhinge", beta=20.0, rule=StepRule()):
+    """The paper code's structure: full mv per attempt, separate passes, state copied each step."""
+    n = K.shape[0]
+    lfun, lp = get_loss(loss)
+    F = torch.zeros(n, dtype=K.dtype)
+    g = K @ (lp(y * F, beta) * y) / n
+    dt, t, acc, att = 1.0, 0.0, 0, 0
+    start = time.perf_counter()
+    while True:
+        if steps is not None and att >= steps:
+            break
+        state = {"F": F.clone(), "g": g.clone(), "t": t}          # copy of the state, as the reference does
+        Fp = state["F"] - dt * state["g"]
+        lprim = lp(y * Fp, beta) * y
+        gp = K @ lprim / n                                     # full matrix-vector product
+        dout = float((Fp - state["F"]).abs().max())            # separate passes
+        dgrad = dgrad_from_norms(float(state["g"].norm() ** 2), float(gp.norm() ** 2),
+                                 float((state["g"] - gp).norm() ** 2))
+        ok, new_dt = rule.decide(dgrad, dout, dt)
+        att += 1
+        if ok:
+            F, g, t = Fp, gp, state["t"] + dt
+            acc += 1
+            if bool((y * F >= 1).all()):
+                break
+        dt = new_dt
+    wall = time.perf_counter() - start
+    return {"attempts": att, "steps": acc, "t": t, "wall": wall, "per_attempt_ms": 1e3 * wall / max(att, 1),
+            "margin_min": float((y * F).min())}
+
+
+def ours(K, y, steps=None, packed=False):
+    res = kernel_flow(K, y, packed=packed, max_iterations=steps, progress=False, validate=False,
+                      checkpoint_rate=1e-9, checkpoint_step=10 ** 9)  # history every step (O(n) each)
+    iters = int(res.attempts.max())  # upper bound on passes: includes attempts decided without a pass
+    wall = res.wall
+    return {"attempts": int(res.attempts.sum()), "steps": res.steps.tolist(), "t": res.t.tolist(),
+            "wall": wall, "passes": iters, "per_attempt_ms": 1e3 * wall / max(iters, 1), "status": res.status}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=30, help="attempts per timing (ignored with --converge)")
+    ap.add_argument("--converge", action="store_true", help="run E=1 loops to the margin stop")
+    ap.add_argument("--E", default="1,2,4,8,16")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    esz = torch.finfo(dtype).bits // 8
+    n = args.n
+    Es = [int(v) for v in args.E.split(",")]
+    rates = machine_rates(n, dtype)
+    half_bytes = n * n / 2 * esz
+    bound_ms = 1e3 * half_bytes / (rates["read_bw_GBs"] * 1e9)
+    print(f"# n={n} {args.dtype} threads={torch.get_num_threads()} extension={_kernel_ops.have_extension()}")
+    print(f"# read bandwidth {rates['read_bw_GBs']:.1f} GB/s, matmul {rates['mm_GFLOPs']:.1f} GFLOP/s; "
+          f"half-Theta bound {bound_ms:.2f} ms/attempt")
+    K, Y = make_problem(n, max(Es), dtype)
+    steps = None if args.converge else args.steps
+    rows = []
+    ref = reference_style(K, Y[0], steps)
+    rows.append(("reference-style (full mv, copies)", 1, ref["per_attempt_ms"], ref))
+    full = ours(K, Y[0], steps)
+    rows.append(("ntk_fast full storage", 1, full["per_attempt_ms"], full))
+    pk = ours(K, Y[0], steps, packed=True)
+    rows.append(("ntk_fast packed", 1, pk["per_attempt_ms"], pk))
+    esweep = {}
+    for E in Es:
+        r = ours(K, Y[:E].contiguous(), steps)
+        esweep[E] = r
+    t1 = esweep[Es[0]]["per_attempt_ms"] if Es[0] == 1 else full["per_attempt_ms"]
+    print(f"\n{'method':40s} {'E':>3s} {'ms/attempt':>11s} {'x bound':>8s} {'attempts':>9s} {'wall s':>8s}")
+    for name, E, ms, r in rows:
+        print(f"{name:40s} {E:3d} {ms:11.2f} {ms / bound_ms:8.2f} {r['attempts']:9d} {r['wall']:8.2f}")
+    print(f"\nspeed-up vs reference-style per attempt: full {ref['per_attempt_ms'] / full['per_attempt_ms']:.2f}x, "
+          f"packed {ref['per_attempt_ms'] / pk['per_attempt_ms']:.2f}x")
+    if args.converge:
+        print(f"to convergence (wall): reference-style {ref['wall']:.1f} s ({ref['attempts']} attempts), "
+              f"ntk_fast full {full['wall']:.1f} s, packed {pk['wall']:.1f} s; "
+              f"speed-up {ref['wall'] / full['wall']:.2f}x / {ref['wall'] / pk['wall']:.2f}x")
+    print(f"\n{'E':>3s} {'ms/attempt':>11s} {'per problem':>12s} {'throughput/E=1':>15s} {'0.8E':>5s} "
+          f"{'compute bound ms':>17s}")
+    for E in Es:
+        ms = esweep[E]["per_attempt_ms"]
+        comp_ms = 1e3 * 2 * E * n * n / (rates["mm_GFLOPs"] * 1e9)
+        print(f"{E:3d} {ms:11.2f} {ms / E:12.2f} {E * t1 / ms:15.2f} {0.8 * E:5.1f} "
+              f"{max(comp_ms, bound_ms):17.2f}")
+    os.makedirs(args.out, exist_ok=True)
+    out = {"machine": {"host": socket.gethostname(), "platform": platform.platform(),
+                       "processor": platform.processor(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "loadavg_at_end": os.getloadavg(), **rates},
+           "n": n, "dtype": args.dtype, "converge": args.converge, "steps": steps, "half_theta_bound_ms": bound_ms,
+           "reference_style": ref, "ours_full": full, "ours_packed": pk,
+           "E_sweep": {str(E): {**esweep[E], "throughput_vs_E1": E * t1 / esweep[E]["per_attempt_ms"],
+                               "compute_bound_ms": 1e3 * 2 * E * n * n / (rates["mm_GFLOPs"] * 1e9)}
+                       for E in Es}}
+    path = os.path.join(args.out, f"kernel_{socket.gethostname()}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

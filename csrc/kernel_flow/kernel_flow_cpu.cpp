@@ -1,0 +1,409 @@
+// CPU kernel of ntk_fast::kernel_flow_step: one attempt of the frozen-kernel flow for E problems.
+//
+// Per active problem e (rows of the (E, n) state tensors; inv_n = 1 / n):
+//   f'  = f - dt g                     (trial outputs)
+//   u'  = y o f',  r' = l'(u') o y      (loss derivative in output space)
+//   c'  = c + dt r inv_n               (c(t) = int (1/n) l'(y o F) o y dt; F = -Theta c)
+//   g'  = Theta r' inv_n               (the only O(n^2) work: one read of the upper triangle of Theta)
+//   stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min u', mean l(u'), max|g'|]   (float64)
+// Inactive problems are copied through unchanged with zero stats.
+//
+// The symmetric product reads only the tiles (I, J), I <= J, of Theta (full storage or tile-packed): an
+// off-diagonal tile contributes Theta_IJ r_J to g_I and Theta_IJ^T r_I to g_J while it is in cache.  Threads
+// take contiguous runs of tiles and accumulate into private (n x EB) buffers that are summed at the end.
+// With one Theta shared by E problems the right-hand sides are interleaved (point-major, EB problems per
+// point) so that each Theta element is loaded once and used for 2 E multiply-adds.
+// Cost per attempt: n^2/2 Theta reads (E times that for E kernels), 2 E n^2 flops, O(threads E n) extra.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernel_flow_common.h"
+
+namespace ntk_fast {
+namespace {
+
+template <typename S>
+struct TileJob {
+  const S* theta;       // full (n x n, row stride n) or packed (tiles of T x T)
+  bool packed;
+  int64_t n, T, nt;
+  const S* R;           // n x EB interleaved right-hand sides
+  int eb;               // problems per point in R / Y
+  const std::pair<int32_t, int32_t>* tiles;
+};
+
+#define NTK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One tile, one right-hand side: rows i of th (row stride ld), columns j.
+template <typename S>
+NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* RI,
+                              const S* RJ, S* YI, S* YJ) {
+  if (diag) {  // upper triangle of the diagonal tile only: element (i, j > i) serves rows i and j
+    for (int64_t i = 0; i < mi; ++i) {
+      const S* t = th + i * ld;
+      const S ri = RI[i];
+      S acc = t[i] * ri;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = i + 1; j < mj; ++j) {
+        acc += t[j] * RJ[j];
+        YJ[j] += t[j] * ri;
+      }
+      YI[i] += acc;
+    }
+    return;
+  }
+  // Four rows at a time: a quarter of the loads/stores of YJ, four independent Theta streams (measured here:
+  // 4 rows stream at ~38 GB/s on one core, 2 rows at ~22 GB/s, 1 row at ~34 GB/s).
+  int64_t i = 0;
+  for (; i + 4 <= mi; i += 4) {
+    const S* t0 = th + i * ld;
+    const S* t1 = t0 + ld;
+    const S* t2 = t1 + ld;
+    const S* t3 = t2 + ld;
+    const S r0 = RI[i], r1 = RI[i + 1], r2 = RI[i + 2], r3 = RI[i + 3];
+    S a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t j = 0; j < mj; ++j) {
+      const S rj = RJ[j];
+      a0 += t0[j] * rj;
+      a1 += t1[j] * rj;
+      a2 += t2[j] * rj;
+      a3 += t3[j] * rj;
+      YJ[j] += (t0[j] * r0 + t1[j] * r1) + (t2[j] * r2 + t3[j] * r3);
+    }
+    YI[i] += a0;
+    YI[i + 1] += a1;
+    YI[i + 2] += a2;
+    YI[i + 3] += a3;
+  }
+  for (; i < mi; ++i) {
+    const S* t = th + i * ld;
+    const S ri = RI[i];
+    S acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < mj; ++j) {
+      acc += t[j] * RJ[j];
+      YJ[j] += t[j] * ri;
+    }
+    YI[i] += acc;
+  }
+}
+
+// One tile, EB interleaved right-hand sides (EB a compile-time constant; EB = 0: runtime eb).
+template <typename S, int EB>
+NTK_ALWAYS_INLINE void tile_e(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* RI,
+                              const S* RJ, S* YI, S* YJ, int eb_rt) {
+  const int eb = EB > 0 ? EB : eb_rt;
+  constexpr int CAP = EB > 0 ? EB : 64;
+  if (diag) {  // upper triangle of the diagonal tile only
+    for (int64_t i = 0; i < mi; ++i) {
+      const S* t = th + i * ld;
+      S acc[CAP], ri[CAP];
+      for (int e = 0; e < eb; ++e) {
+        ri[e] = RI[i * eb + e];
+        acc[e] = t[i] * ri[e];
+      }
+      for (int64_t j = i + 1; j < mj; ++j) {
+        const S tj = t[j];
+        const S* rj = RJ + j * eb;
+        S* yj = YJ + j * eb;
+#pragma omp simd
+        for (int e = 0; e < eb; ++e) {
+          acc[e] += tj * rj[e];
+          yj[e] += tj * ri[e];
+        }
+      }
+      for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
+    }
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 2 <= mi; i += 2) {
+    const S* t0 = th + i * ld;
+    const S* t1 = t0 + ld;
+    S a0[CAP], a1[CAP], r0[CAP], r1[CAP];
+    for (int e = 0; e < eb; ++e) {
+      a0[e] = 0;
+      a1[e] = 0;
+      r0[e] = RI[i * eb + e];
+      r1[e] = RI[(i + 1) * eb + e];
+    }
+    for (int64_t j = 0; j < mj; ++j) {
+      const S s0 = t0[j], s1 = t1[j];
+      const S* rj = RJ + j * eb;
+      S* yj = YJ + j * eb;
+#pragma omp simd
+      for (int e = 0; e < eb; ++e) {
+        a0[e] += s0 * rj[e];
+        a1[e] += s1 * rj[e];
+        yj[e] += s0 * r0[e] + s1 * r1[e];
+      }
+    }
+    for (int e = 0; e < eb; ++e) {
+      YI[i * eb + e] += a0[e];
+      YI[(i + 1) * eb + e] += a1[e];
+    }
+  }
+  for (; i < mi; ++i) {
+    const S* t = th + i * ld;
+    S acc[CAP], ri[CAP];
+    for (int e = 0; e < eb; ++e) {
+      acc[e] = 0;
+      ri[e] = RI[i * eb + e];
+    }
+    for (int64_t j = 0; j < mj; ++j) {
+      const S tj = t[j];
+      const S* rj = RJ + j * eb;
+      S* yj = YJ + j * eb;
+#pragma omp simd
+      for (int e = 0; e < eb; ++e) {
+        acc[e] += tj * rj[e];
+        yj[e] += tj * ri[e];
+      }
+    }
+    for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
+  }
+}
+
+template <typename S, int EB>
+NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t end, S* Y) {
+  const int64_t T = job.T, n = job.n;
+  const int eb = job.eb;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t bi = job.tiles[k].first, bj = job.tiles[k].second;
+    const int64_t i0 = bi * T, j0 = bj * T;
+    const int64_t mi = std::min(T, n - i0), mj = std::min(T, n - j0);
+    const S* th;
+    int64_t ld;
+    if (job.packed) {
+      th = job.theta + packed_tile_index(bi, bj, job.nt) * T * T;
+      ld = T;
+    } else {
+      th = job.theta + i0 * n + j0;
+      ld = n;
+    }
+    const bool diag = bi == bj;
+    if (EB == 1)
+      tile_1<S>(th, ld, mi, mj, diag, job.R + i0, job.R + j0, Y + i0, Y + j0);
+    else
+      tile_e<S, EB>(th, ld, mi, mj, diag, job.R + i0 * eb, job.R + j0 * eb, Y + i0 * eb, Y + j0 * eb, eb);
+  }
+}
+
+// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
+#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NTK_TILE_ATTR NTK_CLONES
+#else
+#define NTK_TILE_ATTR
+#endif
+
+template <typename S>
+NTK_ALWAYS_INLINE void run_tiles_switch(const TileJob<S>& job, int64_t b, int64_t e, S* Y) {
+  switch (job.eb) {
+    case 1: run_tiles_t<S, 1>(job, b, e, Y); break;
+    case 2: run_tiles_t<S, 2>(job, b, e, Y); break;
+    case 4: run_tiles_t<S, 4>(job, b, e, Y); break;
+    case 8: run_tiles_t<S, 8>(job, b, e, Y); break;
+    case 16: run_tiles_t<S, 16>(job, b, e, Y); break;
+    default: run_tiles_t<S, 0>(job, b, e, Y); break;
+  }
+}
+
+NTK_TILE_ATTR void run_tiles_double(const TileJob<double>& job, int64_t b, int64_t e, double* Y) {
+  run_tiles_switch<double>(job, b, e, Y);
+}
+NTK_TILE_ATTR void run_tiles_float(const TileJob<float>& job, int64_t b, int64_t e, float* Y) {
+  run_tiles_switch<float>(job, b, e, Y);
+}
+inline void run_tiles(const TileJob<double>& job, int64_t b, int64_t e, double* Y) { run_tiles_double(job, b, e, Y); }
+inline void run_tiles(const TileJob<float>& job, int64_t b, int64_t e, float* Y) { run_tiles_float(job, b, e, Y); }
+
+// Pads a problem count to the next compiled width (1, 2, 4, 8, 16); wider runs (17..64 per pass) use the
+// runtime-width loop.
+int padded_width(int64_t ea) {
+  if (ea <= 1) return 1;
+  if (ea <= 2) return 2;
+  if (ea <= 4) return 4;
+  if (ea <= 8) return 8;
+  if (ea <= 16) return 16;
+  return (int)ea;
+}
+
+// out[p][i] = inv_n * sum_j theta[i][j] R[j][p] for p < ea (R: n x eb interleaved, eb >= ea).
+template <typename S>
+void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const S* R, int eb, S* Yout) {
+  const int64_t nt = (n + T - 1) / T;
+  std::vector<std::pair<int32_t, int32_t>> tiles;
+  tiles.reserve(nt * (nt + 1) / 2);
+  for (int64_t bi = 0; bi < nt; ++bi)
+    for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back((int32_t)bi, (int32_t)bj);
+  const int64_t ntiles = (int64_t)tiles.size();
+  // One private accumulator per chunk of tiles (a deterministic partition for a given thread count).
+  // Small products run on one thread: a parallel region costs more than it saves below ~4M multiply-adds
+  // (and on an oversubscribed machine its barrier can cost milliseconds).
+  const int64_t work = n * n / 2 * eb;
+  const int64_t nthreads =
+      work < (int64_t)4000000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
+  const int64_t nchunks = nthreads;
+  std::vector<S> Yall((size_t)nchunks * n * eb, S(0));
+  TileJob<S> job{theta, packed, n, T, nt, R, eb, tiles.data()};
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t b = ntiles * ch / nchunks, e = ntiles * (ch + 1) / nchunks;
+      run_tiles(job, b, e, Yall.data() + (size_t)ch * n * eb);
+    }
+  });
+  // Sum the chunks in a fixed order.
+  const int64_t total = n * eb;
+  at::parallel_for(0, total, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      S s = Yall[k];
+      for (int64_t ch = 1; ch < nchunks; ++ch) s += Yall[(size_t)ch * total + k];
+      Yout[k] = s;
+    }
+  });
+}
+
+template <typename S>
+struct LossFn {
+  int kind;
+  S beta;
+  NTK_ALWAYS_INLINE S prime(S u) const {
+    if (kind == LOSS_SOFTHINGE) return -S(1) / (S(1) + std::exp(-beta * (S(1) - u)));
+    if (kind == LOSS_QHINGE) return u < S(1) ? u - S(1) : S(0);
+    return u - S(1);
+  }
+  double value(double u) const {
+    if (kind == LOSS_SOFTHINGE) {
+      const double x = (double)beta * (1.0 - u);
+      return (x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) / (double)beta;
+    }
+    const double m = kind == LOSS_QHINGE ? std::max(0.0, 1.0 - u) : 1.0 - u;
+    return 0.5 * m * m;
+  }
+};
+
+template <typename S>
+void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tensor& f, const at::Tensor& g,
+                   const at::Tensor& r, const at::Tensor& c, const at::Tensor& dt, const at::Tensor& active,
+                   int kind, double beta, int64_t packed_block, int64_t block, const FlowShape& s,
+                   at::Tensor& fn, at::Tensor& rn, at::Tensor& gn, at::Tensor& cn, at::Tensor& stats) {
+  const int64_t E = s.E, n = s.n;
+  const S inv_n = S(1) / S(n);
+  const LossFn<S> loss{kind, (S)beta};
+  const S *py = y.data_ptr<S>(), *pf = f.data_ptr<S>(), *pg = g.data_ptr<S>(), *pr = r.data_ptr<S>(),
+          *pc = c.data_ptr<S>(), *pdt = dt.data_ptr<S>();
+  const bool* pa = active.data_ptr<bool>();
+  S *qf = fn.data_ptr<S>(), *qr = rn.data_ptr<S>(), *qg = gn.data_ptr<S>(), *qc = cn.data_ptr<S>();
+  double* st = stats.data_ptr<double>();
+  std::vector<int64_t> act;
+  for (int64_t e = 0; e < E; ++e) {
+    double* se = st + e * 7;
+    const int64_t o = e * n;
+    if (!pa[e]) {
+      std::copy(pf + o, pf + o + n, qf + o);
+      std::copy(pr + o, pr + o + n, qr + o);
+      std::copy(pg + o, pg + o + n, qg + o);
+      std::copy(pc + o, pc + o + n, qc + o);
+      for (int k = 0; k < 7; ++k) se[k] = 0.0;
+      continue;
+    }
+    act.push_back(e);
+    const S d = pdt[e];
+    double gmax = 0.0, umin = std::numeric_limits<double>::infinity(), lsum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const S gi = pg[o + i], yi = py[o + i];
+      const S fi = pf[o + i] - d * gi;
+      const S u = yi * fi;
+      qf[o + i] = fi;
+      qr[o + i] = loss.prime(u) * yi;
+      qc[o + i] = pc[o + i] + d * pr[o + i] * inv_n;
+      gmax = std::max(gmax, std::abs((double)gi));
+      if (std::isnan((double)gi)) gmax = std::numeric_limits<double>::quiet_NaN();
+      umin = std::min(umin, (double)u);
+      if (std::isnan((double)u)) umin = std::numeric_limits<double>::quiet_NaN();
+      lsum += loss.value((double)u);
+    }
+    se[3] = std::isnan(gmax) ? gmax : (double)d * gmax;
+    se[4] = umin;
+    se[5] = lsum / (double)n;
+  }
+  if (act.empty()) return;
+
+  const int64_t T = packed_block > 0 ? packed_block : (block > 0 ? block : 256);
+  const S* th = theta.data_ptr<S>();
+  if (s.shared) {
+    // Interleave the active right-hand sides (n x eb, zero-padded) and do one pass over Theta per 64 problems.
+    const int64_t na = (int64_t)act.size();
+    for (int64_t p0 = 0; p0 < na; p0 += 64) {
+      const int64_t ea = std::min<int64_t>(64, na - p0);
+      const int eb = padded_width(ea);
+      std::vector<S> R((size_t)n * eb, S(0)), Y((size_t)n * eb);
+      for (int64_t p = 0; p < ea; ++p) {
+        const S* re = qr + act[p0 + p] * n;
+        for (int64_t i = 0; i < n; ++i) R[(size_t)i * eb + p] = re[i];
+      }
+      symmetric_product<S>(th, packed_block > 0, n, T, R.data(), eb, Y.data());
+      for (int64_t p = 0; p < ea; ++p) {
+        S* ge = qg + act[p0 + p] * n;
+        for (int64_t i = 0; i < n; ++i) ge[i] = Y[(size_t)i * eb + p] * inv_n;
+      }
+    }
+  } else {
+    const int64_t stride = packed_block > 0 ? packed_size(n, packed_block) : n * n;
+    std::vector<S> Y((size_t)n);
+    for (int64_t e : act) {
+      symmetric_product<S>(th + e * stride, packed_block > 0, n, T, qr + e * n, 1, Y.data());
+      S* ge = qg + e * n;
+      for (int64_t i = 0; i < n; ++i) ge[i] = Y[i] * inv_n;
+    }
+  }
+  for (int64_t e : act) {
+    double a = 0, b = 0, dd = 0, mx = 0;
+    const S *g0 = pg + e * n, *g1 = qg + e * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = g0[i], z = g1[i];
+      a += x * x;
+      b += z * z;
+      dd += (x - z) * (x - z);
+      mx = std::isnan(z) || std::isnan(mx) ? std::numeric_limits<double>::quiet_NaN() : std::max(mx, std::abs(z));
+    }
+    double* se = st + e * 7;
+    se[0] = a;
+    se[1] = b;
+    se[2] = dd;
+    se[6] = mx;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_flow_step_cpu(
+    const at::Tensor& theta_, const at::Tensor& y_, const at::Tensor& f_, const at::Tensor& g_,
+    const at::Tensor& r_, const at::Tensor& c_, const at::Tensor& dt_, const at::Tensor& active_,
+    c10::string_view loss, double beta, int64_t packed_block, int64_t block) {
+  const FlowShape s = check_flow_args(theta_, y_, f_, g_, r_, c_, dt_, active_, packed_block);
+  const int kind = loss_kind(std::string(loss));
+  TORCH_CHECK(block >= 0, "kernel_flow_step: block must be >= 0, got ", block);
+  const at::Tensor theta = theta_.contiguous(), y = y_.contiguous(), f = f_.contiguous(), g = g_.contiguous(),
+                   r = r_.contiguous(), c = c_.contiguous(), dt = dt_.contiguous(), active = active_.contiguous();
+  at::Tensor fn = at::empty_like(f), rn = at::empty_like(f), gn = at::empty_like(f), cn = at::empty_like(f);
+  at::Tensor stats = at::empty({s.E, 7}, f.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "kernel_flow_step_cpu", [&] {
+    flow_step_cpu<scalar_t>(theta, y, f, g, r, c, dt, active, kind, beta, packed_block, block, s, fn, rn, gn, cn,
+                            stats);
+  });
+  return {fn, rn, gn, cn, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ntk_fast, CPU, m) { m.impl("kernel_flow_step", &kernel_flow_step_cpu); }
+
+}  // namespace ntk_fast

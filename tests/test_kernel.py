@@ -1,0 +1,315 @@
+"""Tests of the frozen-kernel op and solver (ntk_fast.kernel, torch.ops.ntk_fast.kernel_flow_step)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ntk_fast import _kernel_ops
+from ntk_fast._kernel_ops import kernel_flow_step
+from ntk_fast.kernel import (KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, loglinspace,
+                             mse_flow)
+from ntk_fast.losses import get_loss
+from ntk_fast.reference_kernel import kernel_flow_step_ref, pack_symmetric, unpack_symmetric
+from ntk_fast.steprule import StepRule, dgrad_from_norms
+
+needs_ext = pytest.mark.skipif(not _kernel_ops.have_extension(), reason="extension not built")
+D = torch.float64
+
+
+def rbf_problem(n, m=0, d=6, seed=0, E=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + m, d, generator=g, dtype=D)
+    K = torch.exp(-torch.cdist(x, x) ** 2 / (2 * d))
+    w = torch.randn(E, d, generator=g, dtype=D)
+    y = torch.sign(w @ x.t() + 0.2 * x[:, 1])
+    y[y == 0] = 1
+    if E == 1:
+        y = y[0]
+    return K[:n, :n].contiguous(), (y[..., :n]).contiguous(), K[n:, :n].contiguous(), (y[..., n:]).contiguous()
+
+
+def random_state(E, n, dtype=D, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda: torch.randn(E, n, generator=g, dtype=dtype)  # noqa: E731
+    y = torch.randint(0, 2, (E, n), generator=g).to(dtype) * 2 - 1
+    dt = torch.rand(E, generator=g, dtype=dtype)
+    return y, rnd(), rnd(), rnd(), rnd(), dt
+
+
+# ------------------------------------------------------------------------------------------------ the op
+CASES = [  # E, n, kernels per problem?, packed block, loss
+    (1, 1, False, 0, "softhinge"),
+    (1, 37, False, 0, "softhinge"),
+    (3, 301, False, 0, "qhinge"),
+    (5, 130, True, 0, "mse"),
+    (3, 301, False, 64, "softhinge"),
+    (2, 77, True, 16, "softhinge"),
+    (7, 99, False, 0, "softhinge"),
+    (17, 93, False, 32, "qhinge"),
+    (70, 45, False, 0, "softhinge"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("E,n,per_problem,pb,loss", CASES)
+def test_op_matches_reference(E, n, per_problem, pb, loss):
+    g = torch.Generator().manual_seed(E * 1000 + n)
+    A = torch.randn((E, n, n + 3) if per_problem else (n, n + 3), generator=g, dtype=D)
+    K = A @ A.mT / n
+    theta = pack_symmetric(K, pb) if pb else K
+    y, f, gg, r, c, dt = random_state(E, n, seed=n)
+    active = torch.rand(E, generator=g) < 0.7
+    active[0] = True
+    out = torch.ops.ntk_fast.kernel_flow_step(theta, y, f, gg, r, c, dt, active, loss, 20.0, pb, 0)
+    ref = kernel_flow_step_ref(theta, y, f, gg, r, c, dt, active, loss, 20.0, pb)
+    for a, b, name in zip(out, ref, ("f", "r", "g", "c", "stats")):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)
+
+
+@needs_ext
+def test_op_reads_only_upper_triangle_and_small_blocks():
+    n = 50
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(n, n, generator=g, dtype=D)
+    K = A @ A.t()
+    K_upper = K.triu() + torch.randn(n, n, generator=g, dtype=D).tril(-1) * 100  # garbage below the diagonal
+    y, f, gg, r, c, dt = random_state(2, n)
+    act = torch.ones(2, dtype=torch.bool)
+    ref = kernel_flow_step_ref(K, y, f, gg, r, c, dt, act, "softhinge", 20.0)
+    # Tile edges that do not divide n, in full storage (block = 8: the lower garbage stays unread).
+    out = torch.ops.ntk_fast.kernel_flow_step(K_upper, y, f, gg, r, c, dt, act, "softhinge", 20.0, 0, 8)
+    torch.testing.assert_close(out[2], ref[2], rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_op_float32_close_to_float64():
+    n, E = 200, 4
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(n, n, generator=g, dtype=D)
+    K = A @ A.t() / n
+    y, f, gg, r, c, dt = random_state(E, n)
+    act = torch.ones(E, dtype=torch.bool)
+    ref = kernel_flow_step_ref(K, y, f, gg, r, c, dt, act, "softhinge", 20.0)
+    out = kernel_flow_step(K.float(), y.float(), f.float(), gg.float(), r.float(), c.float(), dt.float(), act)
+    torch.testing.assert_close(out[2].double(), ref[2], rtol=1e-4, atol=1e-5)
+
+
+@needs_ext
+def test_op_opcheck():
+    n, E = 20, 2
+    K = torch.eye(n, dtype=D) + 0.1
+    y, f, gg, r, c, dt = random_state(E, n)
+    act = torch.ones(E, dtype=torch.bool)
+    _kernel_ops.have_extension()
+    torch.library.opcheck(torch.ops.ntk_fast.kernel_flow_step.default,
+                          (K, y, f, gg, r, c, dt, act, "softhinge", 20.0, 0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_pack_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 23, 23, generator=g, dtype=D)
+    K = A + A.mT
+    for b in (1, 4, 7, 23, 64):
+        torch.testing.assert_close(unpack_symmetric(pack_symmetric(K, b), 23, b), K, rtol=0, atol=0)
+
+
+def test_op_wrapper_rejects_bad_shapes():
+    y, f, gg, r, c, dt = random_state(2, 10)
+    act = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="theta"):
+        kernel_flow_step(torch.eye(9, dtype=D), y, f, gg, r, c, dt, act)
+    with pytest.raises(ValueError, match="dt"):
+        kernel_flow_step(torch.eye(10, dtype=D), y, f, gg, r, c, dt[:1], act)
+    with pytest.raises(ValueError, match="loss"):
+        kernel_flow_step(torch.eye(10, dtype=D), y, f, gg, r, c, dt, act, loss="hinge")
+
+
+# ------------------------------------------------------------------------------------------ the solver
+def naive_flow(K, y, loss="softhinge", beta=20.0, rule=StepRule(), max_steps=None):
+    """The rule written out plainly: full matrix-vector products, every attempt evaluated, state copied."""
+    n = K.shape[0]
+    _, lp = get_loss(loss)
+    F = torch.zeros(n, dtype=K.dtype)
+    grad = lambda F: K @ (lp(y * F, beta) * y) / n  # noqa: E731
+    g = grad(F)
+    t, dt, steps = 0.0, 1.0, 0
+    c = torch.zeros(n, dtype=K.dtype)
+    while not bool((y * F >= 1).all()):
+        if max_steps is not None and steps >= max_steps:
+            break
+        Fp = F - dt * g
+        gp = grad(Fp)
+        dgrad = dgrad_from_norms(float(g @ g), float(gp @ gp), float((g - gp) @ (g - gp)))
+        dout = float((Fp - F).abs().max())
+        ok, new_dt = rule.decide(dgrad, dout, dt)
+        if ok:
+            c = c + dt * lp(y * F, beta) * y / n
+            F, g, t, steps = Fp.clone(), gp.clone(), t + dt, steps + 1
+        dt = new_dt
+    return F, c, t, steps
+
+
+@pytest.mark.parametrize("loss,max_steps", [("softhinge", None), ("qhinge", 400)])
+def test_solver_matches_naive_loop(loss, max_steps):
+    # qhinge approaches the margin only asymptotically (l' -> 0 as u -> 1): compare a fixed number of steps.
+    K, y, _, _ = rbf_problem(120, seed=1)
+    F, c, t, steps = naive_flow(K, y, loss, max_steps=max_steps)
+    res = kernel_flow(K, y, loss=loss, progress=False, max_steps=max_steps)
+    assert res.status == ["margin" if max_steps is None else "max_steps"]
+    assert int(res.steps[0]) == steps
+    assert abs(float(res.t[0]) - t) <= 1e-9 * t
+    torch.testing.assert_close(res.outputs("train"), F, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.c[0], c, rtol=1e-9, atol=1e-12)
+    if max_steps is None:
+        assert bool((y * res.outputs("train") >= 1).all())
+
+
+def test_solver_several_problems_equal_separate_runs():
+    K, Y, Kt, Yt = rbf_problem(90, 30, seed=2, E=3)
+    res = kernel_flow(K, Y, K_test_train=Kt, y_test=Yt, progress=False)
+    assert res.F_train.shape == (3, 90) and res.F_test.shape == (3, 30)
+    for e in range(3):
+        one = kernel_flow(K, Y[e], K_test_train=Kt, y_test=Yt[e], progress=False)
+        assert int(one.steps[0]) == int(res.steps[e])
+        torch.testing.assert_close(res.F_train[e], one.outputs("train"), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(res.F_test[e], one.outputs("test"), rtol=1e-10, atol=1e-10)
+    # E kernels (a batch) with one label vector, packed storage.
+    Ks = torch.stack([K, K * 1.5])
+    resk = kernel_flow(Ks, Y[0], packed=True, block=32, progress=False)
+    alone = kernel_flow(K * 1.5, Y[0], progress=False)
+    torch.testing.assert_close(resk.F_train[1], alone.outputs("train"), rtol=1e-10, atol=1e-10)
+
+
+def test_test_outputs_match_least_squares_route():
+    K, y, Kt, yt = rbf_problem(100, 40, seed=3)
+    K = K + 1e-3 * torch.eye(100, dtype=D)  # well conditioned, so lstsq is accurate
+    res = kernel_flow(K, y, K_test_train=Kt, y_test=yt, progress=False)
+    coef = torch.linalg.lstsq(K, res.outputs("train")[:, None]).solution[:, 0]   # the reference code's route
+    torch.testing.assert_close(res.outputs("test"), Kt @ coef, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(-K @ res.c[0], res.outputs("train"), rtol=1e-10, atol=1e-10)
+    assert res.history[0][-1]["test_err"] == pytest.approx(float((yt * res.outputs("test") <= 0).double().mean()))
+
+
+def test_kernel_regression_matches_solve():
+    K, y, Kt, _ = rbf_problem(80, 20, seed=4)
+    for ridge in (1e-3, 0.5):
+        reg = kernel_regression(K, y, ridge=ridge, K_test=Kt)
+        coef = torch.linalg.solve(K + ridge * torch.eye(80, dtype=D), y)
+        torch.testing.assert_close(reg.coef, coef, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(reg.F_test, Kt @ coef, rtol=1e-8, atol=1e-8)
+        assert reg.jitter == 0.0
+    Y = torch.stack([y, -y])
+    reg2 = kernel_regression(K, Y, ridge=0.1)
+    torch.testing.assert_close(reg2.coef[1], -kernel_regression(K, y, ridge=0.1).coef)
+
+
+def test_kernel_regression_jitter_and_not_pd():
+    x = torch.randn(30, 2, dtype=D)
+    K = x @ x.t()  # rank 2, PSD: needs jitter
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        reg = kernel_regression(K, torch.ones(30, dtype=D), max_jitter=1.0)
+    assert reg.jitter > 0
+    with pytest.raises(ValueError, match="not positive definite"):
+        kernel_regression(-torch.eye(5, dtype=D), torch.ones(5, dtype=D))
+
+
+def test_mse_closed_form_matches_flow():
+    K, y, Kt, _ = rbf_problem(60, 15, seed=5)
+    sol = mse_flow(K, y, K_test=Kt)
+    res = kernel_flow(K, y, K_test_train=Kt, loss="mse", max_t=200.0, max_dgrad=1e-7, max_dout=0.01,
+                      progress=False)
+    T = float(res.t[0])
+    F, Ft = sol(T)
+    assert float((res.outputs("train") - F).abs().max()) < 2e-3
+    assert float((res.outputs("test") - Ft).abs().max()) < 2e-3
+    # Long times: interpolation (K^-1 y) on the train set; c(t) satisfies F = K c.
+    torch.testing.assert_close(K @ sol.coef(7.0), sol(7.0)[0], rtol=1e-9, atol=1e-9)
+    assert float((sol(1e9)[0] - y).abs().max()) < 1e-4
+
+
+def test_checkpoint_resume_bit_for_bit(tmp_path):
+    K, Y, Kt, Yt = rbf_problem(70, 10, seed=6, E=2)
+    full = kernel_flow(K, Y, K_test_train=Kt, y_test=Yt, progress=False)
+    ck = tmp_path / "ck.pt"
+    # interrupted after 57 passes over Theta (both problems at once: the batch composition stays as in `full`)
+    part = kernel_flow(K, Y, K_test_train=Kt, y_test=Yt, progress=False, max_iterations=57, checkpoint=ck)
+    assert part.status == ["max_iterations", "max_iterations"]
+    res = kernel_flow(K, Y, K_test_train=Kt, y_test=Yt, progress=False, resume=ck)
+    assert torch.equal(res.F_train, full.F_train) and torch.equal(res.c, full.c)
+    assert torch.equal(res.t, full.t) and res.status == full.status
+    # the resumed history continues the interrupted one
+    assert [h["step"] for h in res.history[0]][-3:] == [h["step"] for h in full.history[0]][-3:]
+    with pytest.raises(ValueError, match="differs"):
+        kernel_flow(K * 2, Y, progress=False, resume=ck)
+    # result files
+    res.save(tmp_path / "res.pt")
+    back = KernelFlowResult.load(tmp_path / "res.pt")
+    assert torch.equal(back.F_test, res.F_test) and (tmp_path / "res.json").exists()
+
+
+def test_checkpoint_written_periodically(tmp_path):
+    K, y, _, _ = rbf_problem(40, seed=7)
+    ck = tmp_path / "p.pt"
+    kernel_flow(K, y, progress=False, checkpoint=ck, checkpoint_every_steps=5, max_steps=12)
+    st = torch.load(ck, weights_only=False)
+    assert st["steps"] == [12]
+
+
+def test_loglinspace_schedule():
+    it = loglinspace(0.01, 100)
+    s = [next(it) for _ in range(120)]
+    assert s[:101] == list(range(101)) and all(b > a for a, b in zip(s, s[1:]))
+
+
+def test_frozen_kernel_run_on_fcnet():
+    from ntk_fast import FCNet, empirical_ntk
+    g = torch.Generator().manual_seed(0)
+    net = FCNet(5, 32, 2, dtype=D, generator=g)
+    x = torch.randn(40, 5, generator=g, dtype=D)
+    xt = torch.randn(10, 5, generator=g, dtype=D)
+    y, yt = torch.sign(x[:, 0]), torch.sign(xt[:, 0])
+    res = frozen_kernel_run(net, x, y, xt, yt, progress=False)
+    direct = kernel_flow(empirical_ntk(net, x), y, K_test_train=empirical_ntk(net, xt, x), y_test=yt,
+                         progress=False)
+    torch.testing.assert_close(res.outputs("test"), direct.outputs("test"))
+    assert res.status == ["margin"]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_input_rejected():
+    K, y, Kt, yt = rbf_problem(20, 5)
+    with pytest.raises(ValueError, match="square"):
+        kernel_flow(K[:, :19], y, progress=False)
+    A = K.clone()
+    A[0, 3] += 0.5
+    with pytest.raises(ValueError, match="not symmetric"):
+        kernel_flow(A, y, progress=False)
+    with pytest.raises(ValueError, match="20 x 20"):
+        kernel_flow(K, y[:19], progress=False)
+    B = K.clone()
+    B[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kernel_flow(B, y, progress=False)
+    with pytest.raises(ValueError, match=r"\+1/-1"):
+        kernel_flow(K, y * 0.5, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        kernel_flow(K, y.clone().fill_(float("nan")), progress=False)
+    with pytest.raises(ValueError, match="K_test_train"):
+        kernel_flow(K, y, K_test_train=Kt[:, :7], progress=False)
+    with pytest.raises(ValueError, match="loss"):
+        kernel_flow(K, y, loss="hinge", progress=False)
+    with pytest.raises(ValueError, match="label vectors|kernels"):
+        kernel_flow(torch.stack([K, K]), torch.stack([y, y, y]), progress=False)
+    with pytest.raises(ValueError, match="square"):
+        kernel_regression(K[:3], y)
+    with pytest.raises(ValueError, match="not symmetric"):
+        mse_flow(A, y)
+
+
+def test_nan_during_flow_reported():
+    K, y, _, _ = rbf_problem(20)
+    res = kernel_flow(K * 1e308, y, progress=False, validate=True, max_steps=50)
+    assert res.status[0] in ("nan", "dt_underflow", "margin", "max_steps")
