@@ -37,7 +37,7 @@ def main(argv=None):
                           "status": r.get("status")})
         pts.sort()
         ax.plot([a for a, _ in pts], [v for _, v in pts], "o-", color=f"C{i}", label=f"h={h}")
-        lazy = [(a, v) for a, v in pts if a >= args.lazy_from and v]
+        lazy = [(a, v) for a, v in pts if a >= args.lazy_from * (1 - 1e-9) and v]
         fit = C.fit_loglog([a for a, _ in lazy], [v for _, v in lazy])
         if fit:
             fits[str(h)] = fit
