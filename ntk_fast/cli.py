@@ -179,7 +179,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"error: the benchmark runner ntk_fast/bench_runner.py is not in this checkout ({exc}); "
               "the pytest-benchmark suites are in bench/ (python -m pytest bench)", file=sys.stderr)
         return 2
-    rc = bench_runner.main(list(args.bench_args))
+    rest = list(args.bench_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    rc = bench_runner.main(rest)
     return int(rc or 0)
 
 
