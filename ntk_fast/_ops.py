@@ -52,6 +52,14 @@ if HAS_EXTENSION:
 PRECISIONS = ("highest", "tf32")
 
 
+def all_finite(t: torch.Tensor, chunk_elems: int = 1 << 18) -> bool:
+    """True when t has no NaN or inf; checked in row chunks so that the temporary mask stays small."""
+    if t.numel() <= chunk_elems or t.dim() == 0:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, chunk_elems // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
 def _check_feature_list(name: str, ts, n_layers: Optional[int], rows: Optional[int], dtype, device) -> List[torch.Tensor]:
     if not isinstance(ts, (list, tuple)) or len(ts) == 0:
         raise ValueError(f"gram: {name} must be a non-empty list of 2-D tensors, got {type(ts).__name__}")
@@ -71,7 +79,7 @@ def _check_feature_list(name: str, ts, n_layers: Optional[int], rows: Optional[i
             raise ValueError(f"gram: {name}[{l}] is on {t.device}, expected {device} like a1[0] (mixed devices)")
         if rows is not None and t.shape[0] != rows:
             raise ValueError(f"gram: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"gram: {name}[{l}] contains NaN or inf")
         out.append(t)
     return out

@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from ._ops import all_finite
 from ._kernel_ops import kernel_flow_step
 from .losses import LOSSES, get_loss
 from .reference_kernel import pack_symmetric
@@ -248,7 +249,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                              f"{tuple(K_test_train.shape) if isinstance(K_test_train, torch.Tensor) else K_test_train}")
         if K_test_train.dim() == 3 and K_test_train.shape[0] != E:
             raise ValueError(f"kernel_flow: K_test_train holds {K_test_train.shape[0]} kernels, expected {E}")
-        if validate and not torch.isfinite(K_test_train).all():
+        if validate and not all_finite(K_test_train):
             raise ValueError("kernel_flow: K_test_train has NaN or infinite entries")
         Kte = K_test_train.to(dtype=dtype, device=device)
         m = Kte.shape[-2]
@@ -487,7 +488,7 @@ def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_te
         if not isinstance(K_test, torch.Tensor) or K_test.dim() != 2 or K_test.shape[1] != n:
             raise ValueError(f"kernel_regression: K_test must be (m, {n}), got "
                              f"{tuple(K_test.shape) if isinstance(K_test, torch.Tensor) else K_test}")
-        if not torch.isfinite(K_test).all():
+        if not all_finite(K_test):
             raise ValueError("kernel_regression: K_test has NaN or infinite entries")
     scale = float(K.diagonal().abs().mean()) or 1.0
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
