@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -52,10 +50,10 @@ from . import _flow_ops as ops
 from . import observables as obs
 from .fc import FCNet
 from .losses import LOSSES
+from .results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, overall_status, stem_of
 from .steprule import StepRule, dgrad_from_norms
 
-STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")
-_RESUMABLE = ("running", "max_time", "max_steps", "max_wall")
+STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")  # see ntk_fast.results
 _CKPT_VERSION = 1
 
 
@@ -105,15 +103,6 @@ def _digest(*ts: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace (atomic on POSIX)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- result
 @dataclass
 class FlowResult:
@@ -121,7 +110,7 @@ class FlowResult:
 
     status: "converged", "max_time", "max_steps", "max_wall", "nonfinite" or "stalled" (for an ensemble:
     "converged" when every net converged, else the first other status in the order nonfinite, stalled,
-    max_wall, max_steps, max_time); statuses: one per net.  history: checkpoint records (dicts with a "net"
+    max_wall, max_steps, max_time: ntk_fast.results.overall_status); statuses: one per net.  history: checkpoint records (dicts with a "net"
     index).  nets: the trained nets (net: the first).  final: per-net summary dicts.  ensemble: ensemble
     observables of the test outputs (K > 1 with a test set).  outputs: F on the train (and test) set, (K, n).
     """
@@ -147,23 +136,19 @@ class FlowResult:
 
     def save(self, path: str) -> None:
         """Write ``<path>.pt`` (nets, outputs, history) and ``<path>.json`` (summary and history), atomically."""
-        stem = path[:-3] if path.endswith(".pt") else path
+        stem = stem_of(path)
         a = self.nets[0]
         arch = dict(d=a.d, h=a.h, L=a.L, activation=a.activation, beta=a.beta)
-        _atomic_save({"summary": self.summary(), "history": self.history, "arch": arch,
+        atomic_save({"summary": self.summary(), "history": self.history, "arch": arch,
                       "dtype": str(a.weights[0].dtype),
                       "weights": [[w.detach().cpu() for w in m.weights] for m in self.nets],
                       "outputs": {k: v.cpu() for k, v in self.outputs.items()}}, stem + ".pt")
-        tmp = stem + ".json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({**self.summary(), "history": self.history}, fh, indent=1, default=_json_default)
-        os.replace(tmp, stem + ".json")
+        atomic_write_json({**self.summary(), "history": self.history}, stem + ".json")
 
     @classmethod
     def load(cls, path: str) -> "FlowResult":
         """Read what :meth:`save` wrote (nets on the CPU)."""
-        stem = path[:-3] if path.endswith(".pt") else path
-        blob = torch.load(stem + ".pt", weights_only=False)
+        blob = torch.load(stem_of(path) + ".pt", weights_only=False)
         arch, s = blob["arch"], blob["summary"]
         nets = []
         for ws in blob["weights"]:
@@ -176,14 +161,6 @@ class FlowResult:
             nets.append(m)
         return cls(s["status"], s["statuses"], blob["history"], nets, s["final"], s["ensemble"], blob["outputs"],
                    s["config"])
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -528,7 +505,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
             return
         blob = dict(version=_CKPT_VERSION, config=config, engine=eng.state(), host=copy.deepcopy(S),
                     history=list(history), wall=wall_before + time.perf_counter() - wall0)
-        _atomic_save(blob, checkpoint)
+        atomic_save(blob, checkpoint)
 
     # initial checkpoint record (step 0)
     if resume is None:
@@ -644,16 +621,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
             p.data.copy_(w)
         out_nets.append(mk)
     statuses = list(S["status"])
-    return FlowResult(_overall(statuses), statuses, history, out_nets, finals, ens, outputs, config)
-
-
-def _overall(statuses: List[str]) -> str:
-    if all(s == "converged" for s in statuses):
-        return "converged"
-    for s in ("nonfinite", "stalled", "max_wall", "max_steps", "max_time", "running"):
-        if s in statuses:
-            return s
-    return statuses[0]
+    return FlowResult(overall_status(statuses), statuses, history, out_nets, finals, ens, outputs, config)
 
 
 def _loss_fn(name: str):
