@@ -132,7 +132,7 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
     out = tmp_path / "s"
     args = ["sweep", *SMALL, "--hs", "16", "--alphas-sqrt-h", "1", "--seeds", "0", "1", "2",
             "--checkpoint-every", "0.05", "--max-steps", "150", "--out", str(out)]
-    real_save = flow._atomic_save
+    real_save = flow.atomic_save
     calls = {"n": 0}
 
     def save_then_die(obj, path):
@@ -141,10 +141,10 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
-    monkeypatch.setattr(flow, "_atomic_save", save_then_die)
+    monkeypatch.setattr(flow, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         cli.main(args)
-    monkeypatch.setattr(flow, "_atomic_save", real_save)
+    monkeypatch.setattr(flow, "atomic_save", real_save)
     first, second, third = (out / f"h16_asqrth1_s{s}" for s in range(3))
     assert (first / "summary.json").exists() and not (second / "summary.json").exists()
     assert (second / "checkpoint.pt").exists() and not third.exists()
