@@ -32,6 +32,7 @@ import torch
 
 from . import data
 from .fc import FCNet
+from .results import atomic_write_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMMARY = "summary.json"
@@ -132,10 +133,7 @@ def _json_safe(o: Any) -> Any:
 
 def write_json(path: str, obj: Dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename); NaN becomes null, inf the string "inf"."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(obj), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(_json_safe(obj), path)
 
 
 def read_summary(folder: str) -> Optional[Dict[str, Any]]:
@@ -182,8 +180,8 @@ def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -
     (ntk_fast.kernel.frozen_kernel_run), same loss, step rule, margin stop and budgets as the trainer."""
     kernel = _kernel_module()
     kw = dict(loss=cfg.loss, beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
-              max_steps=cfg.max_steps, max_t=cfg.max_time if math.isfinite(cfg.max_time) else None,
-              max_walltime=cfg.max_wall if math.isfinite(cfg.max_wall) else None, progress=progress)
+              max_steps=cfg.max_steps, max_time=cfg.max_time if math.isfinite(cfg.max_time) else None,
+              max_wall=cfg.max_wall if math.isfinite(cfg.max_wall) else None, progress=progress)
     return kernel.frozen_kernel_run(net, xtr, ytr, xte, yte, **kw)
 
 
@@ -199,8 +197,8 @@ def _outputs_of(res: Any) -> Dict[str, torch.Tensor]:
 def _kernel_summary(res: Any, yte: torch.Tensor) -> Dict[str, Any]:
     """Status, t, steps, wall and the test error of a frozen-kernel run (problem 0)."""
     outs = _outputs_of(res)
-    status = getattr(res, "status", None)
-    s: Dict[str, Any] = {"status": status[0] if isinstance(status, list) else status}
+    statuses = getattr(res, "statuses", None)
+    s: Dict[str, Any] = {"status": statuses[0] if statuses else getattr(res, "status", None)}
     for k in ("t", "steps", "attempts"):
         v = getattr(res, k, None)
         if isinstance(v, torch.Tensor):

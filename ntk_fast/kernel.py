@@ -26,24 +26,25 @@ gradient flow at any t from one eigendecomposition).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ._ops import all_finite
 from ._kernel_ops import kernel_flow_step
 from .losses import LOSSES, get_loss
+from .observables import loglinspace, next_checkpoint
 from .reference_kernel import pack_symmetric
+from .results import RESUMABLE, atomic_save, atomic_write_json, overall_status, stem_of
 from .steprule import StepRule, dgrad_from_norms
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
-           "frozen_kernel_run", "loglinspace", "check_kernel", "check_labels"]
+           "frozen_kernel_run", "check_kernel", "check_labels"]
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -102,32 +103,15 @@ def check_labels(y: Any, name: str = "y", n: Optional[int] = None, pm1: bool = T
         raise ValueError(f"{name} must hold labels +1/-1 for margin losses, found e.g. {bad}")
 
 
-# ------------------------------------------------------------------------------------------------ schedule
-def loglinspace(rate: float = 0.01, step: int = 100) -> Iterator[int]:
-    """Checkpoint step numbers s_0 = 0, s_{k+1} = int(s_k + 1 + step (1 - exp(-s_k rate / step))).
-
-    Every step up to ~step, then spacing growing by ~rate per checkpoint, then constant spacing ``step``.
-    """
-    s = 0
-    while True:
-        yield s
-        s = int(s + 1 + step * (1.0 - math.exp(-s * rate / step)))
-
-
-def _nth_checkpoint(k: int, rate: float, step: int) -> int:
-    it = loglinspace(rate, step)
-    for _ in range(k):
-        next(it)
-    return next(it)
-
-
 # -------------------------------------------------------------------------------------------------- result
 @dataclass
 class KernelFlowResult:
     """Outcome of kernel_flow for E problems (tensors have a leading E axis; ``single`` squeezes it).
 
-    F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,),
-    status per problem ("margin", "max_steps", "max_t", "walltime", "max_iterations", "nan", "dt_underflow"),
+    F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,).
+    status: the overall status (ntk_fast.results.overall_status: "converged" when every problem reached the
+    margin); statuses: one per problem, in the vocabulary of ntk_fast.results ("converged", "max_time",
+    "max_steps", "max_wall", "max_iterations", "nonfinite", "stalled" = dt underflow).
     history: per problem, a list of checkpoint dicts (step, t, dt, loss, err, nd, margin_min, test_err, ...),
     config: the arguments (JSON-safe), wall: seconds spent.
     """
@@ -137,7 +121,8 @@ class KernelFlowResult:
     t: torch.Tensor
     steps: torch.Tensor
     attempts: torch.Tensor
-    status: List[str]
+    status: str
+    statuses: List[str]
     history: List[List[Dict[str, float]]]
     config: Dict[str, Any] = field(default_factory=dict)
     wall: float = 0.0
@@ -151,30 +136,22 @@ class KernelFlowResult:
         return F[0] if self.single else F
 
     def summary(self) -> Dict[str, Any]:
-        """JSON-safe summary: status, final t/steps and the last checkpoint of every problem."""
-        return {"status": self.status, "t": self.t.tolist(), "steps": self.steps.tolist(),
+        """JSON-safe summary: status, statuses, final t/steps and the last checkpoint of every problem."""
+        return {"status": self.status, "statuses": self.statuses, "t": self.t.tolist(), "steps": self.steps.tolist(),
                 "attempts": self.attempts.tolist(), "wall": self.wall, "config": self.config,
                 "final": [h[-1] if h else {} for h in self.history]}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``path`` (.pt, all tensors) and ``path`` with suffix .json (summary); both atomically."""
-        path = os.fspath(path)
-        _atomic_save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-        base = path[:-3] if path.endswith(".pt") else path
-        tmp = base + ".json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.summary(), fh, indent=1)
-        os.replace(tmp, base + ".json")
+        """Write ``<path>.pt`` (all tensors) and ``<path>.json`` (summary and history), atomically (a trailing
+        .pt of ``path`` is dropped first: the same layout as FlowResult.save)."""
+        stem = stem_of(path)
+        atomic_save({k: getattr(self, k) for k in self.__dataclass_fields__}, stem + ".pt")
+        atomic_write_json({**self.summary(), "history": self.history}, stem + ".json")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "KernelFlowResult":
-        return cls(**torch.load(os.fspath(path), weights_only=False))
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        """Read what :meth:`save` wrote."""
+        return cls(**torch.load(stem_of(path) + ".pt", weights_only=False))
 
 
 # ------------------------------------------------------------------------------------------------- solver
@@ -190,7 +167,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 y_test: Optional[torch.Tensor] = None, loss: str = "softhinge", beta: float = 20.0,
                 max_dgrad: float = 1e-4, max_dout: float = 0.1, grow: float = 1.1, shrink: float = 10.0,
                 grow_fraction: float = 0.5, stop_margin: bool = True, max_steps: Optional[int] = None,
-                max_t: Optional[float] = None, max_walltime: Optional[float] = None,
+                max_time: Optional[float] = None, max_wall: Optional[float] = None,
                 max_iterations: Optional[int] = None,
                 checkpoint_rate: float = 0.01, checkpoint_step: int = 100, packed: bool = False, block: Optional[int] = None,
                 checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: float = 60.0,
@@ -204,12 +181,13 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             K (E, n, n) and y (n,): one label vector for E kernels.
         K_test_train: Theta_test,train, (m, n) or (E, m, n); y_test: (m,) or (E, m).  Test outputs
             F_test = -Theta_test,train c are evaluated only at checkpoints (cost 2 m n each).
-        loss: "softhinge" (beta = 20), "qhinge", or "mse" (square loss, no margin stop: give max_t/max_steps).
+        loss: "softhinge" (beta = 20), "qhinge", or "mse" (square loss, no margin stop: give max_time/max_steps).
         max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.steprule.StepRule).
-        stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_t / max_walltime: other stops
+        stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_time / max_wall: other stops
             (accepted steps, flow time, seconds); max_iterations: passes over Theta (all problems stop together,
             so a run resumed from there continues bit for bit).
-        checkpoint_rate, checkpoint_step: history at accepted steps of loglinspace(rate, step) (and at the end).
+        checkpoint_rate, checkpoint_step: history at the accepted steps of the trainer's log-linear schedule
+            (ntk_fast.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
             caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
         checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
@@ -280,7 +258,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
 
     config = {"n": n, "E": E, "loss": loss, "beta": beta, "max_dgrad": max_dgrad, "max_dout": max_dout,
               "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction, "stop_margin": stop_margin,
-              "max_steps": max_steps, "max_t": max_t, "max_walltime": max_walltime,
+              "max_steps": max_steps, "max_time": max_time, "max_wall": max_wall,
               "checkpoint_rate": checkpoint_rate, "checkpoint_step": checkpoint_step, "packed": packed,
               "block": block, "dtype": str(dtype), "shared_kernel": EK == 1 and E > 1,
               "fingerprint": _fingerprint(K_train)}
@@ -299,12 +277,12 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         F, r, g, c = (st[k].to(device) for k in ("F", "r", "g", "c"))
         dt, tt, gmax = list(st["dt"]), list(st["t"]), list(st["gmax"])
         steps, attempts = list(st["steps"]), list(st["attempts"])
-        status, history, ck_index = list(st["status"]), st["history"], list(st["ck_index"])
-        # Stops by limits are re-decided with this call's limits; margin / nan stops are final.
-        status = ["running" if s_ in ("max_steps", "max_t", "walltime", "max_iterations") else s_ for s_ in status]
+        status, history, next_ck = list(st["statuses"]), st["history"], list(st["next_ck"])
+        # Stops by limits are re-decided with this call's limits; converged / nonfinite / stalled are final.
+        status = ["running" if s_ in RESUMABLE else s_ for s_ in status]
         for e in range(E):  # drop the end-of-run record of the interrupted run (not a schedule checkpoint)
-            if history[e] and ck_index[e] > 0 and history[e][-1]["step"] != _nth_checkpoint(
-                    ck_index[e] - 1, checkpoint_rate, checkpoint_step) and status[e] == "running":
+            if history[e] and status[e] == "running" and history[e][-1]["step"] not in loglinspace(
+                    history[e][-1]["step"], checkpoint_rate, checkpoint_step):
                 history[e].pop()
         wall0, iters0 = st["wall"], st["iterations"]
     else:
@@ -318,7 +296,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         steps, attempts = [0] * E, [0] * E
         status = ["running"] * E
         history = [[] for _ in range(E)]
-        ck_index = [0] * E
+        next_ck = [0] * E
         wall0, iters0 = 0.0, 0
 
     def record(e: int) -> None:
@@ -336,20 +314,17 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 rec["test_loss"] = float(lfun(ut, beta).mean())
         history[e].append(rec)
 
-    next_ck = [_nth_checkpoint(k, checkpoint_rate, checkpoint_step) for k in ck_index]
     if resume is None:
         for e in range(E):
             record(e)
-            ck_index[e] += 1
-            next_ck[e] = _nth_checkpoint(ck_index[e], checkpoint_rate, checkpoint_step)
+            next_ck[e] = next_checkpoint(0, checkpoint_rate, checkpoint_step)
             if stop_margin and loss != "mse" and float((Y[e] * F[e]).min()) >= 1.0:
-                status[e] = "margin"
+                status[e] = "converged"
 
     def save_state(path) -> None:
-        _atomic_save({"F": F, "r": r, "g": g, "c": c, "dt": dt, "t": tt, "gmax": gmax, "steps": steps,
-                      "attempts": attempts, "status": status, "history": history, "ck_index": ck_index,
-                      "config": config, "wall": wall0 + (time.perf_counter() - start), "iterations": iters},
-                     os.fspath(path))
+        atomic_save({"F": F, "r": r, "g": g, "c": c, "dt": dt, "t": tt, "gmax": gmax, "steps": steps,
+                     "attempts": attempts, "statuses": status, "history": history, "next_ck": next_ck,
+                     "config": config, "wall": wall0 + (time.perf_counter() - start), "iterations": iters}, path)
 
     bar = None
     if progress:
@@ -371,21 +346,21 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 continue
             if max_steps is not None and steps[e] >= max_steps:
                 status[e] = "max_steps"
-            elif max_t is not None and tt[e] >= max_t:
-                status[e] = "max_t"
-            elif max_walltime is not None and elapsed >= max_walltime:
-                status[e] = "walltime"
+            elif max_time is not None and tt[e] >= max_time:
+                status[e] = "max_time"
+            elif max_wall is not None and elapsed >= max_wall:
+                status[e] = "max_wall"
             elif max_iterations is not None and iters >= max_iterations:
                 status[e] = "max_iterations"
             elif not math.isfinite(gmax[e]):
-                status[e] = "nan"
+                status[e] = "nonfinite"
             else:
                 # Attempts that fail on dout alone are decided without reading Theta (dout = dt max|g|).
                 while dt[e] * gmax[e] >= max_dout_ and dt[e] >= 1e-300:
                     attempts[e] += 1
                     dt[e] /= shrink_
                 if dt[e] < 1e-300:
-                    status[e] = "dt_underflow"
+                    status[e] = "stalled"
                 else:
                     running.append(e)
         if not running:
@@ -405,7 +380,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             s = stats[e]
             attempts[e] += 1
             if not all(math.isfinite(v) for v in s):
-                status[e] = "nan"
+                status[e] = "nonfinite"
                 continue
             ok, new_dt = rule.decide(dgrad_from_norms(s[0], s[1], s[2]), s[3], dt[e])
             if ok:
@@ -427,10 +402,9 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             if steps[e] >= next_ck[e] or margin_reached:
                 record(e)
                 while next_ck[e] <= steps[e]:
-                    ck_index[e] += 1
-                    next_ck[e] = _nth_checkpoint(ck_index[e], checkpoint_rate, checkpoint_step)
+                    next_ck[e] = next_checkpoint(next_ck[e], checkpoint_rate, checkpoint_step)
             if margin_reached:
-                status[e] = "margin"
+                status[e] = "converged"
         iters += 1
         if bar is not None:
             e0 = running[0]
@@ -456,7 +430,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     if Kte is not None:
         F_test = -(torch.einsum("emn,en->em", Kte, c) if Kte.dim() == 3 else c @ Kte.t())
     return KernelFlowResult(F_train=F, F_test=F_test, c=c, t=torch.tensor(tt, dtype=torch.float64),
-                            steps=torch.tensor(steps), attempts=torch.tensor(attempts), status=list(status), history=history, config=config,
+                            steps=torch.tensor(steps), attempts=torch.tensor(attempts), status=overall_status(status),
+                            statuses=list(status), history=history, config=config,
                             wall=wall0 + time.perf_counter() - start, single=single)
 
 
