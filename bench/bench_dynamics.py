@@ -1,8 +1,8 @@
 """Training dynamics: the trainer's fused step op, one training run, the frozen-kernel step op, one kernel run.
 
-These cases activate once the trainer (ntk_fast.flow, ops in ntk_fast._flow_ops) and the solver
-(ntk_fast.kernel, op in ntk_fast._kernel_ops) are merged; until then they are skipped (importorskip), and a
-case whose API does not match what is called here is skipped with the reason rather than failed.
+The frozen-kernel cases call the solver's API directly (ntk_fast._kernel_ops.kernel_flow_step,
+ntk_fast.kernel.kernel_flow): a change of that API fails them.  The trainer cases skip with the reason on an
+API mismatch.
 """
 import inspect
 import math
@@ -66,9 +66,7 @@ def test_flow_step(benchmark, K, h, dtype, device):
 @pytest.mark.parametrize("E", [1, 8])
 def test_kernel_flow_step(benchmark, E, n, dtype, device):
     """One attempt of the frozen-kernel flow on E problems: one read of the upper half of Theta (n x n)."""
-    kops = pytest.importorskip("ntk_fast._kernel_ops")
-    if not hasattr(kops, "kernel_flow_step"):
-        pytest.skip("ntk_fast._kernel_ops.kernel_flow_step not available")
+    from ntk_fast._kernel_ops import kernel_flow_step
     dt_ = DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, 64, generator=g, dtype=dt_)
@@ -85,7 +83,7 @@ def test_kernel_flow_step(benchmark, E, n, dtype, device):
     benchmark.extra_info["bytes_theta_half"] = n * (n + 1) / 2 * theta.element_size()
 
     def run():
-        res = _call_or_skip(kops.kernel_flow_step, theta, y, f, gr, r, c, dt, active)
+        res = kernel_flow_step(theta, y, f, gr, r, c, dt, active)
         sync(device)
         return res
     benchmark(run)
@@ -116,15 +114,11 @@ def test_training_run(benchmark, h, dtype):
 @pytest.mark.parametrize("n", [512, 2048])
 def test_kernel_run(benchmark, n, dtype):
     """A frozen-kernel run by the solver (ntk_fast.kernel) on the Gram of the paper's net, bounded steps."""
-    kernel = pytest.importorskip("ntk_fast.kernel")
-    names = [nm for nm in ("kernel_flow", "train_kernel", "kernel_train", "solve", "run") if hasattr(kernel, nm)]
-    if not names:
-        pytest.skip("ntk_fast.kernel has no run function this benchmark knows (kernel_flow/train_kernel/solve)")
-    fn = getattr(kernel, names[0])
+    from ntk_fast.kernel import kernel_flow
     dt_ = DTYPES[dtype]
     x = paper_inputs(n, D_IN, dt_, "cpu")
     y = _labels(n, "cpu", dt_)
     theta = ntk_fast.empirical_ntk(paper_net(D_IN, 256, L, dt_, "cpu"), x)
     benchmark.group = f"kernel run n={n} {dtype}"
-    benchmark.pedantic(lambda: _call_or_skip(fn, theta, y, max_steps=200, progress=False),
+    benchmark.pedantic(lambda: kernel_flow(theta, y, max_steps=200, progress=False),
                        rounds=3, warmup_rounds=1)
