@@ -249,6 +249,14 @@ def test_checkpoint_resume_bit_for_bit(tmp_path):
     res.save(tmp_path / "res.pt")
     back = KernelFlowResult.load(tmp_path / "res.pt")
     assert torch.equal(back.F_test, res.F_test) and (tmp_path / "res.json").exists()
+    # the trainer's layout: <stem>.pt + <stem>.json whether or not the path ends in .pt
+    res.save(str(tmp_path / "stem"))
+    assert sorted(p.name for p in tmp_path.glob("stem*")) == ["stem.json", "stem.pt"]
+    back = KernelFlowResult.load(str(tmp_path / "stem"))
+    assert back.status == res.status and back.statuses == res.statuses and back.history == res.history
+    import json
+    js = json.loads((tmp_path / "stem.json").read_text())
+    assert js["status"] == res.status and js["statuses"] == res.statuses and len(js["history"]) == 2
 
 
 def test_checkpoint_written_periodically(tmp_path):
