@@ -10,9 +10,10 @@
 //
 // The symmetric product reads only the tiles (I, J), I <= J, of Theta (full storage or tile-packed): an
 // off-diagonal tile contributes Theta_IJ r_J to g_I and Theta_IJ^T r_I to g_J while it is in cache.  Threads
-// take contiguous runs of tiles and accumulate into private (n x EB) buffers that are summed at the end.
-// With one Theta shared by E problems the right-hand sides are interleaved (point-major, EB problems per
-// point) so that each Theta element is loaded once and used for 2 E multiply-adds.
+// take contiguous runs of tiles and accumulate into private (ne x n) buffers that are summed at the end.
+// With one Theta shared by ne >= 2 active problems the right-hand sides are gathered problem-major and each
+// 4-row strip of a tile is swept (from L1) once per pair of problems, vectorised over points (tile_pm), so
+// Theta is streamed from memory once per attempt and each element serves 2 ne multiply-adds.
 // Cost per attempt: n^2/2 Theta reads (E times that for E kernels), 2 E n^2 flops, O(threads E n) extra.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,9 +34,8 @@ struct TileJob {
   const S* theta;       // full (n x n, row stride n) or packed (tiles of T x T)
   bool packed;
   int64_t n, T, nt;
-  const S* R;           // n x EB interleaved right-hand sides
-  int eb;               // problems per point in R / Y (problem_major: number of problems)
-  bool problem_major;   // R / Y are eb x n (problem e at e n) instead of n x eb interleaved
+  const S* R;           // right-hand sides, ne x n (problem e at R + e n)
+  int ne;               // number of right-hand sides
   const std::pair<int32_t, int32_t>* tiles;
 };
 
@@ -93,82 +93,6 @@ NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, b
       YJ[j] += t[j] * ri;
     }
     YI[i] += acc;
-  }
-}
-
-// One tile, EB interleaved right-hand sides (EB a compile-time constant; EB = 0: runtime eb).
-template <typename S, int EB>
-NTK_ALWAYS_INLINE void tile_e(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* RI,
-                              const S* RJ, S* YI, S* YJ, int eb_rt) {
-  const int eb = EB > 0 ? EB : eb_rt;
-  constexpr int CAP = EB > 0 ? EB : 64;
-  if (diag) {  // upper triangle of the diagonal tile only
-    for (int64_t i = 0; i < mi; ++i) {
-      const S* t = th + i * ld;
-      S acc[CAP], ri[CAP];
-      for (int e = 0; e < eb; ++e) {
-        ri[e] = RI[i * eb + e];
-        acc[e] = t[i] * ri[e];
-      }
-      for (int64_t j = i + 1; j < mj; ++j) {
-        const S tj = t[j];
-        const S* rj = RJ + j * eb;
-        S* yj = YJ + j * eb;
-#pragma omp simd
-        for (int e = 0; e < eb; ++e) {
-          acc[e] += tj * rj[e];
-          yj[e] += tj * ri[e];
-        }
-      }
-      for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
-    }
-    return;
-  }
-  int64_t i = 0;
-  for (; i + 2 <= mi; i += 2) {
-    const S* t0 = th + i * ld;
-    const S* t1 = t0 + ld;
-    S a0[CAP], a1[CAP], r0[CAP], r1[CAP];
-    for (int e = 0; e < eb; ++e) {
-      a0[e] = 0;
-      a1[e] = 0;
-      r0[e] = RI[i * eb + e];
-      r1[e] = RI[(i + 1) * eb + e];
-    }
-    for (int64_t j = 0; j < mj; ++j) {
-      const S s0 = t0[j], s1 = t1[j];
-      const S* rj = RJ + j * eb;
-      S* yj = YJ + j * eb;
-#pragma omp simd
-      for (int e = 0; e < eb; ++e) {
-        a0[e] += s0 * rj[e];
-        a1[e] += s1 * rj[e];
-        yj[e] += s0 * r0[e] + s1 * r1[e];
-      }
-    }
-    for (int e = 0; e < eb; ++e) {
-      YI[i * eb + e] += a0[e];
-      YI[(i + 1) * eb + e] += a1[e];
-    }
-  }
-  for (; i < mi; ++i) {
-    const S* t = th + i * ld;
-    S acc[CAP], ri[CAP];
-    for (int e = 0; e < eb; ++e) {
-      acc[e] = 0;
-      ri[e] = RI[i * eb + e];
-    }
-    for (int64_t j = 0; j < mj; ++j) {
-      const S tj = t[j];
-      const S* rj = RJ + j * eb;
-      S* yj = YJ + j * eb;
-#pragma omp simd
-      for (int e = 0; e < eb; ++e) {
-        acc[e] += tj * rj[e];
-        yj[e] += tj * ri[e];
-      }
-    }
-    for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
   }
 }
 
@@ -281,10 +205,9 @@ NTK_ALWAYS_INLINE void tile_pm(const S* th, int64_t ld, int64_t mi, int64_t mj, 
   }
 }
 
-template <typename S, int EB>
+template <typename S, bool ONE>
 NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t end, S* Y) {
   const int64_t T = job.T, n = job.n;
-  const int eb = job.eb;
   for (int64_t k = begin; k < end; ++k) {
     const int64_t bi = job.tiles[k].first, bj = job.tiles[k].second;
     const int64_t i0 = bi * T, j0 = bj * T;
@@ -299,12 +222,10 @@ NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t
       ld = n;
     }
     const bool diag = bi == bj;
-    if (EB < 0)
-      tile_pm<S>(th, ld, mi, mj, diag, job.R, Y, n, eb, i0, j0);
-    else if (EB == 1)
+    if (ONE)
       tile_1<S>(th, ld, mi, mj, diag, job.R + i0, job.R + j0, Y + i0, Y + j0);
     else
-      tile_e<S, (EB > 0 ? EB : 0)>(th, ld, mi, mj, diag, job.R + i0 * eb, job.R + j0 * eb, Y + i0 * eb, Y + j0 * eb, eb);
+      tile_pm<S>(th, ld, mi, mj, diag, job.R, Y, n, job.ne, i0, j0);
   }
 }
 
@@ -319,18 +240,10 @@ NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t
 
 template <typename S>
 NTK_ALWAYS_INLINE void run_tiles_switch(const TileJob<S>& job, int64_t b, int64_t e, S* Y) {
-  if (job.problem_major) {
-    run_tiles_t<S, -1>(job, b, e, Y);
-    return;
-  }
-  switch (job.eb) {
-    case 1: run_tiles_t<S, 1>(job, b, e, Y); break;
-    case 2: run_tiles_t<S, 2>(job, b, e, Y); break;
-    case 4: run_tiles_t<S, 4>(job, b, e, Y); break;
-    case 8: run_tiles_t<S, 8>(job, b, e, Y); break;
-    case 16: run_tiles_t<S, 16>(job, b, e, Y); break;
-    default: run_tiles_t<S, 0>(job, b, e, Y); break;
-  }
+  if (job.ne == 1)
+    run_tiles_t<S, true>(job, b, e, Y);
+  else
+    run_tiles_t<S, false>(job, b, e, Y);
 }
 
 NTK_TILE_ATTR void run_tiles_double(const TileJob<double>& job, int64_t b, int64_t e, double* Y) {
@@ -342,22 +255,9 @@ NTK_TILE_ATTR void run_tiles_float(const TileJob<float>& job, int64_t b, int64_t
 inline void run_tiles(const TileJob<double>& job, int64_t b, int64_t e, double* Y) { run_tiles_double(job, b, e, Y); }
 inline void run_tiles(const TileJob<float>& job, int64_t b, int64_t e, float* Y) { run_tiles_float(job, b, e, Y); }
 
-// Pads a problem count to the next compiled width (1, 2, 4, 8, 16); wider runs (17..64 per pass) use the
-// runtime-width loop.
-int padded_width(int64_t ea) {
-  if (ea <= 1) return 1;
-  if (ea <= 2) return 2;
-  if (ea <= 4) return 4;
-  if (ea <= 8) return 8;
-  if (ea <= 16) return 16;
-  return (int)ea;
-}
-
-// Yout[i][p] = sum_j theta[i][j] R[j][p] for p < eb (R, Yout: n x eb interleaved), or with problem_major
-// Yout[p][i] = sum_j theta[i][j] R[p][j] (R, Yout: eb x n).
+// Yout[p][i] = sum_j theta[i][j] R[p][j] for p < ne (R, Yout: ne x n).
 template <typename S>
-void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const S* R, int eb, S* Yout,
-                       bool problem_major = false) {
+void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const S* R, int ne, S* Yout) {
   const int64_t nt = (n + T - 1) / T;
   std::vector<std::pair<int32_t, int32_t>> tiles;
   tiles.reserve(nt * (nt + 1) / 2);
@@ -367,20 +267,20 @@ void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const 
   // One private accumulator per chunk of tiles (a deterministic partition for a given thread count).
   // Small products run on one thread: a parallel region costs more than it saves below ~4M multiply-adds
   // (and on an oversubscribed machine its barrier can cost milliseconds).
-  const int64_t work = n * n / 2 * eb;
+  const int64_t work = n * n / 2 * ne;
   const int64_t nthreads =
       work < (int64_t)4000000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
   const int64_t nchunks = nthreads;
-  std::vector<S> Yall((size_t)nchunks * n * eb, S(0));
-  TileJob<S> job{theta, packed, n, T, nt, R, eb, problem_major, tiles.data()};
+  std::vector<S> Yall((size_t)nchunks * n * ne, S(0));
+  TileJob<S> job{theta, packed, n, T, nt, R, ne, tiles.data()};
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
       const int64_t b = ntiles * ch / nchunks, e = ntiles * (ch + 1) / nchunks;
-      run_tiles(job, b, e, Yall.data() + (size_t)ch * n * eb);
+      run_tiles(job, b, e, Yall.data() + (size_t)ch * n * ne);
     }
   });
   // Sum the chunks in a fixed order.
-  const int64_t total = n * eb;
+  const int64_t total = n * ne;
   at::parallel_for(0, total, 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       S s = Yall[k];
@@ -464,30 +364,15 @@ void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tenso
     // pass over Theta for all of them with the point-vectorised tile kernel (tile_pm).
     std::vector<S> R((size_t)na * n), Y((size_t)na * n);
     for (int64_t p = 0; p < na; ++p) std::copy(qr + act[p] * n, qr + act[p] * n + n, R.data() + p * n);
-    symmetric_product<S>(th, packed_block > 0, n, T, R.data(), (int)na, Y.data(), true);
+    symmetric_product<S>(th, packed_block > 0, n, T, R.data(), (int)na, Y.data());
     for (int64_t p = 0; p < na; ++p) {
       S* ge = qg + act[p] * n;
       const S* yp = Y.data() + p * n;
       for (int64_t i = 0; i < n; ++i) ge[i] = yp[i] * inv_n;
     }
-  } else if (s.shared) {
-    // Interleave the active right-hand sides (n x eb, zero-padded) and do one pass over Theta per 64 problems.
-    for (int64_t p0 = 0; p0 < na; p0 += 64) {
-      const int64_t ea = std::min<int64_t>(64, na - p0);
-      const int eb = padded_width(ea);
-      std::vector<S> R((size_t)n * eb, S(0)), Y((size_t)n * eb);
-      for (int64_t p = 0; p < ea; ++p) {
-        const S* re = qr + act[p0 + p] * n;
-        for (int64_t i = 0; i < n; ++i) R[(size_t)i * eb + p] = re[i];
-      }
-      symmetric_product<S>(th, packed_block > 0, n, T, R.data(), eb, Y.data());
-      for (int64_t p = 0; p < ea; ++p) {
-        S* ge = qg + act[p0 + p] * n;
-        for (int64_t i = 0; i < n; ++i) ge[i] = Y[(size_t)i * eb + p] * inv_n;
-      }
-    }
   } else {
-    const int64_t stride = packed_block > 0 ? packed_size(n, packed_block) : n * n;
+    // One problem at a time (its own Theta, or a single active problem on the shared one).
+    const int64_t stride = s.shared ? 0 : (packed_block > 0 ? packed_size(n, packed_block) : n * n);
     std::vector<S> Y((size_t)n);
     for (int64_t e : act) {
       symmetric_product<S>(th + e * stride, packed_block > 0, n, T, qr + e * n, 1, Y.data());
