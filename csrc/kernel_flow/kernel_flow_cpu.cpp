@@ -96,6 +96,64 @@ NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, b
   }
 }
 
+// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
+#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NTK_TILE_ATTR NTK_CLONES
+#else
+#define NTK_TILE_ATTR
+#endif
+
+// 4 rows (t0, t0 + ld, ..) x 2 problems of an off-diagonal tile: A[k] += sum_j t_k[j] ra[j], ya[j] += sum_k t_k[j] P[k]
+// (B, yb, Q, rb likewise).  Kept out of line (with its own CPU clones) so that the register allocator sees only
+// this loop: inlined into the tile loop nest, GCC spilled a Theta row to the stack.
+template <typename S>
+NTK_ALWAYS_INLINE void strip_pair_t(const S* __restrict t0, int64_t ld, int64_t mj, const S* __restrict ra,
+                                    const S* __restrict rb, S* __restrict ya, S* __restrict yb, const S* P,
+                                    const S* Q, S* A, S* B) {
+  const S* __restrict t1 = t0 + ld;
+  const S* __restrict t2 = t1 + ld;
+  const S* __restrict t3 = t2 + ld;
+  const S p0 = P[0], p1 = P[1], p2 = P[2], p3 = P[3];
+  const S q0 = Q[0], q1 = Q[1], q2 = Q[2], q3 = Q[3];
+  S a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  for (int64_t j = 0; j < mj; ++j) {
+    const S s0 = t0[j], s1 = t1[j], s2 = t2[j], s3 = t3[j];
+    const S x = ra[j], z = rb[j];
+    a0 += s0 * x;
+    a1 += s1 * x;
+    a2 += s2 * x;
+    a3 += s3 * x;
+    b0 += s0 * z;
+    b1 += s1 * z;
+    b2 += s2 * z;
+    b3 += s3 * z;
+    ya[j] += (s0 * p0 + s1 * p1) + (s2 * p2 + s3 * p3);
+    yb[j] += (s0 * q0 + s1 * q1) + (s2 * q2 + s3 * q3);
+  }
+  A[0] += a0;
+  A[1] += a1;
+  A[2] += a2;
+  A[3] += a3;
+  B[0] += b0;
+  B[1] += b1;
+  B[2] += b2;
+  B[3] += b3;
+}
+
+__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const double* t0, int64_t ld, int64_t mj, const double* ra,
+                                                      const double* rb, double* ya, double* yb, const double* P,
+                                                      const double* Q, double* A, double* B) {
+  strip_pair_t<double>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
+}
+__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const float* t0, int64_t ld, int64_t mj, const float* ra,
+                                                      const float* rb, float* ya, float* yb, const float* P,
+                                                      const float* Q, float* A, float* B) {
+  strip_pair_t<float>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
+}
+
 // One tile, ne right-hand sides stored problem-major (problem e at R + e ldr, its accumulator at Y + e ldr),
 // vectorised over points: each 4-row strip of the tile (4 T elements, L1-resident) is swept once per pair of
 // problems, so Theta is streamed from memory once and every element loaded from L1 serves 4 multiply-adds.
@@ -137,34 +195,7 @@ NTK_ALWAYS_INLINE void tile_pm(const S* th, int64_t ld, int64_t mi, int64_t mj, 
       const S* rb = RB + j0;
       S* ya = Y + e * ldr + j0;
       S* yb = ya + ldr;
-      const S p0 = RA[i0 + i], p1 = RA[i0 + i + 1], p2 = RA[i0 + i + 2], p3 = RA[i0 + i + 3];
-      const S q0 = RB[i0 + i], q1 = RB[i0 + i + 1], q2 = RB[i0 + i + 2], q3 = RB[i0 + i + 3];
-      S a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-      for (int64_t j = 0; j < mj; ++j) {
-        const S s0 = t0[j], s1 = t1[j], s2 = t2[j], s3 = t3[j];
-        const S x = ra[j], z = rb[j];
-        a0 += s0 * x;
-        a1 += s1 * x;
-        a2 += s2 * x;
-        a3 += s3 * x;
-        b0 += s0 * z;
-        b1 += s1 * z;
-        b2 += s2 * z;
-        b3 += s3 * z;
-        ya[j] += (s0 * p0 + s1 * p1) + (s2 * p2 + s3 * p3);
-        yb[j] += (s0 * q0 + s1 * q1) + (s2 * q2 + s3 * q3);
-      }
-      S* YA = Y + e * ldr + i0 + i;
-      S* YB = YA + ldr;
-      YA[0] += a0;
-      YA[1] += a1;
-      YA[2] += a2;
-      YA[3] += a3;
-      YB[0] += b0;
-      YB[1] += b1;
-      YB[2] += b2;
-      YB[3] += b3;
+      strip_pair(t0, ld, mj, ra, rb, ya, yb, RA + i0 + i, RB + i0 + i, Y + e * ldr + i0 + i, Y + (e + 1) * ldr + i0 + i);
     }
     for (; e < ne; ++e) {
       const S* RA = R + e * ldr;
@@ -228,15 +259,6 @@ NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t
       tile_pm<S>(th, ld, mi, mj, diag, job.R, Y, n, job.ne, i0, j0);
   }
 }
-
-// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
-#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NTK_TILE_ATTR NTK_CLONES
-#else
-#define NTK_TILE_ATTR
-#endif
 
 template <typename S>
 NTK_ALWAYS_INLINE void run_tiles_switch(const TileJob<S>& job, int64_t b, int64_t e, S* Y) {
