@@ -69,6 +69,27 @@ def test_op_matches_reference(E, n, per_problem, pb, loss):
 
 
 @needs_ext
+@pytest.mark.parametrize("pb", [0, 128])
+def test_op_shared_multithreaded_deterministic(pb):
+    # Big enough for the threaded path (several chunks), shared Theta, E >= 2 with an inactive problem and a
+    # garbage lower triangle: matches the reference and is bitwise repeatable.
+    n, E = 1300, 6
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(n, n + 5, generator=g, dtype=D)
+    K = A @ A.t() / n
+    theta = pack_symmetric(K, pb) if pb else K.triu() + torch.randn(n, n, generator=g, dtype=D).tril(-1)
+    y, f, gg, r, c, dt = random_state(E, n, seed=4)
+    active = torch.ones(E, dtype=torch.bool)
+    active[3] = False
+    out = torch.ops.ntk_fast.kernel_flow_step(theta, y, f, gg, r, c, dt, active, "softhinge", 20.0, pb, 0)
+    ref = kernel_flow_step_ref(K, y, f, gg, r, c, dt, active, "softhinge", 20.0)
+    for a, b_, name in zip(out, ref, ("f", "r", "g", "c", "stats")):
+        torch.testing.assert_close(a, b_, rtol=1e-11, atol=1e-12, msg=name)
+    again = torch.ops.ntk_fast.kernel_flow_step(theta, y, f, gg, r, c, dt, active, "softhinge", 20.0, pb, 0)
+    assert all(torch.equal(a, b_) for a, b_ in zip(out, again))
+
+
+@needs_ext
 def test_op_reads_only_upper_triangle_and_small_blocks():
     n = 50
     g = torch.Generator().manual_seed(3)

@@ -10,9 +10,10 @@
 //
 // The symmetric product reads only the tiles (I, J), I <= J, of Theta (full storage or tile-packed): an
 // off-diagonal tile contributes Theta_IJ r_J to g_I and Theta_IJ^T r_I to g_J while it is in cache.  Threads
-// take contiguous runs of tiles and accumulate into private (n x EB) buffers that are summed at the end.
-// With one Theta shared by E problems the right-hand sides are interleaved (point-major, EB problems per
-// point) so that each Theta element is loaded once and used for 2 E multiply-adds.
+// take contiguous runs of tiles and accumulate into private (ne x n) buffers that are summed at the end.
+// With one Theta shared by ne >= 2 active problems the right-hand sides are gathered problem-major and each
+// 4-row strip of a tile is swept (from L1) once per pair of problems, vectorised over points (tile_pm), so
+// Theta is streamed from memory once per attempt and each element serves 2 ne multiply-adds.
 // Cost per attempt: n^2/2 Theta reads (E times that for E kernels), 2 E n^2 flops, O(threads E n) extra.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,8 +34,8 @@ struct TileJob {
   const S* theta;       // full (n x n, row stride n) or packed (tiles of T x T)
   bool packed;
   int64_t n, T, nt;
-  const S* R;           // n x EB interleaved right-hand sides
-  int eb;               // problems per point in R / Y
+  const S* R;           // right-hand sides, ne x n (problem e at R + e n)
+  int ne;               // number of right-hand sides
   const std::pair<int32_t, int32_t>* tiles;
 };
 
@@ -95,86 +96,149 @@ NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, b
   }
 }
 
-// One tile, EB interleaved right-hand sides (EB a compile-time constant; EB = 0: runtime eb).
-template <typename S, int EB>
-NTK_ALWAYS_INLINE void tile_e(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* RI,
-                              const S* RJ, S* YI, S* YJ, int eb_rt) {
-  const int eb = EB > 0 ? EB : eb_rt;
-  constexpr int CAP = EB > 0 ? EB : 64;
+// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
+#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NTK_TILE_ATTR NTK_CLONES
+#else
+#define NTK_TILE_ATTR
+#endif
+
+// 4 rows (t0, t0 + ld, ..) x 2 problems of an off-diagonal tile: A[k] += sum_j t_k[j] ra[j], ya[j] += sum_k t_k[j] P[k]
+// (B, yb, Q, rb likewise).  Kept out of line (with its own CPU clones) so that the register allocator sees only
+// this loop: inlined into the tile loop nest, GCC spilled a Theta row to the stack.
+template <typename S>
+NTK_ALWAYS_INLINE void strip_pair_t(const S* __restrict t0, int64_t ld, int64_t mj, const S* __restrict ra,
+                                    const S* __restrict rb, S* __restrict ya, S* __restrict yb, const S* P,
+                                    const S* Q, S* A, S* B) {
+  const S* __restrict t1 = t0 + ld;
+  const S* __restrict t2 = t1 + ld;
+  const S* __restrict t3 = t2 + ld;
+  const S p0 = P[0], p1 = P[1], p2 = P[2], p3 = P[3];
+  const S q0 = Q[0], q1 = Q[1], q2 = Q[2], q3 = Q[3];
+  S a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  for (int64_t j = 0; j < mj; ++j) {
+    const S s0 = t0[j], s1 = t1[j], s2 = t2[j], s3 = t3[j];
+    const S x = ra[j], z = rb[j];
+    a0 += s0 * x;
+    a1 += s1 * x;
+    a2 += s2 * x;
+    a3 += s3 * x;
+    b0 += s0 * z;
+    b1 += s1 * z;
+    b2 += s2 * z;
+    b3 += s3 * z;
+    ya[j] += (s0 * p0 + s1 * p1) + (s2 * p2 + s3 * p3);
+    yb[j] += (s0 * q0 + s1 * q1) + (s2 * q2 + s3 * q3);
+  }
+  A[0] += a0;
+  A[1] += a1;
+  A[2] += a2;
+  A[3] += a3;
+  B[0] += b0;
+  B[1] += b1;
+  B[2] += b2;
+  B[3] += b3;
+}
+
+__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const double* t0, int64_t ld, int64_t mj, const double* ra,
+                                                      const double* rb, double* ya, double* yb, const double* P,
+                                                      const double* Q, double* A, double* B) {
+  strip_pair_t<double>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
+}
+__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const float* t0, int64_t ld, int64_t mj, const float* ra,
+                                                      const float* rb, float* ya, float* yb, const float* P,
+                                                      const float* Q, float* A, float* B) {
+  strip_pair_t<float>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
+}
+
+// One tile, ne right-hand sides stored problem-major (problem e at R + e ldr, its accumulator at Y + e ldr),
+// vectorised over points: each 4-row strip of the tile (4 T elements, L1-resident) is swept once per pair of
+// problems, so Theta is streamed from memory once and every element loaded from L1 serves 4 multiply-adds.
+// Per problem the arithmetic is that of tile_1 (same expressions, same order).  (A left-to-right FMA chain for
+// the g_J update measured slower at E = 16.)
+template <typename S>
+NTK_ALWAYS_INLINE void tile_pm(const S* th, int64_t ld, int64_t mi, int64_t mj, bool diag, const S* R, S* Y,
+                               int64_t ldr, int ne, int64_t i0, int64_t j0) {
   if (diag) {  // upper triangle of the diagonal tile only
     for (int64_t i = 0; i < mi; ++i) {
       const S* t = th + i * ld;
-      S acc[CAP], ri[CAP];
-      for (int e = 0; e < eb; ++e) {
-        ri[e] = RI[i * eb + e];
-        acc[e] = t[i] * ri[e];
-      }
-      for (int64_t j = i + 1; j < mj; ++j) {
-        const S tj = t[j];
-        const S* rj = RJ + j * eb;
-        S* yj = YJ + j * eb;
-#pragma omp simd
-        for (int e = 0; e < eb; ++e) {
-          acc[e] += tj * rj[e];
-          yj[e] += tj * ri[e];
+      for (int e = 0; e < ne; ++e) {
+        const S* RI = R + e * ldr + i0;
+        const S* RJ = R + e * ldr + j0;
+        S* YJ = Y + e * ldr + j0;
+        const S ri = RI[i];
+        S acc = t[i] * ri;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = i + 1; j < mj; ++j) {
+          acc += t[j] * RJ[j];
+          YJ[j] += t[j] * ri;
         }
+        Y[e * ldr + i0 + i] += acc;
       }
-      for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
     }
     return;
   }
   int64_t i = 0;
-  for (; i + 2 <= mi; i += 2) {
+  for (; i + 4 <= mi; i += 4) {
     const S* t0 = th + i * ld;
     const S* t1 = t0 + ld;
-    S a0[CAP], a1[CAP], r0[CAP], r1[CAP];
-    for (int e = 0; e < eb; ++e) {
-      a0[e] = 0;
-      a1[e] = 0;
-      r0[e] = RI[i * eb + e];
-      r1[e] = RI[(i + 1) * eb + e];
+    const S* t2 = t1 + ld;
+    const S* t3 = t2 + ld;
+    int e = 0;
+    for (; e + 2 <= ne; e += 2) {
+      const S* RA = R + e * ldr;
+      const S* RB = RA + ldr;
+      const S* ra = RA + j0;
+      const S* rb = RB + j0;
+      S* ya = Y + e * ldr + j0;
+      S* yb = ya + ldr;
+      strip_pair(t0, ld, mj, ra, rb, ya, yb, RA + i0 + i, RB + i0 + i, Y + e * ldr + i0 + i, Y + (e + 1) * ldr + i0 + i);
     }
-    for (int64_t j = 0; j < mj; ++j) {
-      const S s0 = t0[j], s1 = t1[j];
-      const S* rj = RJ + j * eb;
-      S* yj = YJ + j * eb;
-#pragma omp simd
-      for (int e = 0; e < eb; ++e) {
-        a0[e] += s0 * rj[e];
-        a1[e] += s1 * rj[e];
-        yj[e] += s0 * r0[e] + s1 * r1[e];
+    for (; e < ne; ++e) {
+      const S* RA = R + e * ldr;
+      const S* ra = RA + j0;
+      S* ya = Y + e * ldr + j0;
+      const S p0 = RA[i0 + i], p1 = RA[i0 + i + 1], p2 = RA[i0 + i + 2], p3 = RA[i0 + i + 3];
+      S a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t j = 0; j < mj; ++j) {
+        const S x = ra[j];
+        a0 += t0[j] * x;
+        a1 += t1[j] * x;
+        a2 += t2[j] * x;
+        a3 += t3[j] * x;
+        ya[j] += (t0[j] * p0 + t1[j] * p1) + (t2[j] * p2 + t3[j] * p3);
       }
-    }
-    for (int e = 0; e < eb; ++e) {
-      YI[i * eb + e] += a0[e];
-      YI[(i + 1) * eb + e] += a1[e];
+      S* YA = Y + e * ldr + i0 + i;
+      YA[0] += a0;
+      YA[1] += a1;
+      YA[2] += a2;
+      YA[3] += a3;
     }
   }
   for (; i < mi; ++i) {
     const S* t = th + i * ld;
-    S acc[CAP], ri[CAP];
-    for (int e = 0; e < eb; ++e) {
-      acc[e] = 0;
-      ri[e] = RI[i * eb + e];
-    }
-    for (int64_t j = 0; j < mj; ++j) {
-      const S tj = t[j];
-      const S* rj = RJ + j * eb;
-      S* yj = YJ + j * eb;
-#pragma omp simd
-      for (int e = 0; e < eb; ++e) {
-        acc[e] += tj * rj[e];
-        yj[e] += tj * ri[e];
+    for (int e = 0; e < ne; ++e) {
+      const S* RJ = R + e * ldr + j0;
+      S* YJ = Y + e * ldr + j0;
+      const S ri = R[e * ldr + i0 + i];
+      S acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < mj; ++j) {
+        acc += t[j] * RJ[j];
+        YJ[j] += t[j] * ri;
       }
+      Y[e * ldr + i0 + i] += acc;
     }
-    for (int e = 0; e < eb; ++e) YI[i * eb + e] += acc[e];
   }
 }
 
-template <typename S, int EB>
+template <typename S, bool ONE>
 NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t end, S* Y) {
   const int64_t T = job.T, n = job.n;
-  const int eb = job.eb;
   for (int64_t k = begin; k < end; ++k) {
     const int64_t bi = job.tiles[k].first, bj = job.tiles[k].second;
     const int64_t i0 = bi * T, j0 = bj * T;
@@ -189,32 +253,19 @@ NTK_ALWAYS_INLINE void run_tiles_t(const TileJob<S>& job, int64_t begin, int64_t
       ld = n;
     }
     const bool diag = bi == bj;
-    if (EB == 1)
+    if (ONE)
       tile_1<S>(th, ld, mi, mj, diag, job.R + i0, job.R + j0, Y + i0, Y + j0);
     else
-      tile_e<S, EB>(th, ld, mi, mj, diag, job.R + i0 * eb, job.R + j0 * eb, Y + i0 * eb, Y + j0 * eb, eb);
+      tile_pm<S>(th, ld, mi, mj, diag, job.R, Y, n, job.ne, i0, j0);
   }
 }
 
-// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
-#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NTK_TILE_ATTR NTK_CLONES
-#else
-#define NTK_TILE_ATTR
-#endif
-
 template <typename S>
 NTK_ALWAYS_INLINE void run_tiles_switch(const TileJob<S>& job, int64_t b, int64_t e, S* Y) {
-  switch (job.eb) {
-    case 1: run_tiles_t<S, 1>(job, b, e, Y); break;
-    case 2: run_tiles_t<S, 2>(job, b, e, Y); break;
-    case 4: run_tiles_t<S, 4>(job, b, e, Y); break;
-    case 8: run_tiles_t<S, 8>(job, b, e, Y); break;
-    case 16: run_tiles_t<S, 16>(job, b, e, Y); break;
-    default: run_tiles_t<S, 0>(job, b, e, Y); break;
-  }
+  if (job.ne == 1)
+    run_tiles_t<S, true>(job, b, e, Y);
+  else
+    run_tiles_t<S, false>(job, b, e, Y);
 }
 
 NTK_TILE_ATTR void run_tiles_double(const TileJob<double>& job, int64_t b, int64_t e, double* Y) {
@@ -226,20 +277,9 @@ NTK_TILE_ATTR void run_tiles_float(const TileJob<float>& job, int64_t b, int64_t
 inline void run_tiles(const TileJob<double>& job, int64_t b, int64_t e, double* Y) { run_tiles_double(job, b, e, Y); }
 inline void run_tiles(const TileJob<float>& job, int64_t b, int64_t e, float* Y) { run_tiles_float(job, b, e, Y); }
 
-// Pads a problem count to the next compiled width (1, 2, 4, 8, 16); wider runs (17..64 per pass) use the
-// runtime-width loop.
-int padded_width(int64_t ea) {
-  if (ea <= 1) return 1;
-  if (ea <= 2) return 2;
-  if (ea <= 4) return 4;
-  if (ea <= 8) return 8;
-  if (ea <= 16) return 16;
-  return (int)ea;
-}
-
-// out[p][i] = inv_n * sum_j theta[i][j] R[j][p] for p < ea (R: n x eb interleaved, eb >= ea).
+// Yout[p][i] = sum_j theta[i][j] R[p][j] for p < ne (R, Yout: ne x n).
 template <typename S>
-void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const S* R, int eb, S* Yout) {
+void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const S* R, int ne, S* Yout) {
   const int64_t nt = (n + T - 1) / T;
   std::vector<std::pair<int32_t, int32_t>> tiles;
   tiles.reserve(nt * (nt + 1) / 2);
@@ -249,20 +289,20 @@ void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const 
   // One private accumulator per chunk of tiles (a deterministic partition for a given thread count).
   // Small products run on one thread: a parallel region costs more than it saves below ~4M multiply-adds
   // (and on an oversubscribed machine its barrier can cost milliseconds).
-  const int64_t work = n * n / 2 * eb;
+  const int64_t work = n * n / 2 * ne;
   const int64_t nthreads =
       work < (int64_t)4000000 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntiles));
   const int64_t nchunks = nthreads;
-  std::vector<S> Yall((size_t)nchunks * n * eb, S(0));
-  TileJob<S> job{theta, packed, n, T, nt, R, eb, tiles.data()};
+  std::vector<S> Yall((size_t)nchunks * n * ne, S(0));
+  TileJob<S> job{theta, packed, n, T, nt, R, ne, tiles.data()};
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
       const int64_t b = ntiles * ch / nchunks, e = ntiles * (ch + 1) / nchunks;
-      run_tiles(job, b, e, Yall.data() + (size_t)ch * n * eb);
+      run_tiles(job, b, e, Yall.data() + (size_t)ch * n * ne);
     }
   });
   // Sum the chunks in a fixed order.
-  const int64_t total = n * eb;
+  const int64_t total = n * ne;
   at::parallel_for(0, total, 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       S s = Yall[k];
@@ -340,25 +380,21 @@ void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tenso
 
   const int64_t T = packed_block > 0 ? packed_block : (block > 0 ? block : 256);
   const S* th = theta.data_ptr<S>();
-  if (s.shared) {
-    // Interleave the active right-hand sides (n x eb, zero-padded) and do one pass over Theta per 64 problems.
-    const int64_t na = (int64_t)act.size();
-    for (int64_t p0 = 0; p0 < na; p0 += 64) {
-      const int64_t ea = std::min<int64_t>(64, na - p0);
-      const int eb = padded_width(ea);
-      std::vector<S> R((size_t)n * eb, S(0)), Y((size_t)n * eb);
-      for (int64_t p = 0; p < ea; ++p) {
-        const S* re = qr + act[p0 + p] * n;
-        for (int64_t i = 0; i < n; ++i) R[(size_t)i * eb + p] = re[i];
-      }
-      symmetric_product<S>(th, packed_block > 0, n, T, R.data(), eb, Y.data());
-      for (int64_t p = 0; p < ea; ++p) {
-        S* ge = qg + act[p0 + p] * n;
-        for (int64_t i = 0; i < n; ++i) ge[i] = Y[(size_t)i * eb + p] * inv_n;
-      }
+  const int64_t na = (int64_t)act.size();
+  if (s.shared && na >= 2) {
+    // Several problems sharing Theta: gather the active right-hand sides problem-major (na x n) and do one
+    // pass over Theta for all of them with the point-vectorised tile kernel (tile_pm).
+    std::vector<S> R((size_t)na * n), Y((size_t)na * n);
+    for (int64_t p = 0; p < na; ++p) std::copy(qr + act[p] * n, qr + act[p] * n + n, R.data() + p * n);
+    symmetric_product<S>(th, packed_block > 0, n, T, R.data(), (int)na, Y.data());
+    for (int64_t p = 0; p < na; ++p) {
+      S* ge = qg + act[p] * n;
+      const S* yp = Y.data() + p * n;
+      for (int64_t i = 0; i < n; ++i) ge[i] = yp[i] * inv_n;
     }
   } else {
-    const int64_t stride = packed_block > 0 ? packed_size(n, packed_block) : n * n;
+    // One problem at a time (its own Theta, or a single active problem on the shared one).
+    const int64_t stride = s.shared ? 0 : (packed_block > 0 ? packed_size(n, packed_block) : n * n);
     std::vector<S> Y((size_t)n);
     for (int64_t e : act) {
       symmetric_product<S>(th + e * stride, packed_block > 0, n, T, qr + e * n, 1, Y.data());
