@@ -91,13 +91,7 @@ def find_idx_folder(root: Optional[str] = None, env: str = "NTK_FAST_FASHION_MNI
 
 def load_idx_dataset(folder: str) -> Tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W) uint8 and labels (N,) of train and test merged (train first)."""
-    parts = {k: read_idx(_find_file(folder, stem)) for k, stem in IDX_FILES.items()}
-    for split in ("train", "test"):
-        if parts[f"{split}_images"].shape[0] != parts[f"{split}_labels"].shape[0]:
-            raise ValueError(f"{folder}: {split} images and labels have different counts")
-    images = np.concatenate([parts["train_images"], parts["test_images"]])
-    labels = np.concatenate([parts["train_labels"], parts["test_labels"]]).astype(np.int64)
-    return images, labels
+    return _load_idx_files(folder, IDX_FILES)
 
 
 def balance_and_interleave(labels: np.ndarray, seed: int) -> np.ndarray:
