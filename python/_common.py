@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,6 +42,18 @@ def base_parser(description: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def alpha_grid(args) -> Tuple[List[int], List[float]]:
+    """Fill the scale defaults of the alpha*sqrt(h) scans (reduced CPU scale, or the paper's with --paper) and
+    return (hs, alphas_sqrt_h).  Shared by phase_diagram.py and kernel_change.py, which reuse each other's runs."""
+    paper = args.paper
+    args.p = args.p or (10000 if paper else 500)
+    args.p_test = args.p_test or (50000 if paper else 2000)
+    args.ensemble = args.ensemble or (10 if paper else 3)
+    hs = args.hs or ([100, 300, 1000] if paper else [32, 128])
+    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1e3, 1e4])
+    return hs, a_list
 
 
 def configs(args, hs: Sequence[int], alphas_sqrt_h: Sequence[float], **flags) -> List:

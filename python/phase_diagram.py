@@ -14,12 +14,7 @@ import matplotlib.pyplot as plt
 def main(argv=None):
     p = C.base_parser(__doc__.splitlines()[0], "runs/experiments")
     args = p.parse_args(argv)
-    paper = args.paper
-    args.p = args.p or (10000 if paper else 500)
-    args.p_test = args.p_test or (50000 if paper else 2000)
-    args.ensemble = args.ensemble or (10 if paper else 3)
-    hs = args.hs or ([100, 300, 1000] if paper else [32, 128])
-    a_list = args.alphas_sqrt_h or ([10.0 ** k for k in range(-4, 8)] if paper else [0.1, 1.0, 10.0, 100.0, 1e3, 1e4])
+    hs, a_list = C.alpha_grid(args)
     rows = C.run_grid(args, C.configs(args, hs, a_list))
     table = []
     for r in rows:
