@@ -229,8 +229,12 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
     cfg.check()
     cfg_path = os.path.join(folder, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = RunConfig.from_json(json.load(f))
+        try:
+            with open(cfg_path) as f:
+                old = RunConfig.from_json(json.load(f))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{cfg_path} is corrupt or not an ntk_fast run config ({exc}); the folder is left "
+                             "as it is: repair the file or use a new folder") from exc
         diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_json()
                 if k not in _OPERATIONAL and getattr(old, k) != getattr(cfg, k)}
         if diff:

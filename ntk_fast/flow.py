@@ -50,7 +50,7 @@ from . import _flow_ops as ops
 from . import observables as obs
 from .fc import FCNet
 from .losses import LOSSES
-from .results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, overall_status, stem_of
+from .results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from .steprule import StepRule, dgrad_from_norms
 
 STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")  # see ntk_fast.results
@@ -148,7 +148,7 @@ class FlowResult:
     @classmethod
     def load(cls, path: str) -> "FlowResult":
         """Read what :meth:`save` wrote (nets on the CPU)."""
-        blob = torch.load(stem_of(path) + ".pt", weights_only=False)
+        blob = load_checkpoint(stem_of(path) + ".pt", "FlowResult.load", ("arch", "summary", "weights", "history"))
         arch, s = blob["arch"], blob["summary"]
         nets = []
         for ws in blob["weights"]:
@@ -424,7 +424,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
     # per-net host state
     S: Dict[str, Any]
     if resume is not None:
-        blob = torch.load(resume, weights_only=False)
+        blob = load_checkpoint(resume, "train(resume=...)", ("version", "config", "engine", "host", "history"))
         if blob.get("version") != _CKPT_VERSION:
             raise ValueError(f"train: {resume} is not a flow checkpoint of version {_CKPT_VERSION}")
         for key in ("alpha", "loss", "loss_beta", "tau", "K", "n", "d", "h", "L", "P", "dtype", "data"):

@@ -26,6 +26,8 @@ gradient flow at any t from one eigendecomposition).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import time
@@ -40,7 +42,7 @@ from ._kernel_ops import kernel_flow_step
 from .losses import LOSSES, get_loss
 from .observables import loglinspace, next_checkpoint
 from .reference_kernel import pack_symmetric
-from .results import RESUMABLE, atomic_save, atomic_write_json, overall_status, stem_of
+from .results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from .steprule import StepRule, dgrad_from_norms
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
@@ -151,7 +153,11 @@ class KernelFlowResult:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "KernelFlowResult":
         """Read what :meth:`save` wrote."""
-        return cls(**torch.load(stem_of(path) + ".pt", weights_only=False))
+        fields = cls.__dataclass_fields__
+        required = [k for k, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        blob = load_checkpoint(stem_of(path) + ".pt", "KernelFlowResult.load", required)
+        return cls(**{k: v for k, v in blob.items() if k in fields})
 
 
 # ------------------------------------------------------------------------------------------------- solver
@@ -266,7 +272,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     zeros = torch.zeros(E, n, dtype=dtype, device=device)
     # Scalars per problem live in Python lists (cheap per-attempt bookkeeping); tensors only in results.
     if resume is not None:
-        st = torch.load(os.fspath(resume), weights_only=False)
+        st = load_checkpoint(resume, "kernel_flow(resume=...)", ("F", "r", "g", "c", "dt", "t", "config", "history"))
         for key in ("n", "E", "loss", "beta", "max_dgrad", "max_dout", "grow", "shrink", "grow_fraction", "dtype",
                     "packed", "block"):
             if st["config"][key] != config[key]:

@@ -81,3 +81,27 @@ def atomic_write_json(obj: Any, path: Any, indent: int = 1) -> None:
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=indent, default=json_default)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Any, what: str, keys: Sequence[str] = ()) -> dict:
+    """torch.load a result or checkpoint file written by ntk_fast, with errors that name the file.
+
+    Raises FileNotFoundError when ``path`` does not exist, and ValueError when it cannot be unpickled (truncated,
+    overwritten, not a torch file), is not a dict, or lacks one of ``keys``. ``what`` names the caller in the
+    message ("train resume", "KernelFlowResult.load", ...). The file is only read, never modified.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and EOF errors all mean the same thing to the user
+        raise ValueError(f"{what}: {path} is corrupt or not an ntk_fast file "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(blob, dict):
+        raise ValueError(f"{what}: {path} holds a {type(blob).__name__}, not an ntk_fast result or checkpoint")
+    missing = [k for k in keys if k not in blob]
+    if missing:
+        raise ValueError(f"{what}: {path} is not an ntk_fast result or checkpoint of this kind "
+                         f"(missing {', '.join(missing)})")
+    return blob

@@ -191,3 +191,23 @@ def test_missing_dataset_message(tmp_path, capsys):
                    str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "mnist not found" in err and "To get it" in err and "mnist5k" in err
+
+
+@needs_flow
+def test_corrupt_run_folder_files_are_reported_and_kept(tmp_path, capsys):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "config.json").write_text('{"h": 32, ')                        # cut short
+    assert cli.main(["train", *SMALL, "--h", "32", "--out", str(out)]) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == '{"h": 32, '                # left as it was
+    # a run folder whose checkpoint was truncated: named in the error, kept
+    out2 = tmp_path / "c2"
+    args = ["train", *SMALL, "--h", "32", "--max-steps", "3", "--out", str(out2)]
+    assert cli.main(args) == 0
+    os.remove(out2 / "summary.json")
+    (out2 / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is corrupt" in err
+    assert (out2 / "checkpoint.pt").read_bytes() == b"PK\x03\x04 truncated"

@@ -237,3 +237,36 @@ def test_bad_inputs():
         train(net, x, y, 1.0, max_dgrad=0.0, progress=False)
     with pytest.raises(ValueError, match="ensemble"):
         train([net, FCNet(D, H + 1, L, dtype=torch.float64)], x, y, 1.0, progress=False)
+
+
+def test_corrupt_checkpoint_and_result_files_give_clear_errors(tmp_path):
+    x, y = data(24, 16)
+    net = make_net(17)
+    ck = tmp_path / "run.ckpt"
+    train(net, x, y, 1.0, max_steps=20, checkpoint=str(ck), progress=False, kernel_points=0)
+    good = ck.read_bytes()
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="truncated.ckpt is corrupt"):
+        train(net, x, y, 1.0, max_steps=40, resume=str(bad), progress=False, kernel_points=0)
+    assert bad.read_bytes() == good[: len(good) // 2]  # never rewritten by the failed resume
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or not an ntk_fast file"):
+        train(net, x, y, 1.0, resume=str(junk), progress=False, kernel_points=0)
+    other = tmp_path / "other.ckpt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(ValueError, match="missing version"):
+        train(net, x, y, 1.0, resume=str(other), progress=False, kernel_points=0)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        train(net, x, y, 1.0, resume=str(tmp_path / "nothere.ckpt"), progress=False, kernel_points=0)
+    # a result file: a torch file of another kind, and a truncated one
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list"):
+        FlowResult.load(str(tmp_path / "list"))
+    res = train(net, x, y, 1.0, max_steps=5, progress=False, kernel_points=0)
+    res.save(str(tmp_path / "res"))
+    blob = (tmp_path / "res.pt").read_bytes()
+    (tmp_path / "res.pt").write_bytes(blob[:100])
+    with pytest.raises(ValueError, match="res.pt is corrupt"):
+        FlowResult.load(str(tmp_path / "res"))

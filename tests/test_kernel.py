@@ -350,3 +350,25 @@ def test_nan_during_flow_reported():
     K, y, _, _ = rbf_problem(20)
     res = kernel_flow(K * 1e308, y, progress=False, validate=True, max_steps=50)
     assert res.statuses[0] in ("nonfinite", "stalled", "converged", "max_steps")
+
+
+def test_corrupt_checkpoint_and_result_files_give_clear_errors(tmp_path):
+    K, y, _, _ = rbf_problem(30, seed=8)
+    ck = tmp_path / "k.pt"
+    res = kernel_flow(K, y, progress=False, checkpoint=ck, max_steps=10)
+    good = ck.read_bytes()
+    ck.write_bytes(good[:-64])
+    with pytest.raises(ValueError, match="k.pt is corrupt or not an ntk_fast file"):
+        kernel_flow(K, y, progress=False, resume=ck)
+    torch.save({"F": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="missing r, g, c"):
+        kernel_flow(K, y, progress=False, resume=tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        kernel_flow(K, y, progress=False, resume=tmp_path / "absent.pt")
+    res.save(tmp_path / "res")
+    (tmp_path / "res.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="res.pt is corrupt"):
+        KernelFlowResult.load(tmp_path / "res")
+    torch.save({"status": "x"}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="missing"):
+        KernelFlowResult.load(tmp_path / "partial")
