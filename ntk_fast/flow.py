@@ -41,7 +41,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -113,6 +113,10 @@ class FlowResult:
     max_wall, max_steps, max_time: ntk_fast.results.overall_status); statuses: one per net.  history: checkpoint records (dicts with a "net"
     index).  nets: the trained nets (net: the first).  final: per-net summary dicts.  ensemble: ensemble
     observables of the test outputs (K > 1 with a test set).  outputs: F on the train (and test) set, (K, n).
+    ensemble_history: (K > 1 with a test set) one record per checkpoint step s of the shared schedule, made once
+    every net has passed s or stopped: the ensemble observables (var, ens_err, mean_err, rms_mean_F) of the
+    nets' test outputs at step s (a net stopped earlier contributes its final output), with t_mean, t_min and
+    t_max over the nets at that step and the number of nets already stopped.
     """
     status: str
     statuses: List[str]
@@ -122,6 +126,7 @@ class FlowResult:
     ensemble: Optional[Dict[str, float]] = None
     outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
+    ensemble_history: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def net(self) -> FCNet:
@@ -132,7 +137,7 @@ class FlowResult:
 
     def summary(self) -> Dict[str, Any]:
         return {"status": self.status, "statuses": self.statuses, "final": self.final, "ensemble": self.ensemble,
-                "config": self.config}
+                "config": self.config, "ensemble_history": self.ensemble_history}
 
     def save(self, path: str) -> None:
         """Write ``<path>.pt`` (nets, outputs, history) and ``<path>.json`` (summary and history), atomically."""
@@ -160,7 +165,7 @@ class FlowResult:
                     p.copy_(w)
             nets.append(m)
         return cls(s["status"], s["statuses"], blob["history"], nets, s["final"], s["ensemble"], blob["outputs"],
-                   s["config"])
+                   s["config"], s.get("ensemble_history", []))
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -351,6 +356,75 @@ class _Engine:
         self.graphs = {}
 
 
+class _EnsembleTrack:
+    """Ensemble observables along the run.  Nets keep their own clocks, so records are keyed by the shared
+    checkpoint steps: the test outputs of each net at checkpoint step s wait (on the device) until every net
+    has passed s or stopped; a stopped net contributes its last output.  Then one record is made (flush)."""
+
+    def __init__(self, K: int):
+        self.K = K
+        self.pending: Dict[int, Dict[int, Tuple[float, torch.Tensor]]] = {}
+        self.last: Dict[int, Tuple[float, torch.Tensor]] = {}   # latest output of each net
+        self.last_step: Dict[int, int] = {}
+        self.stopped: set = set()
+        self.records: List[Dict[str, Any]] = []
+
+    def _record(self, event: str, step: int, entries, y_test, wall: float, stopped: int) -> None:
+        ts = [t for t, _ in entries]
+        st = obs.ensemble_stats(torch.stack([F for _, F in entries]), y_test)
+        self.records.append(dict(event=event, step=step, t_mean=float(np.mean(ts)), t_min=min(ts), t_max=max(ts),
+                                 nets_stopped=stopped, wall=wall, **st))
+
+    def add(self, k: int, step: int, t: float, Ft: torch.Tensor, scheduled: bool) -> None:
+        """Output of net k at its step ``step``; ``scheduled``: a step of the shared checkpoint schedule."""
+        self.last[k] = (t, Ft.detach().clone())
+        self.last_step[k] = step
+        if scheduled and (not self.records or step > self.records[-1]["step"]):
+            self.pending.setdefault(step, {})[k] = self.last[k]
+
+    def stop(self, k: int) -> None:
+        self.stopped.add(k)
+
+    def flush(self, y_test: torch.Tensor, wall: float, at_end: bool = False) -> None:
+        """Make the records of the pending steps that every net has passed (all of them at the end, where every
+        net has stopped), then at the end one "final" record of the nets' last outputs."""
+        for s in sorted(self.pending):
+            got = self.pending[s]
+            if any(k not in got and (k not in self.stopped and not at_end or k not in self.last)
+                   for k in range(self.K)):
+                break
+            entries = [got.get(k, self.last.get(k)) for k in range(self.K)]
+            self._record("checkpoint", s, entries, y_test, wall, sum(k not in got for k in range(self.K)))
+            del self.pending[s]
+        if at_end and len(self.last) == self.K:
+            self._record("final", max(self.last_step.values()), [self.last[k] for k in range(self.K)], y_test, wall,
+                         self.K)
+
+    def state(self) -> Dict[str, Any]:
+        cpu = lambda e: (e[0], e[1].cpu())  # noqa: E731
+        return {"K": self.K, "pending": {s: {k: cpu(e) for k, e in d.items()} for s, d in self.pending.items()},
+                "last": {k: cpu(e) for k, e in self.last.items()}, "last_step": dict(self.last_step),
+                "stopped": sorted(self.stopped), "records": list(self.records)}
+
+    @classmethod
+    def from_state(cls, st: Optional[Dict[str, Any]], K: int, device) -> "_EnsembleTrack":
+        """The tracker of a checkpoint; a checkpoint written before ensemble records existed starts a new one."""
+        tr = cls(K)
+        if st is None:
+            return tr
+        dev = lambda e: (e[0], e[1].to(device))  # noqa: E731
+        tr.pending = {s: {k: dev(e) for k, e in d.items()} for s, d in st["pending"].items()}
+        tr.last = {k: dev(e) for k, e in st["last"].items()}
+        tr.last_step = dict(st["last_step"])
+        tr.stopped = set(st["stopped"])
+        tr.records = [r for r in st["records"] if r["event"] != "final"]
+        return tr
+
+    def resumed(self, running: Sequence[int]) -> None:
+        """Nets that a resumed run trains on are no longer stopped."""
+        self.stopped -= set(running)
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, alpha: float, *,
           x_test: Optional[torch.Tensor] = None, y_test: Optional[torch.Tensor] = None,
@@ -434,9 +508,11 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         eng.load_state(blob["engine"])
         S = blob["host"]
         history: List[Dict[str, Any]] = [r for r in blob["history"] if r["event"] != "final"]
+        ens_track = _EnsembleTrack.from_state(blob.get("ensemble"), K, eng.device)
         for k in range(K):
             if S["status"][k] in _RESUMABLE:
                 S["status"][k] = "running"
+        ens_track.resumed([k for k in range(K) if S["status"][k] == "running"])
         wall_before = blob["wall"]
     else:
         rep = eng.init_state()
@@ -467,6 +543,8 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         w0v = eng._layer_views(eng.w0)
         theta0 = [obs.gram_from_features(*obs.fc_features([v[k] for v in w0v], xk, eng.sigma, eng.dsigma))
                   for k in range(K)]
+    if resume is None:
+        ens_track = _EnsembleTrack(K)
     rms_f0 = obs.rms(eng.f0).cpu().numpy()
     f0_test = eng.forward(eng._layer_views(eng.w0, squeeze=True), x_test / math.sqrt(eng.d))[0] if x_test is not None else None
 
@@ -474,7 +552,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         th = obs.gram_from_features(*obs.fc_features(eng.net_weights(k), xk, eng.sigma, eng.dsigma))
         return obs.kernel_change(th, theta0[k])
 
-    def record(k: int, event: str) -> None:
+    def record(k: int, event: str, scheduled: bool = False) -> None:
         k = int(k)
         b = eng.base
         F = eng.F[b, k]
@@ -495,6 +573,8 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
             rec.update(test_loss=float(lf(u.double(), loss_beta).mean()) / alpha ** 2,
                        test_err=float(obs.error(Ft, y_test)), test_nd=int(obs.under_margin(Ft, y_test)),
                        test_rms_F=float(obs.rms(Ft)))
+            if K > 1:
+                ens_track.add(k, S["step"][k], S["t"][k], Ft, scheduled)
         want_kernel = event in ("final",) or (kernel_every > 0 and S["n_ckpt"][k] % kernel_every == 0)
         if theta0 is not None and want_kernel:
             rec["kernel_change"] = kernel_change(k)
@@ -504,14 +584,15 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
         if checkpoint is None:
             return
         blob = dict(version=_CKPT_VERSION, config=config, engine=eng.state(), host=copy.deepcopy(S),
-                    history=list(history), wall=wall_before + time.perf_counter() - wall0)
+                    history=list(history), wall=wall_before + time.perf_counter() - wall0,
+                    ensemble=ens_track.state())
         atomic_save(blob, checkpoint)
 
     # initial checkpoint record (step 0)
     if resume is None:
         for k in range(K):
             if S["status"][k] == "running":
-                record(k, "checkpoint")
+                record(k, "checkpoint", scheduled=True)
                 S["n_ckpt"][k] += 1
                 S["next_ckpt"][k] = obs.next_checkpoint(0, ckpt_rate, ckpt_spacing)
                 if S["nd"][k] == 0:
@@ -564,6 +645,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                 if not ok and S["rejections"][k] >= max_rejections:
                     finite = np.isfinite(rep[k]).all()
                     S["status"][k] = "stalled" if finite else "nonfinite"
+                    ens_track.stop(k)
             eng.commit(accepted, active)
             for k in np.nonzero(accepted)[0]:
                 t = S["t"][k]
@@ -575,12 +657,16 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                         S["t_grow"][k] = t
                 stop = "converged" if S["nd"][k] == 0 else limit_status(k)
                 if S["step"][k] >= S["next_ckpt"][k] or stop is not None:
-                    if S["step"][k] >= S["next_ckpt"][k]:
+                    on_schedule = S["step"][k] >= S["next_ckpt"][k]
+                    if on_schedule:
                         S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
-                    record(k, "converged" if stop == "converged" else "checkpoint")
+                    record(k, "converged" if stop == "converged" else "checkpoint", scheduled=on_schedule)
                     S["n_ckpt"][k] += 1
                 if stop is not None:
                     S["status"][k] = stop
+                    ens_track.stop(k)
+            if K > 1 and x_test is not None:
+                ens_track.flush(y_test, wall_before + time.perf_counter() - wall0)
             now = time.perf_counter()
             if bar is not None:
                 bar.update(int(accepted[0]) if K == 1 else int(accepted.sum()))
@@ -598,6 +684,8 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
 
     for k in range(K):
         record(k, "final")
+    if K > 1 and x_test is not None:
+        ens_track.flush(y_test, wall_before + time.perf_counter() - wall0, at_end=True)
     save_ckpt()
     # outputs and final summaries
     outputs = {"train": eng.F[eng.base].clone(), "f0_train": eng.f0.clone()}
@@ -621,7 +709,8 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
             p.data.copy_(w)
         out_nets.append(mk)
     statuses = list(S["status"])
-    return FlowResult(overall_status(statuses), statuses, history, out_nets, finals, ens, outputs, config)
+    return FlowResult(overall_status(statuses), statuses, history, out_nets, finals, ens, outputs, config,
+                      list(ens_track.records))
 
 
 def _loss_fn(name: str):

@@ -155,6 +155,39 @@ def test_ensemble_equals_separate_runs():
     assert ens.ensemble["ens_err"] == pytest.approx(float(((Fm * yt) <= 0).double().mean()))
 
 
+def test_ensemble_history_matches_the_nets_histories(tmp_path):
+    x, y = data(32, 18)
+    xt, yt = data(24, 19)
+    nets = [make_net(s) for s in (20, 21, 22)]
+    ens = train(nets, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=300, kernel_points=0)
+    eh = ens.ensemble_history
+    assert eh and eh[0]["step"] == 0 and eh[-1]["event"] == "final"
+    steps = [r["step"] for r in eh if r["event"] == "checkpoint"]
+    assert steps == sorted(set(steps)) and steps[:4] == [0, 1, 2, 3]
+    per_net = [{r["step"]: r for r in ens.history_of(k) if r["event"] != "final"} for k in range(3)]
+    finals = [ens.history_of(k)[-1] for k in range(3)]
+    for r in eh[:-1]:
+        # each net's record at that step, or its final one if it stopped before it
+        recs = [per_net[k].get(r["step"], finals[k]) for k in range(3)]
+        assert r["mean_err"] == pytest.approx(sum(q["test_err"] for q in recs) / 3)
+        assert r["t_min"] == min(q["t"] for q in recs) and r["t_max"] == max(q["t"] for q in recs)
+        assert r["nets_stopped"] == sum(r["step"] not in per_net[k] for k in range(3))
+        assert r["var"] >= 0 and 0 <= r["ens_err"] <= 1
+    # the last record is the end state: the same numbers as res.ensemble
+    for key in ("var", "ens_err", "mean_err", "rms_mean_F"):
+        assert eh[-1][key] == pytest.approx(ens.ensemble[key], rel=1e-12)
+    # at step 0 all nets output F = 0: no spread
+    assert eh[0]["var"] < 1e-25
+    # saved and loaded with the result; resumed runs continue it exactly
+    ens.save(str(tmp_path / "ens"))
+    assert FlowResult.load(str(tmp_path / "ens")).ensemble_history == eh
+    ck = str(tmp_path / "ens.ckpt")
+    train(nets, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=77, kernel_points=0, checkpoint=ck)
+    res = train(nets, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=300, kernel_points=0, resume=ck)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall"} for r in h]  # noqa: E731
+    assert strip(res.ensemble_history) == strip(eh)
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     x, y = data(40, 8)
     xt, yt = data(16, 9)
