@@ -20,6 +20,7 @@ ensemble of K equals K single runs with seeds seed .. seed + K - 1 (same init fo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -136,6 +137,57 @@ def write_json(path: str, obj: Dict[str, Any]) -> None:
     atomic_write_json(_json_safe(obj), path)
 
 
+
+LOCK = "running.pid"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str):
+    """Hold ``folder/running.pid`` (this process's pid, created exclusively) while a run works in ``folder``.
+
+    A second process (another sweep, a second terminal) on the same folder gets a RuntimeError naming the pid
+    that holds it instead of two runs writing the same checkpoint.  A lock left by a process that no longer
+    exists (killed with -9, machine restarted) is taken over.  Same-host only: pids of other machines sharing
+    the folder cannot be checked.
+    """
+    path = os.path.join(folder, LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _alive(pid):
+                raise RuntimeError(f"{folder} is being run by process {pid} (lock {path}); wait for it, or "
+                                   f"remove {path} if that process is not an ntk_fast run") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)                              # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise RuntimeError(f"could not take the lock {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_summary(folder: str) -> Optional[Dict[str, Any]]:
     """The summary of a done run folder, else None."""
     path = os.path.join(folder, SUMMARY)
@@ -244,61 +296,62 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
         log(f"{folder}: done already, skipped")
         return done
     os.makedirs(folder, exist_ok=True)
-    write_json(cfg_path, cfg.to_json())
-    wall0 = time.perf_counter()
-    xtr, ytr, xte, yte = load_run_data(cfg)
-    nets = make_nets(cfg, xtr.shape[1])
-    summary: Dict[str, Any] = {"config": cfg.to_json(), "alpha": cfg.alpha, "alpha_sqrt_h": cfg.alpha_sqrt_h,
-                               "h": cfg.h, "seed": cfg.seed, "n_train": int(xtr.shape[0]),
-                               "n_test": int(xte.shape[0]), "input_dim": int(xtr.shape[1])}
-    tensors: Dict[str, Any] = {"y_train": ytr.cpu(), "y_test": yte.cpu()}
-    trained = None
-    if cfg.regular:
-        from .flow import train
+    with run_lock(folder):
+        write_json(cfg_path, cfg.to_json())
+        wall0 = time.perf_counter()
+        xtr, ytr, xte, yte = load_run_data(cfg)
+        nets = make_nets(cfg, xtr.shape[1])
+        summary: Dict[str, Any] = {"config": cfg.to_json(), "alpha": cfg.alpha, "alpha_sqrt_h": cfg.alpha_sqrt_h,
+                                   "h": cfg.h, "seed": cfg.seed, "n_train": int(xtr.shape[0]),
+                                   "n_test": int(xte.shape[0]), "input_dim": int(xtr.shape[1])}
+        tensors: Dict[str, Any] = {"y_train": ytr.cpu(), "y_test": yte.cpu()}
+        trained = None
+        if cfg.regular:
+            from .flow import train
+            ckpt = os.path.join(folder, "checkpoint.pt")
+            resume = ckpt if os.path.exists(ckpt) else None
+            if resume:
+                log(f"{folder}: resuming from {ckpt}")
+            res = train(nets if cfg.ensemble > 1 else nets[0], xtr, ytr, cfg.alpha, x_test=xte, y_test=yte,
+                        loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
+                        tau=cfg.tau, max_time=cfg.max_time, max_wall=cfg.max_wall, max_steps=cfg.max_steps,
+                        kernel_points=cfg.kernel_points, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
+                        resume=resume, progress=progress)
+            res.save(os.path.join(folder, "train"))
+            trained = res
+            fin = res.final[0]
+            keep = ("status", "step", "attempts", "t", "t_code_over_h", "train_err", "train_nd", "test_err",
+                    "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_over_h_code", "t_grow",
+                    "weight_change", "wall")
+            summary.update({"status": res.status, "resumed": resume is not None,
+                            "train": {k: fin.get(k) for k in keep if k in fin},
+                            "test_err_per_net": [f.get("test_err") for f in res.final],
+                            "kernel_change_per_net": [f.get("kernel_change") for f in res.final],
+                            "ensemble": res.ensemble})
+            outs = _outputs_of(res)
+            tensors.update({f"regular_{k}": v for k, v in outs.items()})
+        if cfg.init_kernel or cfg.final_kernel:
+            runs = ([("init_kernel", nets[0])] if cfg.init_kernel else []) + \
+                   ([("final_kernel", trained.nets[0])] if cfg.final_kernel else [])
+            for name, net in runs:
+                log(f"{folder}: {name.replace('_', ' ')} run")
+                kres = kernel_run(net, xtr, ytr, xte, yte, cfg, progress)
+                ks = _kernel_summary(kres, yte)
+                kouts = _outputs_of(kres)
+                tensors.update({f"{name}_{k}": v for k, v in kouts.items()})
+                if trained is not None and "test" in kouts and "regular_test" in tensors:
+                    ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"].reshape(-1, yte.shape[0])[0],
+                                                             kouts["test"].reshape(-1, yte.shape[0])[0])
+                summary[name] = ks
+                if hasattr(kres, "save"):
+                    kres.save(os.path.join(folder, f"{name}.pt"))   # the solver's own .pt + .json
+                else:
+                    write_json(os.path.join(folder, f"{name}.json"), ks)
+        torch.save(tensors, os.path.join(folder, "outputs.pt"))
+        summary["wall"] = time.perf_counter() - wall0
+        summary["done"] = True
+        write_json(os.path.join(folder, SUMMARY), summary)
         ckpt = os.path.join(folder, "checkpoint.pt")
-        resume = ckpt if os.path.exists(ckpt) else None
-        if resume:
-            log(f"{folder}: resuming from {ckpt}")
-        res = train(nets if cfg.ensemble > 1 else nets[0], xtr, ytr, cfg.alpha, x_test=xte, y_test=yte,
-                    loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
-                    tau=cfg.tau, max_time=cfg.max_time, max_wall=cfg.max_wall, max_steps=cfg.max_steps,
-                    kernel_points=cfg.kernel_points, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
-                    resume=resume, progress=progress)
-        res.save(os.path.join(folder, "train"))
-        trained = res
-        fin = res.final[0]
-        keep = ("status", "step", "attempts", "t", "t_code_over_h", "train_err", "train_nd", "test_err",
-                "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_over_h_code", "t_grow",
-                "weight_change", "wall")
-        summary.update({"status": res.status, "resumed": resume is not None,
-                        "train": {k: fin.get(k) for k in keep if k in fin},
-                        "test_err_per_net": [f.get("test_err") for f in res.final],
-                        "kernel_change_per_net": [f.get("kernel_change") for f in res.final],
-                        "ensemble": res.ensemble})
-        outs = _outputs_of(res)
-        tensors.update({f"regular_{k}": v for k, v in outs.items()})
-    if cfg.init_kernel or cfg.final_kernel:
-        runs = ([("init_kernel", nets[0])] if cfg.init_kernel else []) + \
-               ([("final_kernel", trained.nets[0])] if cfg.final_kernel else [])
-        for name, net in runs:
-            log(f"{folder}: {name.replace('_', ' ')} run")
-            kres = kernel_run(net, xtr, ytr, xte, yte, cfg, progress)
-            ks = _kernel_summary(kres, yte)
-            kouts = _outputs_of(kres)
-            tensors.update({f"{name}_{k}": v for k, v in kouts.items()})
-            if trained is not None and "test" in kouts and "regular_test" in tensors:
-                ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"].reshape(-1, yte.shape[0])[0],
-                                                         kouts["test"].reshape(-1, yte.shape[0])[0])
-            summary[name] = ks
-            if hasattr(kres, "save"):
-                kres.save(os.path.join(folder, f"{name}.pt"))   # the solver's own .pt + .json
-            else:
-                write_json(os.path.join(folder, f"{name}.json"), ks)
-    torch.save(tensors, os.path.join(folder, "outputs.pt"))
-    summary["wall"] = time.perf_counter() - wall0
-    summary["done"] = True
-    write_json(os.path.join(folder, SUMMARY), summary)
-    ckpt = os.path.join(folder, "checkpoint.pt")
-    if os.path.exists(ckpt):
-        os.remove(ckpt)
-    return summary
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        return summary

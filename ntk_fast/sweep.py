@@ -3,7 +3,9 @@
 Resumable by construction: a run folder with summary.json is finished and skipped; one with
 checkpoint.pt resumes from it (ntk_fast.experiment.run_experiment).  Runs go to a pool of ``jobs``
 processes (spawned, each with cpus/jobs torch threads); a file named ``stop`` in the sweep folder stops
-launching new runs (running ones finish).  The grid is written to sweep.json and the summaries of every
+launching new runs (running ones finish); killing the sweep process ends its workers too (Linux), and a run
+folder being worked on holds running.pid, so a second sweep over the same folder fails that run with a message
+instead of running it twice.  The grid is written to sweep.json and the summaries of every
 finished run to results.json (a list, in grid order).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +49,19 @@ def grid_configs(make: Callable[..., RunConfig], hs: Sequence[int], seeds: Seque
     if len(set(names)) != len(names):
         raise ValueError("grid_configs: repeated grid points")
     return out
+
+
+def _die_with_parent() -> None:
+    """Pool initializer (Linux): a worker gets SIGTERM when the sweep process dies, so killing the sweep does not
+    leave orphan runs behind (they would go on writing their run folders).  Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _worker(cfg_json: Dict[str, Any], folder: str, threads: int) -> Tuple[str, Optional[Dict[str, Any]], str]:
@@ -94,7 +110,7 @@ def run_sweep(configs: Sequence[Tuple[str, RunConfig]], out: str, jobs: int = 1,
             torch.set_num_threads(prev)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent) as pool:
                 pending = set()
                 queue = list(todo)
                 while queue or pending:

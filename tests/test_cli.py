@@ -211,3 +211,60 @@ def test_corrupt_run_folder_files_are_reported_and_kept(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checkpoint.pt is corrupt" in err
     assert (out2 / "checkpoint.pt").read_bytes() == b"PK\x03\x04 truncated"
+
+
+@needs_flow
+def test_run_folder_lock(tmp_path, capsys):
+    out = tmp_path / "l"
+    out.mkdir()
+    args = ["train", *SMALL, "--h", "16", "--max-steps", "5", "--out", str(out)]
+    # held by a live process (our parent): refused with the pid, nothing written
+    (out / "running.pid").write_text(str(os.getppid()))
+    assert cli.main(args) == 2
+    assert f"being run by process {os.getppid()}" in capsys.readouterr().err
+    assert not (out / "summary.json").exists() and (out / "running.pid").read_text() == str(os.getppid())
+    # left by a process that is gone: taken over, released at the end
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "running.pid").write_text(gone.stdout.strip())
+    assert cli.main(args) == 0
+    assert (out / "summary.json").exists() and not (out / "running.pid").exists()
+
+
+@needs_flow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_killing_a_sweep_ends_its_workers(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "k"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "ntk_fast", "sweep", "--p", "1000", "--p-test", "100", "--L", "2",
+                             "--hs", "256", "--alphas-sqrt-h", "1", "--seeds", "0", "1", "--max-steps", "100000",
+                             "--jobs", "2", "--no-progress", "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = []
+    deadline = time.time() + 120
+    while time.time() < deadline and not locks:
+        locks = [p for p in out.glob("*/running.pid") if p.read_text().strip()]
+        time.sleep(0.2)
+    assert locks, "no run started within 120 s"
+    worker = int(locks[0].read_text())
+    assert worker != proc.pid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        # a zombie (exited, not yet reaped by init) counts as gone
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} outlived the killed sweep")
