@@ -25,6 +25,9 @@ TORCH_LIBRARY(ntk_fast, m) {
   m.def("flow_grad_stats(Tensor g, Tensor gp) -> Tensor");
   // flow_loss: (F, r, loss, nd, dout) from outputs f, f0 (K, n), labels y (n,), previous F (K, n); kind 0 softhinge, 1 qhinge.
   m.def("flow_loss(Tensor f, Tensor f0, Tensor y, Tensor F_prev, float alpha, float beta, int kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // softplus_act: the trainer's activation, in place: with x = beta z,  z <- (c / beta) softplus(x)  and, when s is
+  // not empty, s <- c sigmoid(x)  (evaluated without overflow; csrc/flow/act_cpu.cpp).
+  m.def("softplus_act(Tensor(a!) z, Tensor(b!) s, float beta, float c) -> ()");
   // One attempt of the frozen-kernel flow for E problems (rows of the (E, n) state f, g, r, c, y):
   //   f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n
   //   stats (E x 7, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(y o f'), max|g'|].

@@ -51,6 +51,11 @@ if _HAVE_EXT:
         return (torch.empty_like(f), torch.empty_like(f), f.new_empty((K,)), f.new_empty((K,), dtype=torch.long),
                 f.new_empty((K,)))
 
+    if hasattr(torch.ops.ntk_fast, "softplus_act"):
+        @torch.library.register_fake("ntk_fast::softplus_act")
+        def _softplus_act_fake(z, s, beta, c):
+            return None
+
 
 def _check_2d(t: torch.Tensor, name: str, like: torch.Tensor, op: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -135,3 +140,28 @@ def flow_loss(f: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, F_prev: torch.
     if _fallback():
         return ref.flow_loss(f, f0, y.contiguous(), F_prev, float(alpha), float(beta), kind)
     return torch.ops.ntk_fast.flow_loss(f, f0, y.contiguous(), F_prev, float(alpha), float(beta), kind)
+
+
+def softplus_act(z: torch.Tensor, s: Optional[torch.Tensor], beta: float, c: float) -> None:
+    """In place, with x = beta z:  z <- (c / beta) softplus(x),  s <- c sigmoid(x) when s is not None.
+
+    The trainer's hidden-layer activation a = sigma(z)/sqrt(h) and s = sigma'(z)/sqrt(h) for
+    sigma(z) = c0 softplus(beta z)/beta (c = c0/sqrt(h)) in one pass over z: one exp and one log1p per element,
+    no overflow for large z.  z (and s): contiguous float32/float64 tensors of one shape, dtype and device.
+    """
+    op = "softplus_act"
+    if not isinstance(z, torch.Tensor) or z.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: z must be a float32 or float64 tensor")
+    if not z.is_contiguous():
+        raise ValueError(f"{op}: z must be contiguous")
+    if not beta > 0:
+        raise ValueError(f"{op}: beta must be > 0, got {beta}")
+    if s is not None:
+        if not isinstance(s, torch.Tensor) or s.shape != z.shape or s.dtype != z.dtype or s.device != z.device:
+            raise ValueError(f"{op}: s must be a {z.dtype} tensor of shape {tuple(z.shape)} on {z.device}")
+        if not s.is_contiguous():
+            raise ValueError(f"{op}: s must be contiguous")
+    if _fallback() or not hasattr(torch.ops.ntk_fast, "softplus_act"):
+        ref.softplus_act(z, s, float(beta), float(c))
+    else:
+        torch.ops.ntk_fast.softplus_act(z, s if s is not None else z.new_empty((0,)), float(beta), float(c))

@@ -63,11 +63,18 @@ def activation_normaliser(activation: str = "softplus", beta: float = 5.0) -> fl
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def _exact_threshold(dtype: torch.dtype) -> float:
+    """beta z above which softplus(beta z)/beta equals z to rounding in this dtype (see activation_and_derivative)."""
+    return 40.0 if dtype == torch.float64 else 20.0
+
+
 def activation_and_derivative(activation: str, beta: float):
     """Return (sigma, sigma') as torch functions for the normalised activation."""
     c = activation_normaliser(activation, beta)
     if activation == "softplus":
-        return (lambda z: c * torch.nn.functional.softplus(z, beta=beta, threshold=1e30),
+        # softplus(x) = x + log1p(e^-x) is x to rounding once e^-x / x < eps: x > 20 in float32, x > 40 in float64.
+        # Switching to x there avoids the overflow of log1p(exp(x)) (inf past x = 88 in float32) at no cost.
+        return (lambda z: c * torch.nn.functional.softplus(z, beta=beta, threshold=_exact_threshold(z.dtype)),
                 lambda z: c * torch.sigmoid(beta * z))
     if activation == "relu":
         return (lambda z: c * torch.relu(z), lambda z: c * (z > 0).to(z.dtype))

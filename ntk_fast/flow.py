@@ -25,6 +25,8 @@ plus three memory passes):
   * ``ntk_fast::flow_step`` writes the trial weights into the trial buffer in one pass; the forward pass and the
     backward pass (seeded by the per-point vector r = dL/df of ``ntk_fast::flow_loss``) write the trial gradient
     straight into the trial gradient buffer (matmul out=); ``ntk_fast::flow_grad_stats`` gives |g'|^2, |g - g'|^2;
+  * each hidden softplus layer is one ``ntk_fast::softplus_act`` pass over the matmul output: a = sigma(z)/sqrt(h)
+    in place and s = sigma'(z)/sqrt(h), one exp and one log1p per element, no overflow for large z;
   * accepting swaps the roles of the two buffers, rejecting does nothing (no copies of the state); in an
     ensemble where some nets accept and others reject, only the minority's rows are copied;
   * an ensemble of K nets (same architecture, own init) is trained with batched matmuls; every net has its own
@@ -223,8 +225,9 @@ class _Engine:
         """a = sigma(z)/sqrt(h) and (keep) s = sigma'(z)/sqrt(h), with the constants folded in place."""
         scale = self.act_c / math.sqrt(self.h)
         if self.activation == "softplus":
-            a = torch.nn.functional.softplus(z, beta=self.act_beta, threshold=1e30).mul_(scale)
-            s = torch.mul(z, self.act_beta).sigmoid_().mul_(scale) if keep else None
+            a = z.contiguous()                                          # the matmul's fresh output: reused in place
+            s = torch.empty_like(a) if keep else None
+            ops.softplus_act(a, s, self.act_beta, scale)
         else:
             a = self.sigma(z) / math.sqrt(self.h)
             s = self.dsigma(z) / math.sqrt(self.h) if keep else None

@@ -62,3 +62,16 @@ def flow_loss(f: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, F_prev: torch.
     bad = ~torch.isfinite(F).all(1)
     nan = torch.full_like(dout, math.nan)
     return F, r, torch.where(bad, nan, loss), nd, torch.where(bad, nan, dout)
+
+
+def softplus_act(z: torch.Tensor, s: Optional[torch.Tensor], beta: float, c: float) -> None:
+    """The trainer's activation, in place: with x = beta z,
+
+        z <- (c / beta) softplus(x) = (c / beta) log(1 + e^x)      s <- c sigmoid(x)   (when s is given)
+
+    softplus via logaddexp(x, 0), so no overflow for large x.  z, s: same shape.  Cost: one pass.
+    """
+    x = beta * z
+    if s is not None:
+        s.copy_(torch.sigmoid(x).mul_(c))
+    z.copy_(torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device)).mul_(c / beta))

@@ -303,3 +303,19 @@ def test_corrupt_checkpoint_and_result_files_give_clear_errors(tmp_path):
     (tmp_path / "res.pt").write_bytes(blob[:100])
     with pytest.raises(ValueError, match="res.pt is corrupt"):
         FlowResult.load(str(tmp_path / "res"))
+
+
+def test_float32_large_preactivations_stay_finite():
+    # softplus(beta z) overflowed to inf for beta z > 88 in float32 with log1p(exp(.)); the net and the trainer
+    # now evaluate it stably, so large pre-activations train normally
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 6, generator=g)
+    y = torch.where(torch.arange(24) % 2 == 0, 1.0, -1.0)
+    net = FCNet(6, 8, 2, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        net.weights[0].mul_(40.0)                              # z of the first layer ~ 40 > 88 / beta
+    assert torch.isfinite(net(x)).all()
+    res = train(net, x, y, 1.0, max_steps=3, progress=False, kernel_points=0)
+    assert res.status != "nonfinite"
+    assert all(torch.isfinite(w).all() for w in res.net.weights)
+    assert torch.isfinite(res.outputs["train"]).all()

@@ -125,3 +125,88 @@ def test_fallback_warns_once(monkeypatch):
         warnings.simplefilter("error")
         ops.flow_grad_stats(g, gp)
     torch.testing.assert_close(a, ref.flow_grad_stats(g, gp))
+
+
+def _act_inputs(shape, dtype, gen):
+    z = torch.randn(*shape, generator=gen, dtype=torch.float64).mul_(4.0)
+    flat = z.view(-1)
+    extremes = torch.tensor([0.0, -0.0, 30.0, -30.0, 200.0, -200.0, 1e-8, -1e-8], dtype=torch.float64)
+    m = min(flat.numel(), extremes.numel())
+    flat[:m] = extremes[:m]
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (2000, 100), (3, 17, 33), (0, 5)])
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softplus_act(shape, keep, dtype, gen):
+    beta, c = 5.0, 1.40438 / math.sqrt(100)
+    z = _act_inputs(shape, dtype, gen)
+    a, s = z.clone(), (torch.full_like(z, float("nan")) if keep else None)
+    ops.softplus_act(a, s, beta, c)
+    ra, rs = z.double().clone(), torch.empty_like(z, dtype=torch.float64)
+    ref.softplus_act(ra, rs, beta, c)
+    tol = dict(rtol=1e-14, atol=1e-300) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-30)  # exp: rel. error ~ |beta z| ulp
+    assert torch.isfinite(a).all()                            # no overflow at beta z = 1000 in float32 either
+    torch.testing.assert_close(a.double(), ra, **tol)
+    if keep:
+        torch.testing.assert_close(s.double(), rs, **tol)
+
+
+def test_softplus_act_matches_the_net_activation(gen):
+    # a = sigma(z)/sqrt(h), s = sigma'(z)/sqrt(h) of FCNet's softplus
+    from ntk_fast.fc import activation_and_derivative, activation_normaliser
+    beta, h = 5.0, 37
+    sig, dsig = activation_and_derivative("softplus", beta)
+    z = _act_inputs((65, h), torch.float64, gen)
+    a, s = z.clone(), torch.empty_like(z)
+    ops.softplus_act(a, s, beta, activation_normaliser("softplus", beta) / math.sqrt(h))
+    torch.testing.assert_close(a, sig(z) / math.sqrt(h), rtol=1e-14, atol=1e-300)
+    torch.testing.assert_close(s, dsig(z) / math.sqrt(h), rtol=1e-14, atol=1e-300)
+
+
+def test_softplus_act_nan_and_inf():
+    z = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], dtype=torch.float64)
+    s = torch.empty_like(z)
+    ops.softplus_act(z, s, 2.0, 1.0)
+    assert math.isnan(z[0]) and math.isnan(s[0])
+    assert z[1] == float("inf") and s[1] == 1.0
+    assert z[2] == 0.0 and s[2] == 0.0
+    assert abs(z[3].item() - math.log1p(math.exp(2.0)) / 2.0) < 1e-15
+
+
+def test_softplus_act_opcheck_and_errors():
+    z = torch.randn(4, 9, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ntk_fast.softplus_act, (z.clone(), torch.empty_like(z), 5.0, 0.3))
+    with pytest.raises(ValueError, match="beta"):
+        ops.softplus_act(z.clone(), None, 0.0, 1.0)
+    with pytest.raises(ValueError, match="s must be"):
+        ops.softplus_act(z.clone(), torch.empty(4, 8, dtype=torch.float64), 5.0, 1.0)
+    with pytest.raises(ValueError, match="s must be"):
+        ops.softplus_act(z.clone(), torch.empty(4, 9, dtype=torch.float32), 5.0, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.softplus_act(z.t(), None, 5.0, 1.0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.softplus_act(z.to(torch.int64), None, 5.0, 1.0)
+
+
+def test_softplus_act_every_cpu_path():
+    # the AVX-512, AVX2 and scalar paths (NTK_FAST_ACT_ISA caps the path; each one this CPU has is checked)
+    import subprocess
+    import sys
+    code = ("import torch, math; from ntk_fast import _flow_ops as ops, reference_flow as ref\n"
+            "g = torch.Generator().manual_seed(3)\n"
+            "for dt in (torch.float64, torch.float32):\n"
+            "    z = (torch.randn(1001, 37, generator=g, dtype=torch.float64) * 4).to(dt)\n"
+            "    z.view(-1)[:4] = torch.tensor([0.0, 200.0, -200.0, 30.0])\n"
+            "    a, s = z.clone(), torch.empty_like(z); ops.softplus_act(a, s, 5.0, 0.7)\n"
+            "    ra, rs = z.double().clone(), torch.empty(z.shape, dtype=torch.float64)\n"
+            "    ref.softplus_act(ra, rs, 5.0, 0.7)\n"
+            "    tol = 1e-14 if dt == torch.float64 else 1e-5\n"
+            "    torch.testing.assert_close(a.double(), ra, rtol=tol, atol=1e-30)\n"
+            "    torch.testing.assert_close(s.double(), rs, rtol=tol, atol=1e-30)\n"
+            "print('ok')\n")
+    for isa in ("scalar", "avx2", "native"):
+        env = dict(__import__("os").environ, NTK_FAST_ACT_ISA=isa)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (isa, out.stderr[-2000:])
