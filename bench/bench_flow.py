@@ -8,11 +8,12 @@ Compares, per attempt of the adaptive step (one forward and one backward pass ea
   * floor: the flops of one forward and one backward pass,
            2 n (d h + (L-1) h^2 + h)  +  2 n (d h + (L-1) h^2 + h) + 2 n ((L-1) h^2 + h),
            at the best rate torch.mm reaches on the step's (n, d) x (d, h) and (n, h) x (h, h) products.
-Times are medians over the timed attempts (robust to a shared machine).
+Times are medians over the timed attempts, and the three are measured in alternated rounds whose medians (and
+median per-round ratios) are reported: this shared machine's speed drifts from minute to minute.
 Prints a table and writes JSON into bench/results/.  Defaults: n=2000, d=784, L=3, h in {100, 1000},
-float32 and float64, a few attempts each (the lead runs the long version on a quiet machine).
+float32 and float64, 3 rounds; about 5 minutes.
 
-    python bench/bench_flow.py [--steps 10] [--big-steps 3] [--h 100 1000] [--n 2000] [--out bench/results]
+    python bench/bench_flow.py [--steps 60] [--big-steps 23] [--h 100 1000] [--n 2000] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -81,9 +82,11 @@ def reference_style(net, x, y, alpha, attempts, max_dgrad=1e-4, max_dout=0.1):
 
 
 def ours(net, x, y, alpha, attempts):
-    """Median seconds per attempt of ntk_fast.train, from the wall clock of its per-step checkpoint records
-    (every step <= 100 is recorded; the record's own cost, a few passes over the weights, is included)."""
-    r = train(net, x, y, alpha, max_steps=attempts + 1, progress=False, kernel_points=0)
+    """Median seconds per attempt of ntk_fast.train, from the wall clock of its checkpoint records, taken every
+    11 steps here (checkpoint_rate=1e3, spacing=10) as in the steady state of a real run, where they are rarer
+    still; the record's own cost (a few passes over the weights) is included, spread over those steps."""
+    r = train(net, x, y, alpha, max_steps=attempts + 1, progress=False, kernel_points=0,
+              checkpoint_rate=1e3, checkpoint_spacing=10)
     recs = [q for q in r.history_of(0) if q["event"] == "checkpoint" and q["step"] >= 1]
     per = [(b["wall"] - a["wall"]) / (b["attempts"] - a["attempts"]) for a, b in zip(recs, recs[1:])]
     return statistics.median(per)
@@ -116,8 +119,9 @@ def main():
     ap.add_argument("--h", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=10, help="attempts timed at h < 500")
-    ap.add_argument("--big-steps", type=int, default=3, help="attempts timed at h >= 500")
+    ap.add_argument("--steps", type=int, default=60, help="attempts timed at h < 500")
+    ap.add_argument("--big-steps", type=int, default=23, help="attempts timed at h >= 500 (>= 13: two records)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of ref, ours, floor (medians reported)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rows = []
@@ -129,15 +133,24 @@ def main():
             x, y = make_data(args.n, args.d, dtype)
             net = FCNet(args.d, h, args.L, dtype=dtype, generator=torch.Generator().manual_seed(1))
             k = args.steps if h < 500 else args.big_steps
-            t_ref = reference_style(net, x, y, args.alpha, k)
-            t_ours = ours(net, x, y, args.alpha, k)
-            rate = mm_rate(args.n, args.d, h, dtype)
-            floor = step_flops(args.n, args.d, h, args.L) / rate
-            row = dict(n=args.n, d=args.d, L=args.L, h=h, dtype=dn, attempts=k, ref_s=t_ref, ours_s=t_ours,
-                       floor_s=floor, mm_gflops=rate / 1e9, ours_over_floor=t_ours / floor, speedup=t_ref / t_ours)
+            per = []                     # rounds of (ref, ours, floor): alternated, so drift hits all three
+            for _ in range(args.rounds):
+                t_ref = reference_style(net, x, y, args.alpha, k)
+                t_ours = ours(net, x, y, args.alpha, k)
+                floor = step_flops(args.n, args.d, h, args.L) / mm_rate(args.n, args.d, h, dtype)
+                per.append((t_ref, t_ours, floor))
+            med = statistics.median
+            t_ref, t_ours, floor = (med(p[i] for p in per) for i in range(3))
+            over = med(p[1] / p[2] for p in per)
+            speed = med(p[0] / p[1] for p in per)
+            row = dict(n=args.n, d=args.d, L=args.L, h=h, dtype=dn, attempts=k, rounds=args.rounds, ref_s=t_ref,
+                       ours_s=t_ours, floor_s=floor, mm_gflops=step_flops(args.n, args.d, h, args.L) / floor / 1e9,
+                       ours_over_floor=over, speedup=speed,
+                       per_round=[dict(ref_s=a, ours_s=b, floor_s=c) for a, b, c in per])
             rows.append(row)
             print(f"{h:>6} {dn:>8} {1e3 * t_ref:>9.2f} {1e3 * t_ours:>9.2f} {1e3 * floor:>9.2f} "
-                  f"{t_ours / floor:>10.2f} {t_ref / t_ours:>8.2f} {1 / t_ref:>11.2f} {1 / t_ours:>12.2f}")
+                  f"{over:>10.2f} {speed:>8.2f} {1 / t_ref:>11.2f} {1 / t_ours:>12.2f}   "
+                  f"(ours/floor by round: {', '.join(f'{b / c:.2f}' for _, b, c in per)})")
     machine = dict(host=platform.node(), cpu=platform.processor() or platform.machine(),
                    threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
     os.makedirs(args.out, exist_ok=True)
