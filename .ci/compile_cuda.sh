@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI step: compile the CUDA kernels (no GPU needed) in a separate CUDA-13 torch environment and check
-# that the module imports and registers a CUDA kernel for ntk_fast::gram.  A compile error fails CI.
+# that the module imports and registers a CPU and a CUDA kernel for every op.  A compile error fails CI.
 #   .ci/compile_cuda.sh            # venv at $NTK_FAST_CU_VENV (default: <repo>/.venv-cu), created if missing
 # Build output goes to build-cu/ and the module to a scratch copy, so the CPU build in the checkout is
 # left alone.
@@ -44,10 +44,11 @@ echo "== import check"
 import torch
 import ntk_fast._C  # noqa: F401
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-for op in ("ntk_fast::gram", "ntk_fast::gram_out"):
+ops = ("gram", "gram_out", "flow_step", "flow_grad_stats", "flow_loss", "softplus_act", "kernel_flow_step")
+for op in ops:
     for key in ("CPU", "CUDA"):
-        assert has(op, key), f"{op} has no {key} kernel"
-print("ntk_fast._C imports; gram/gram_out have CPU and CUDA kernels")
+        assert has("ntk_fast::" + op, key), f"ntk_fast::{op} has no {key} kernel"
+print("ntk_fast._C imports; every op has CPU and CUDA kernels:", ", ".join(ops))
 PYEOF
 )
 echo "compile_cuda: OK"

@@ -23,6 +23,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "flow_common.h"
+
 namespace ntk_fast {
 namespace {
 
@@ -181,20 +183,8 @@ void act_avx2(T*, T*, int64_t, int64_t, T, T, T, const Sleef&) {}
 #endif  // NTK_FAST_ACT_X86
 
 void softplus_act_cpu(at::Tensor z, at::Tensor s, double beta, double c) {
-  const char* op = "softplus_act";
-  TORCH_CHECK(z.device().is_cpu(), op, ": CPU kernel called with a tensor on ", z.device());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
-              ": z must be float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(z.is_contiguous(), op, ": z must be contiguous");
-  TORCH_CHECK(beta > 0.0, op, ": beta must be > 0, got ", beta);
-  const bool keep = s.numel() > 0;
-  if (keep) {
-    TORCH_CHECK(s.sizes() == z.sizes() && s.scalar_type() == z.scalar_type() && s.device() == z.device() &&
-                    s.is_contiguous(),
-                op, ": s must be a contiguous ", z.scalar_type(), " tensor of shape ", z.sizes(), " on ",
-                z.device(), " (or empty), got ", s.scalar_type(), " of shape ", s.sizes());
-    TORCH_CHECK(s.data_ptr() != z.data_ptr(), op, ": s and z must not share memory");
-  }
+  TORCH_CHECK(z.device().is_cpu(), "softplus_act: CPU kernel called with a tensor on ", z.device());
+  const bool keep = flow::check_act_args(z, s, beta);
   const int64_t n = z.numel();
   if (n == 0) return;
   const Sleef& f = sleef();

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "flow_common.h"
+
 namespace ntk_fast {
 namespace {
 
@@ -23,20 +25,8 @@ __global__ void act_kernel(T* __restrict__ z, T* __restrict__ s, int64_t n, T be
 }
 
 void softplus_act_cuda(at::Tensor z, at::Tensor s, double beta, double c) {
-  const char* op = "softplus_act";
-  TORCH_CHECK(z.is_cuda(), op, ": CUDA kernel called with a tensor on ", z.device());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
-              ": z must be float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(z.is_contiguous(), op, ": z must be contiguous");
-  TORCH_CHECK(beta > 0.0, op, ": beta must be > 0, got ", beta);
-  const bool keep = s.numel() > 0;
-  if (keep) {
-    TORCH_CHECK(s.sizes() == z.sizes() && s.scalar_type() == z.scalar_type() && s.device() == z.device() &&
-                    s.is_contiguous(),
-                op, ": s must be a contiguous ", z.scalar_type(), " tensor of shape ", z.sizes(), " on ",
-                z.device(), " (or empty), got ", s.scalar_type(), " of shape ", s.sizes());
-    TORCH_CHECK(s.data_ptr() != z.data_ptr(), op, ": s and z must not share memory");
-  }
+  TORCH_CHECK(z.is_cuda(), "softplus_act: CUDA kernel called with a tensor on ", z.device());
+  const bool keep = flow::check_act_args(z, s, beta);
   const int64_t n = z.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());

@@ -3,6 +3,7 @@
 //   flow_step(w, g, v, dt, tau, w_out!, v_out!)      trial weights of K nets stored row-wise in (K, P) buffers
 //   flow_grad_stats(g, gp) -> (K, 2)                 [|g'|^2, |g - g'|^2] per net, accumulated in float64
 //   flow_loss(f, f0, y, F_prev, alpha, beta, kind)   -> F, r, loss, nd, dout  (see flow_cpu.cpp)
+//   softplus_act(z, s, beta, c)                      the hidden layers' activation, in place (see act_cpu.cpp)
 //
 // All reductions use a fixed block partition (independent of the number of threads) whose partial
 // results are combined in a fixed order, so results are bitwise reproducible run to run: the trainer's
@@ -78,6 +79,24 @@ inline void check_loss_args(const at::Tensor& f, const at::Tensor& f0, const at:
   TORCH_CHECK(alpha > 0.0, op, ": alpha must be > 0, got ", alpha);
   TORCH_CHECK(kind == kSoftHinge || kind == kQHinge, op, ": kind must be 0 (softhinge) or 1 (qhinge), got ", kind);
   TORCH_CHECK(kind != kSoftHinge || beta > 0.0, op, ": softhinge needs beta > 0, got ", beta);
+}
+
+// softplus_act(z!, s!, beta, c): z contiguous float32/float64, s empty or z's twin (not aliasing z).
+// Returns true when s is to be written.
+inline bool check_act_args(const at::Tensor& z, const at::Tensor& s, double beta) {
+  const char* op = "softplus_act";
+  check_float(z, op, "z");
+  TORCH_CHECK(z.is_contiguous(), op, ": z must be contiguous");
+  TORCH_CHECK(beta > 0.0, op, ": beta must be > 0, got ", beta);
+  const bool keep = s.numel() > 0;
+  if (keep) {
+    TORCH_CHECK(s.sizes() == z.sizes() && s.scalar_type() == z.scalar_type() && s.device() == z.device() &&
+                    s.is_contiguous(),
+                op, ": s must be a contiguous ", z.scalar_type(), " tensor of shape ", z.sizes(), " on ",
+                z.device(), " (or empty), got ", s.scalar_type(), " of shape ", s.sizes());
+    TORCH_CHECK(s.data_ptr() != z.data_ptr(), op, ": s and z must not share memory");
+  }
+  return keep;
 }
 
 }  // namespace flow
