@@ -1,4 +1,4 @@
-"""Training dynamics: the trainer's fused step op, one training run, the frozen-kernel step op, one kernel run.
+"""Training dynamics: the trainer's fused step and activation ops, one training run, the frozen-kernel step op, one kernel run.
 
 The frozen-kernel cases call the solver's API directly (ntk_fast._kernel_ops.kernel_flow_step,
 ntk_fast.kernel.kernel_flow): a change of that API fails them.  The trainer cases skip with the reason on an
@@ -56,6 +56,31 @@ def test_flow_step(benchmark, K, h, dtype, device):
 
     def run():
         _call_or_skip(ops.flow_step, w, g, dt, w_out=out)
+        sync(device)
+    benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", ["softplus_act", "torch ops"])
+def test_softplus_act(benchmark, impl, dtype, device):
+    """A hidden layer's activation, a = sigma(z)/sqrt(h) and s = sigma'(z)/sqrt(h), on (n, h) = (2000, 1000):
+    the fused op (one pass) against the torch ops it replaced (softplus, sigmoid and three scalings)."""
+    from ntk_fast._flow_ops import softplus_act
+    dt_ = DTYPES[dtype]
+    z0 = torch.randn(2000, 1000, dtype=dt_, device=device)
+    z, s = torch.empty_like(z0), torch.empty_like(z0)
+    beta, c = 5.0, 1.40438 / math.sqrt(1000)
+    benchmark.group = f"softplus layer 2000x1000 {dtype} {device}"
+    benchmark.extra_info["elements"] = z0.numel()
+
+    def run():
+        z.copy_(z0)
+        if impl == "softplus_act":
+            softplus_act(z, s, beta, c)
+        else:
+            torch.nn.functional.softplus(z, beta=beta, threshold=20.0).mul_(c)
+            torch.mul(z, beta).sigmoid_().mul_(c)
         sync(device)
     benchmark(run)
 
