@@ -38,7 +38,7 @@ def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     cxx = ["-O3", "-g0", "-fopenmp", cxx_std(), "-DPy_LIMITED_API=0x03090000"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp", "-ldl"]  # dlsym (csrc/flow/act_cpu.cpp); part of libc from glibc 2.34, harmless there
     if want_cuda():
         if torch.version.cuda is None:
             raise RuntimeError("NTK_FAST_CUDA=1 but the installed torch is a CPU-only build")
