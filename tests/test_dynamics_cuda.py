@@ -1,0 +1,134 @@
+"""CUDA kernels of the trainer and the solver against their references and the CPU path (marked ``cuda``).
+
+flow_step, flow_grad_stats, flow_loss, softplus_act and kernel_flow_step on the GPU against the pure-torch
+references in float64 (and float32 where the trainer uses it), then the trainer (with and without the CUDA
+graph) and the frozen-kernel solver on the GPU against the same runs on the CPU.  Skipped without a GPU;
+``bash bench/gpu_all.sh OUTDIR`` runs them.  ``NTK_FAST_CUDA_TESTS_ON_CPU=1`` runs the same code on the CPU
+(to check the tests themselves on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from ntk_fast import _flow_ops as ops
+from ntk_fast import _kernel_ops
+from ntk_fast import reference_flow as ref
+from ntk_fast.fc import FCNet
+from ntk_fast.flow import train
+from ntk_fast.kernel import kernel_flow
+from ntk_fast.reference_kernel import kernel_flow_step_ref, pack_symmetric
+
+DEV = "cpu" if os.environ.get("NTK_FAST_CUDA_TESTS_ON_CPU") else "cuda"
+pytestmark = ([pytest.mark.cuda] if DEV == "cuda" else []) + [
+    pytest.mark.skipif(not ops.have_extension(), reason="extension not built")]
+D = torch.float64
+
+
+def rnd(*shape, seed, dtype=D):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("K,P", [(1, 1), (3, 12347), (2, 40001)])
+@pytest.mark.parametrize("tau", [0.0, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flow_step_and_stats(K, P, tau, dtype):
+    w, g, v = (rnd(K, P, seed=s, dtype=dtype) for s in (1, 2, 3))
+    dt = torch.rand(K, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    w_ref, v_ref = torch.empty_like(w), torch.empty_like(w)
+    ref.flow_step(w, g, v, dt, tau, w_ref, v_ref)
+    wo, vo = ops.flow_step(w.to(DEV), g.to(DEV), dt.to(DEV), tau, v.to(DEV) if tau > 0 else None)
+    tol = dict(rtol=1e-14, atol=1e-14) if dtype == D else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wo.cpu(), w_ref, **tol)
+    if tau > 0:
+        torch.testing.assert_close(vo.cpu(), v_ref, **tol)
+    st = ops.flow_grad_stats(g.to(DEV), w.to(DEV))
+    assert st.dtype == D and st.device.type == DEV
+    torch.testing.assert_close(st.cpu(), ref.flow_grad_stats(g, w), rtol=1e-12 if dtype == D else 1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("K,n", [(1, 1), (1, 2049), (3, 4097)])
+@pytest.mark.parametrize("loss", ["softhinge", "qhinge"])
+def test_flow_loss(K, n, loss):
+    f, f0, Fp = rnd(K, n, seed=5), rnd(K, n, seed=6), rnd(K, n, seed=7)
+    y = torch.where(rnd(n, seed=8) > 0, 1.0, -1.0).to(D)
+    want = ref.flow_loss(f, f0, y, Fp, 0.7, 20.0, ref.LOSS_KINDS[loss])
+    got = ops.flow_loss(f.to(DEV), f0.to(DEV), y.to(DEV), Fp.to(DEV), 0.7, 20.0, loss)
+    for a, b, name in zip(got, want, ("F", "r", "loss", "nd", "dout")):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(1,), (2000, 100), (3, 17, 33)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softplus_act(shape, dtype):
+    z = (rnd(*shape, seed=9) * 4).to(dtype)
+    flat = z.view(-1)
+    flat[: min(4, flat.numel())] = torch.tensor([0.0, 200.0, -200.0, 30.0], dtype=dtype)[: min(4, flat.numel())]
+    a, s = z.to(DEV, copy=True), torch.empty(shape, dtype=dtype, device=DEV)
+    ops.softplus_act(a, s, 5.0, 0.3)
+    ra, rs = z.double().clone(), torch.empty(shape, dtype=D)
+    ref.softplus_act(ra, rs, 5.0, 0.3)
+    tol = dict(rtol=1e-14, atol=1e-300) if dtype == D else dict(rtol=2e-5, atol=1e-30)  # fast-math exp in float32
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a.cpu().double(), ra, **tol)
+    torch.testing.assert_close(s.cpu().double(), rs, **tol)
+
+
+@pytest.mark.parametrize("E,n,per_problem,pb,loss", [
+    (1, 1, False, 0, "softhinge"), (3, 301, False, 0, "qhinge"), (5, 130, True, 0, "mse"),
+    (3, 301, False, 64, "softhinge"), (2, 77, True, 64, "softhinge"), (17, 93, False, 64, "qhinge")])
+def test_kernel_flow_step(E, n, per_problem, pb, loss):
+    A = rnd(*((E, n, n + 3) if per_problem else (n, n + 3)), seed=n)
+    K = A @ A.mT / n
+    theta = pack_symmetric(K, pb) if pb else K
+    g = torch.Generator().manual_seed(E + n)
+    y = torch.randint(0, 2, (E, n), generator=g).to(D) * 2 - 1
+    f, gg, r, c = (rnd(E, n, seed=s) for s in (11, 12, 13, 14))
+    dt = torch.rand(E, generator=g, dtype=D)
+    active = torch.rand(E, generator=g) < 0.7
+    active[0] = True
+    want = kernel_flow_step_ref(theta, y, f, gg, r, c, dt, active, loss, 20.0, pb)
+    args = [t.to(DEV) for t in (theta, y, f, gg, r, c, dt, active)]
+    got = _kernel_ops.kernel_flow_step(*args, loss=loss, beta=20.0, packed_block=pb)
+    for a, b, name in zip(got, want, ("f", "r", "g", "c", "stats")):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-13, msg=name)
+
+
+def _problem(n=48, d=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=D)
+    x = x * math.sqrt(d) / x.norm(dim=1, keepdim=True)
+    y = torch.where(x[:, 0] + 0.3 * x[:, 1] > 0, 1.0, -1.0).to(D)
+    return x, y
+
+
+@pytest.mark.parametrize("graph", [True, False])
+@pytest.mark.parametrize("K", [1, 3])
+def test_trainer_on_gpu_matches_cpu(graph, K):
+    x, y = _problem()
+    nets = [FCNet(10, 16, 2, dtype=D, generator=torch.Generator().manual_seed(20 + k)) for k in range(K)]
+    cpu = train(nets if K > 1 else nets[0], x, y, 1.0, max_steps=40, progress=False, kernel_points=0)
+    gnets = [FCNet(10, 16, 2, dtype=D, device=DEV, generator=torch.Generator().manual_seed(20 + k))
+             for k in range(K)]
+    gpu = train(gnets if K > 1 else gnets[0], x.to(DEV), y.to(DEV), 1.0, max_steps=40, progress=False,
+                kernel_points=0, use_cuda_graph=graph)
+    assert gpu.statuses == cpu.statuses
+    for k in range(K):
+        assert gpu.final[k]["attempts"] == cpu.final[k]["attempts"]
+        for a, b in zip(gpu.nets[k].weights, cpu.nets[k].weights):
+            torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gpu.outputs["train"].cpu(), cpu.outputs["train"], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_solver_on_gpu_matches_cpu(packed):
+    x, y = _problem(120, seed=3)
+    K = torch.exp(-torch.cdist(x, x) ** 2 / 20)
+    cpu = kernel_flow(K, y, progress=False, max_steps=300)
+    gpu = kernel_flow(K.to(DEV), y.to(DEV), progress=False, max_steps=300, packed=packed,
+                      block=64 if packed else None)
+    assert gpu.statuses == cpu.statuses and int(gpu.steps[0]) == int(cpu.steps[0])
+    torch.testing.assert_close(gpu.outputs("train").cpu(), cpu.outputs("train"), rtol=1e-9, atol=1e-10)
