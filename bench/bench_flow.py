@@ -14,6 +14,7 @@ Prints a table and writes JSON into bench/results/.  Defaults: n=2000, d=784, L=
 float32 and float64, 3 rounds; about 5 minutes.
 
     python bench/bench_flow.py [--steps 60] [--big-steps 23] [--h 100 1000] [--n 2000] [--out bench/results]
+    python bench/bench_flow.py --device cuda --n 10000 --ensemble 10     # the GPU targets (issue 4)
 """
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ from ntk_fast.flow import train
 from ntk_fast.losses import softhinge
 
 
-def make_data(n, d, dtype, seed=0):
+def make_data(n, d, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     x = x / x.norm(dim=1, keepdim=True) * math.sqrt(d)
     y = torch.where(torch.randn(n, generator=g) > 0, 1.0, -1.0).to(dtype)
+    x, y = x.to(device), y.to(device)
     return x, y
 
 
@@ -92,15 +94,23 @@ def ours(net, x, y, alpha, attempts):
     return statistics.median(per)
 
 
-def mm_rate(n, d, h, dtype, reps=3):
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mm_rate(n, d, h, dtype, reps=3, device="cpu"):
     """Best torch.mm rate (flop/s) over the step's two main shapes, (n, d) x (d, h) and (n, h) x (h, h)."""
     best = 0.0
     for k in (d, h):
-        a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, h, dtype=dtype)
+        a = torch.randn(n, k, dtype=dtype, device=device)
+        b = torch.randn(k, h, dtype=dtype, device=device)
         torch.mm(a, b)
+        _sync(device)
         for _ in range(reps):
             t0 = time.perf_counter()
             torch.mm(a, b)
+            _sync(device)
             best = max(best, 2.0 * n * k * h / (time.perf_counter() - t0))
     return best
 
@@ -122,6 +132,9 @@ def main():
     ap.add_argument("--steps", type=int, default=60, help="attempts timed at h < 500")
     ap.add_argument("--big-steps", type=int, default=23, help="attempts timed at h >= 500 (>= 13: two records)")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of ref, ours, floor (medians reported)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU targets: --device cuda --n 10000)")
+    ap.add_argument("--ensemble", type=int, default=0,
+                    help="K > 0: also time one batched attempt of K nets against K single-net attempts")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rows = []
@@ -130,14 +143,15 @@ def main():
     for h in args.h:
         for dn in args.dtypes:
             dtype = getattr(torch, dn)
-            x, y = make_data(args.n, args.d, dtype)
-            net = FCNet(args.d, h, args.L, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            x, y = make_data(args.n, args.d, dtype, device=args.device)
+            net = FCNet(args.d, h, args.L, dtype=dtype, device=args.device, generator=torch.Generator().manual_seed(1))
             k = args.steps if h < 500 else args.big_steps
             per = []                     # rounds of (ref, ours, floor): alternated, so drift hits all three
             for _ in range(args.rounds):
                 t_ref = reference_style(net, x, y, args.alpha, k)
                 t_ours = ours(net, x, y, args.alpha, k)
-                floor = step_flops(args.n, args.d, h, args.L) / mm_rate(args.n, args.d, h, dtype)
+                floor = step_flops(args.n, args.d, h, args.L) / mm_rate(args.n, args.d, h, dtype,
+                                                                         device=args.device)
                 per.append((t_ref, t_ours, floor))
             med = statistics.median
             t_ref, t_ours, floor = (med(p[i] for p in per) for i in range(3))
@@ -151,8 +165,21 @@ def main():
             print(f"{h:>6} {dn:>8} {1e3 * t_ref:>9.2f} {1e3 * t_ours:>9.2f} {1e3 * floor:>9.2f} "
                   f"{over:>10.2f} {speed:>8.2f} {1 / t_ref:>11.2f} {1 / t_ours:>12.2f}   "
                   f"(ours/floor by round: {', '.join(f'{b / c:.2f}' for _, b, c in per)})")
+            if args.ensemble > 0:
+                nets = [FCNet(args.d, h, args.L, dtype=dtype, device=args.device,
+                              generator=torch.Generator().manual_seed(1 + j)) for j in range(args.ensemble)]
+                ens = []
+                for _ in range(args.rounds):
+                    ens.append((ours(nets, x, y, args.alpha, k), ours(net, x, y, args.alpha, k)))
+                t_ens, t_one = (statistics.median(p[i] for p in ens) for i in range(2))
+                row.update(ensemble=args.ensemble, ensemble_s=t_ens, single_s=t_one,
+                           ensemble_speedup=statistics.median(args.ensemble * b / a for a, b in ens))
+                print(f"{'':>6} {'':>8} ensemble of {args.ensemble}: {1e3 * t_ens:.2f} ms per batched attempt vs "
+                      f"{args.ensemble} x {1e3 * t_one:.2f} ms: {row['ensemble_speedup']:.2f}x")
     machine = dict(host=platform.node(), cpu=platform.processor() or platform.machine(),
-                   threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
+                   threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                   device=args.device,
+                   gpu=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"flow_{platform.node()}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as fh:

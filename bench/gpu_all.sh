@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the extension, run the cuda tests and the GPU benchmark.
+# One call on a GPU machine: build the extension, run the cuda tests, the GPU Gram benchmark and the trainer
+# benchmark on the GPU.
 #   bash bench/gpu_all.sh OUTDIR
-# Writes OUTDIR/{build.log, pytest_cuda.log, bench.log, gpu_gram.json, gpu_gram.md, nvidia-smi.txt}.
+# Writes OUTDIR/{build.log, pytest_cuda.log, bench.log, gpu_gram.json, gpu_gram.md, bench_flow.log, flow_*.json,
+# nvidia-smi.txt}.
 # Exits non-zero if the build or the tests fail (the benchmark still runs after failing tests).
 set -u
 OUT=${1:?usage: bench/gpu_all.sh OUTDIR}
@@ -26,5 +28,9 @@ echo "== benchmark"
 $PY bench/gpu_gram.py "$OUT" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 tail -20 "$OUT/bench.log"
-echo "tests rc=$TEST_RC bench rc=$BENCH_RC; results in $OUT"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
+echo "== trainer benchmark (issue 4's GPU targets: n=10000, h=100 and 1000, ensemble of 10)"
+$PY bench/bench_flow.py --device cuda --n 10000 --h 100 1000 --ensemble 10 --out "$OUT" > "$OUT/bench_flow.log" 2>&1
+FLOW_RC=$?
+tail -8 "$OUT/bench_flow.log"
+echo "tests rc=$TEST_RC bench rc=$BENCH_RC flow rc=$FLOW_RC; results in $OUT"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $FLOW_RC -eq 0 ]
