@@ -32,6 +32,7 @@ import torch
 from ntk_fast.fc import FCNet
 from ntk_fast.flow import train
 from ntk_fast.losses import softhinge
+from ntkbench_util import sync
 
 
 def make_data(n, d, dtype, seed=0, device="cpu"):
@@ -94,11 +95,6 @@ def ours(net, x, y, alpha, attempts):
     return statistics.median(per)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def mm_rate(n, d, h, dtype, reps=3, device="cpu"):
     """Best torch.mm rate (flop/s) over the step's two main shapes, (n, d) x (d, h) and (n, h) x (h, h)."""
     best = 0.0
@@ -106,11 +102,11 @@ def mm_rate(n, d, h, dtype, reps=3, device="cpu"):
         a = torch.randn(n, k, dtype=dtype, device=device)
         b = torch.randn(k, h, dtype=dtype, device=device)
         torch.mm(a, b)
-        _sync(device)
+        sync(device)
         for _ in range(reps):
             t0 = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            sync(device)
             best = max(best, 2.0 * n * k * h / (time.perf_counter() - t0))
     return best
 
@@ -146,19 +142,18 @@ def main():
             x, y = make_data(args.n, args.d, dtype, device=args.device)
             net = FCNet(args.d, h, args.L, dtype=dtype, device=args.device, generator=torch.Generator().manual_seed(1))
             k = args.steps if h < 500 else args.big_steps
+            flops = step_flops(args.n, args.d, h, args.L)
             per = []                     # rounds of (ref, ours, floor): alternated, so drift hits all three
             for _ in range(args.rounds):
                 t_ref = reference_style(net, x, y, args.alpha, k)
                 t_ours = ours(net, x, y, args.alpha, k)
-                floor = step_flops(args.n, args.d, h, args.L) / mm_rate(args.n, args.d, h, dtype,
-                                                                         device=args.device)
-                per.append((t_ref, t_ours, floor))
+                per.append((t_ref, t_ours, flops / mm_rate(args.n, args.d, h, dtype, device=args.device)))
             med = statistics.median
             t_ref, t_ours, floor = (med(p[i] for p in per) for i in range(3))
             over = med(p[1] / p[2] for p in per)
             speed = med(p[0] / p[1] for p in per)
             row = dict(n=args.n, d=args.d, L=args.L, h=h, dtype=dn, attempts=k, rounds=args.rounds, ref_s=t_ref,
-                       ours_s=t_ours, floor_s=floor, mm_gflops=step_flops(args.n, args.d, h, args.L) / floor / 1e9,
+                       ours_s=t_ours, floor_s=floor, mm_gflops=flops / floor / 1e9,
                        ours_over_floor=over, speedup=speed,
                        per_round=[dict(ref_s=a, ours_s=b, floor_s=c) for a, b, c in per])
             rows.append(row)

@@ -11,7 +11,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 

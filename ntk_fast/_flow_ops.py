@@ -17,6 +17,8 @@ try:  # loading the library runs the static op registrations
     _HAVE_EXT = hasattr(torch.ops.ntk_fast, "flow_step")
 except ImportError:  # pragma: no cover - depends on the build
     _HAVE_EXT = False
+# softplus_act came later than the other flow ops: a stale build without it uses the reference
+_HAVE_ACT = _HAVE_EXT and hasattr(torch.ops.ntk_fast, "softplus_act")
 
 _warned = False
 
@@ -51,7 +53,7 @@ if _HAVE_EXT:
         return (torch.empty_like(f), torch.empty_like(f), f.new_empty((K,)), f.new_empty((K,), dtype=torch.long),
                 f.new_empty((K,)))
 
-    if hasattr(torch.ops.ntk_fast, "softplus_act"):
+    if _HAVE_ACT:
         @torch.library.register_fake("ntk_fast::softplus_act")
         def _softplus_act_fake(z, s, beta, c):
             return None
@@ -157,11 +159,8 @@ def softplus_act(z: torch.Tensor, s: Optional[torch.Tensor], beta: float, c: flo
     if not beta > 0:
         raise ValueError(f"{op}: beta must be > 0, got {beta}")
     if s is not None:
-        if not isinstance(s, torch.Tensor) or s.shape != z.shape or s.dtype != z.dtype or s.device != z.device:
-            raise ValueError(f"{op}: s must be a {z.dtype} tensor of shape {tuple(z.shape)} on {z.device}")
-        if not s.is_contiguous():
-            raise ValueError(f"{op}: s must be contiguous")
-    if _fallback() or not hasattr(torch.ops.ntk_fast, "softplus_act"):
+        _check_2d(s, "s", z, op)
+    if _fallback() or not _HAVE_ACT:
         ref.softplus_act(z, s, float(beta), float(c))
     else:
         torch.ops.ntk_fast.softplus_act(z, s if s is not None else z.new_empty((0,)), float(beta), float(c))
