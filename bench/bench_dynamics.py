@@ -1,7 +1,7 @@
 """Training dynamics: the trainer's fused step and activation ops, one training run, the frozen-kernel step op, one kernel run.
 
-The frozen-kernel cases call the solver's API directly (ntk_fast._kernel_ops.kernel_flow_step,
-ntk_fast.kernel.kernel_flow): a change of that API fails them.  The trainer cases skip with the reason on an
+The frozen-kernel cases call the solver's API directly (ntk_fast.ops.kernel_flow.kernel_flow_step,
+ntk_fast.dynamics.solver.kernel_flow): a change of that API fails them.  The trainer cases skip with the reason on an
 API mismatch.
 """
 import inspect
@@ -42,9 +42,9 @@ def _call_or_skip(fn, *args, **kwargs):
 @pytest.mark.parametrize("K", [1, 8])
 def test_flow_step(benchmark, K, h, dtype, device):
     """One trial step w' = w - dt g of K nets with P = d h + (L-1) h^2 + h weights each (one memory pass)."""
-    ops = pytest.importorskip("ntk_fast._flow_ops")
+    ops = pytest.importorskip("ntk_fast.ops.flow")
     if not hasattr(ops, "flow_step"):
-        pytest.skip("ntk_fast._flow_ops.flow_step not available")
+        pytest.skip("ntk_fast.ops.flow.flow_step not available")
     dt_ = DTYPES[dtype]
     P = sum(p * q for p, q in ntk_fast.fcnet_fans(D_IN, h, L))
     w = torch.randn(K, P, dtype=dt_, device=device)
@@ -66,7 +66,7 @@ def test_flow_step(benchmark, K, h, dtype, device):
 def test_softplus_act(benchmark, impl, dtype, device):
     """A hidden layer's activation, a = sigma(z)/sqrt(h) and s = sigma'(z)/sqrt(h), on (n, h) = (2000, 1000):
     the fused op (one pass) against the torch ops it replaced (softplus, sigmoid and three scalings)."""
-    from ntk_fast._flow_ops import softplus_act
+    from ntk_fast.ops.flow import softplus_act
     dt_ = DTYPES[dtype]
     z0 = torch.randn(2000, 1000, dtype=dt_, device=device)
     z, s = torch.empty_like(z0), torch.empty_like(z0)
@@ -91,7 +91,7 @@ def test_softplus_act(benchmark, impl, dtype, device):
 @pytest.mark.parametrize("E", [1, 8])
 def test_kernel_flow_step(benchmark, E, n, dtype, device):
     """One attempt of the frozen-kernel flow on E problems: one read of the upper half of Theta (n x n)."""
-    from ntk_fast._kernel_ops import kernel_flow_step
+    from ntk_fast.ops.kernel_flow import kernel_flow_step
     dt_ = DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, 64, generator=g, dtype=dt_)
@@ -118,9 +118,9 @@ def test_kernel_flow_step(benchmark, E, n, dtype, device):
 @pytest.mark.parametrize("h", [128, 512])
 def test_training_run(benchmark, h, dtype):
     """A short training run of the paper's net by the trainer (n=256, 25 accepted steps, soft hinge)."""
-    flow = pytest.importorskip("ntk_fast.flow")
+    flow = pytest.importorskip("ntk_fast.dynamics.trainer")
     if not hasattr(flow, "train"):
-        pytest.skip("ntk_fast.flow.train not available")
+        pytest.skip("ntk_fast.dynamics.trainer.train not available")
     n, dt_ = 256, DTYPES[dtype]
     x = paper_inputs(n, D_IN, dt_, "cpu")
     y = _labels(n, "cpu", dt_)
@@ -138,8 +138,8 @@ def test_training_run(benchmark, h, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n", [512, 2048])
 def test_kernel_run(benchmark, n, dtype):
-    """A frozen-kernel run by the solver (ntk_fast.kernel) on the Gram of the paper's net, bounded steps."""
-    from ntk_fast.kernel import kernel_flow
+    """A frozen-kernel run by the solver (ntk_fast.dynamics.solver) on the Gram of the paper's net, bounded steps."""
+    from ntk_fast.dynamics.solver import kernel_flow
     dt_ = DTYPES[dtype]
     x = paper_inputs(n, D_IN, dt_, "cpu")
     y = _labels(n, "cpu", dt_)

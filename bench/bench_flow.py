@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from ntk_fast.fc import FCNet
-from ntk_fast.flow import train
-from ntk_fast.losses import softhinge
+from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.trainer import train
+from ntk_fast.dynamics.losses import softhinge
 from ntkbench_util import sync
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ntk_fast
-from ntk_fast.reference import gram_reference
+from ntk_fast.ops.reference import gram_reference
 
 from ntkbench_util import DEVICES, DTYPES, sync
 

@@ -34,10 +34,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ntk_fast import _kernel_ops  # noqa: E402
-from ntk_fast.kernel import kernel_flow  # noqa: E402
-from ntk_fast.losses import get_loss  # noqa: E402
-from ntk_fast.steprule import StepRule, dgrad_from_norms  # noqa: E402
+from ntk_fast.ops import kernel_flow as _kernel_ops  # noqa: E402
+from ntk_fast.dynamics.solver import kernel_flow  # noqa: E402
+from ntk_fast.dynamics.losses import get_loss  # noqa: E402
+from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms  # noqa: E402
 
 
 def best_of(fn, reps):
@@ -77,8 +77,8 @@ def make_problem(n: int, E: int, dtype: torch.dtype, seed: int = 0):
 def make_ntk_problem(n: int, E: int, dtype: torch.dtype, seed: int = 0, h: int = 1000):
     """The empirical NTK of FCNet(784, h, 3) at initialisation on n Fashion-MNIST points; parity labels."""
     from ntk_fast.data import load_dataset
-    from ntk_fast.fc import FCNet
-    from ntk_fast.ntk import empirical_ntk
+    from ntk_fast.models.fc import FCNet
+    from ntk_fast.ntk.empirical import empirical_ntk
     x, y, _, _ = load_dataset("fashion", n, 10, seed=seed, dtype=torch.float64)
     net = FCNet(x.shape[1], h, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     t = time.perf_counter()
@@ -141,7 +141,7 @@ def interleaved_bound(K: torch.Tensor, y: torch.Tensor, rounds: int = 15, block:
     triangle (exactly the bytes a packed attempt reads, the same count as the upper tiles of full storage);
     the ratios op / read are reported as their median over rounds (1.0 = at the read bandwidth of that moment).
     """
-    from ntk_fast.reference_kernel import pack_symmetric
+    from ntk_fast.ops.reference_kernel import pack_symmetric
     n = K.shape[0]
     P = pack_symmetric(K, block)
     Y = y.reshape(1, n).to(K.dtype)

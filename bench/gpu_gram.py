@@ -27,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import ntk_fast._C  # noqa: E402,F401
-from ntk_fast.fc import FCNet  # noqa: E402
+from ntk_fast.models.fc import FCNet  # noqa: E402
 
 PRECISIONS = [("float64", torch.float64, "highest"), ("float32", torch.float32, "highest"),
               ("tf32", torch.float32, "tf32")]

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = r"""
 import sys, torch, ntk_fast
-from ntk_fast.reference import gram_reference
+from ntk_fast.ops.reference import gram_reference
 method, n, d, h, L, dt = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
 dtype = getattr(torch, dt)
 g = torch.Generator().manual_seed(0)
@@ -56,7 +56,7 @@ def peak_bytes(method, n, d, h, L, dtype):
 def main():
     import ntk_fast
     from ntk_fast.cli import machine_info
-    from ntk_fast.reference import gram_reference
+    from ntk_fast.ops.reference import gram_reference
     from ntk_fast.timing import matmul_rate, time_call
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -202,7 +202,7 @@ def _brute_force_fn(net, x):
 
 
 def _func_jacobian_fn(net, x, block):
-    from .reference import per_sample_jacobian
+    from ntk_fast.ops.reference import per_sample_jacobian
     n = x.shape[0]
 
     def jac(i):
@@ -250,8 +250,8 @@ def _func_ntvp_fn(net, x, block):
 
 
 def make_in_process(method: str, net, x, dims: Dims, opts: dict):
-    from . import empirical_ntk
-    from .reference import gram_reference
+    from ntk_fast import empirical_ntk
+    from ntk_fast.ops.reference import gram_reference
     if method == "ntk_fast":
         return lambda: empirical_ntk(net, x)
     if method == "reference":
@@ -375,7 +375,7 @@ def _median(ts):
 
 
 def _make_problem(n: int, d: int, h: int, L: int, beta: float, dtype, seed: int):
-    from .fc import FCNet
+    from ntk_fast.models.fc import FCNet
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     x = x * (math.sqrt(d) / x.norm(dim=1, keepdim=True))        # the paper's inputs have norm sqrt(d)

@@ -31,10 +31,10 @@ def machine_info() -> dict:
 def cmd_gram(args: argparse.Namespace) -> int:
     """Empirical NTK Gram of the paper's FC net on Fashion-MNIST (or --dataset), timed against the plain-torch
     reference; writes gram.npy and summary.json to --out."""
-    from . import data
-    from .fc import FCNet
-    from .ntk import empirical_ntk, fcnet_fans, gram_flops, structured_features
-    from .reference import gram_reference
+    from ntk_fast import data
+    from ntk_fast.models.fc import FCNet
+    from ntk_fast.ntk.empirical import empirical_ntk, fcnet_fans, gram_flops, structured_features
+    from ntk_fast.ops.reference import gram_reference
     from .timing import matmul_rate
 
     dtype = DTYPES[args.dtype]
@@ -96,7 +96,7 @@ def _alpha_from(args: argparse.Namespace, h: int) -> float:
 
 
 def _config_from(args: argparse.Namespace, **over) -> "RunConfig":
-    from .experiment import RunConfig
+    from ntk_fast.runs.experiment import RunConfig
     h = over.pop("h", args.h)
     alpha = over.pop("alpha", None)
     cfg = RunConfig(dataset=args.dataset, p=args.p, p_test=args.p_test, data_seed=args.data_seed, d=args.d or None,
@@ -134,11 +134,11 @@ def _g(v) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the alpha-scaled FC net by the paper's adaptive gradient flow (ntk_fast.flow.train) until every
+    """Train the alpha-scaled FC net by the paper's adaptive gradient flow (ntk_fast.dynamics.trainer.train) until every
     training point has y F >= 1 (or a budget runs out); optionally also the frozen-kernel runs with Theta(w0)
     (--init-kernel) and Theta(w_T) (--final-kernel).  Writes config.json, train.pt/.json, outputs.pt and
     summary.json to --out; an interrupted run resumes from its checkpoint when run again."""
-    from .experiment import run_experiment
+    from ntk_fast.runs.experiment import run_experiment
     cfg = _config_from(args, init_kernel=args.init_kernel, final_kernel=args.final_kernel)
     s = run_experiment(cfg, args.out, progress=not args.no_progress)
     _print_summary(s)
@@ -148,9 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_kernel(args: argparse.Namespace) -> int:
     """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the empirical NTK at initialisation
-    (ntk_fast.kernel.frozen_kernel_run), same loss, step rule and stop as the trainer: the lazy limit.
+    (ntk_fast.dynamics.solver.frozen_kernel_run), same loss, step rule and stop as the trainer: the lazy limit.
     Writes config.json, init_kernel.json, outputs.pt and summary.json to --out."""
-    from .experiment import run_experiment
+    from ntk_fast.runs.experiment import run_experiment
     cfg = _config_from(args, regular=False, init_kernel=True, final_kernel=False)
     s = run_experiment(cfg, args.out, progress=not args.no_progress)
     _print_summary(s)
@@ -163,7 +163,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     (summary.json present) are skipped, interrupted ones resume from their checkpoint; --jobs N runs N
     processes at once; a file named 'stop' in --out stops launching new runs.  Writes --out/sweep.json
     (the grid) and --out/results.json (one summary line per finished run)."""
-    from .sweep import grid_configs, run_sweep
+    from ntk_fast.runs.sweep import grid_configs, run_sweep
     if (args.alphas is None) == (args.alphas_sqrt_h is None):
         print("error: give exactly one of --alphas and --alphas-sqrt-h", file=sys.stderr)
         return 2
@@ -178,7 +178,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """The benchmark runner (ntk_fast.bench_runner.main); arguments after 'bench' are passed to it."""
     try:
-        from . import bench_runner
+        from ntk_fast import bench_runner
     except ImportError as exc:
         print(f"error: the benchmark runner ntk_fast/bench_runner.py is not in this checkout ({exc}); "
               "the pytest-benchmark suites are in bench/ (python -m pytest bench)", file=sys.stderr)
@@ -195,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trained in the feature regime (alpha*sqrt(h) = 0.1) and the lazy regime (alpha*sqrt(h) = 1000), with the
     frozen-kernel run at initialisation when the solver is available.  Prints test errors, the kernel change and
     the trainer/kernel gap; writes a run folder per regime under --out and --out/demo.json."""
-    from .experiment import RunConfig, run_experiment, write_json
+    from ntk_fast.runs.experiment import RunConfig, run_experiment, write_json
     have_kernel = _has_kernel_solver()
     rows = []
     for regime, a_sqrt_h in (("feature", 0.1), ("lazy", 1000.0)):
@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      "init_kernel_test_err": s.get("init_kernel", {}).get("test_err"),
                      "gap_vs_kernel": s.get("init_kernel", {}).get("test_output_gap_vs_net")})
     if not have_kernel:
-        print("(the frozen-kernel solver ntk_fast.kernel is not in this checkout: kernel runs skipped)")
+        print("(the frozen-kernel solver ntk_fast.dynamics.solver is not in this checkout: kernel runs skipped)")
     write_json(os.path.join(args.out, "demo.json"), {"runs": rows})
     print(f"{'regime':8s} {'a*sqrt(h)':>9s} {'test err':>9s} {'|dTheta|/|Theta|':>16s} {'kernel err':>10s} {'gap':>8s}")
     for r in rows:
@@ -222,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _has_kernel_solver() -> bool:
     try:
-        from . import kernel
+        from ntk_fast.dynamics import solver as kernel
     except ImportError:
         return False
     return hasattr(kernel, "frozen_kernel_run")

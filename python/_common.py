@@ -1,6 +1,6 @@
 """Shared helpers of the experiment scripts: options, a sweep over (h, alpha*sqrt(h)), result tables, plotting.
 
-Every script runs its grid with ntk_fast.sweep (run folders under --out/runs: finished runs are skipped
+Every script runs its grid with ntk_fast.runs.sweep (run folders under --out/runs: finished runs are skipped
 when a script is run again, interrupted ones resume), then writes <name>.json with the numbers and
 <name>.png with the plot.  --paper switches to the paper's scale (Fashion-MNIST, p = 10000, h up to 1000,
 10 seeds: GPU hours); the default is a reduced scale that runs on a CPU in minutes.
@@ -20,8 +20,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
-from ntk_fast.experiment import RunConfig, write_json  # noqa: E402
-from ntk_fast.sweep import grid_configs, run_sweep  # noqa: E402
+from ntk_fast.runs.experiment import RunConfig, write_json  # noqa: E402
+from ntk_fast.runs.sweep import grid_configs, run_sweep  # noqa: E402
 
 
 def base_parser(description: str, out: str) -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def configs(args, hs: Sequence[int], alphas_sqrt_h: Sequence[float], **flags) ->
 def run_grid(args, cfgs, sub: str = "runs") -> List[Dict]:
     folder = os.path.join(args.out, sub)
     run_sweep(cfgs, folder, jobs=args.jobs, progress=not args.no_progress)
-    from ntk_fast.sweep import collect_results
+    from ntk_fast.runs.sweep import collect_results
     return collect_results(cfgs, folder)
 
 

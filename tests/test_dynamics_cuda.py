@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 
-from ntk_fast import _flow_ops as ops
-from ntk_fast import _kernel_ops
-from ntk_fast import reference_flow as ref
-from ntk_fast.fc import FCNet
-from ntk_fast.flow import train
-from ntk_fast.kernel import kernel_flow
-from ntk_fast.reference_kernel import kernel_flow_step_ref, pack_symmetric
+from ntk_fast.ops import flow as ops
+from ntk_fast.ops import kernel_flow as _kernel_ops
+from ntk_fast.ops import reference_flow as ref
+from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.trainer import train
+from ntk_fast.dynamics.solver import kernel_flow
+from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, pack_symmetric
 
 DEV = "cpu" if os.environ.get("NTK_FAST_CUDA_TESTS_ON_CPU") else "cuda"
 pytestmark = ([pytest.mark.cuda] if DEV == "cuda" else []) + [

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import ntk_fast
-from ntk_fast.fc import FCNet
-from ntk_fast.flow import FlowResult, train
-from ntk_fast.losses import get_loss
-from ntk_fast.observables import loglinspace, next_checkpoint
+from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.trainer import FlowResult, train
+from ntk_fast.dynamics.losses import get_loss
+from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
 
 D, H, L = 6, 16, 3
 

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from ntk_fast import _flow_ops as ops
-from ntk_fast import reference_flow as ref
+from ntk_fast.ops import flow as ops
+from ntk_fast.ops import reference_flow as ref
 
 pytestmark = pytest.mark.skipif(not ops.have_extension(), reason="extension not built")
 SIZES = [(1, 1), (1, 8193), (3, 12347), (2, 40001)]
@@ -155,7 +155,7 @@ def test_softplus_act(shape, keep, dtype, gen):
 
 def test_softplus_act_matches_the_net_activation(gen):
     # a = sigma(z)/sqrt(h), s = sigma'(z)/sqrt(h) of FCNet's softplus
-    from ntk_fast.fc import activation_and_derivative, activation_normaliser
+    from ntk_fast.models.fc import activation_and_derivative, activation_normaliser
     beta, h = 5.0, 37
     sig, dsig = activation_and_derivative("softplus", beta)
     z = _act_inputs((65, h), torch.float64, gen)
@@ -194,7 +194,7 @@ def test_softplus_act_every_cpu_path():
     # the AVX-512, AVX2 and scalar paths (NTK_FAST_ACT_ISA caps the path; each one this CPU has is checked)
     import subprocess
     import sys
-    code = ("import torch, math; from ntk_fast import _flow_ops as ops, reference_flow as ref\n"
+    code = ("import torch, math; from ntk_fast.ops import flow as ops, reference_flow as ref\n"
             "g = torch.Generator().manual_seed(3)\n"
             "for dt in (torch.float64, torch.float32):\n"
             "    z = (torch.randn(1001, 37, generator=g, dtype=torch.float64) * 4).to(dt)\n"

@@ -12,11 +12,11 @@ import torch
 import ntk_fast._C  # noqa: F401  (registers the ops)
 
 try:  # the package's fake (meta) registrations, where they exist
-    importlib.import_module("ntk_fast._ops")
+    importlib.import_module("ntk_fast.ops.gram")
 except ImportError:
     pass
 
-from ntk_fast.gram_stream import gram_streamed
+from ntk_fast.ntk.stream import gram_streamed
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -86,7 +86,7 @@ def test_rectangular_against_reference(dtype, precision, n1, n2):
 
 @pytest.mark.parametrize("dtype,precision", MODES, ids=MODE_IDS)
 def test_paper_sizes_fcnet_features(dtype, precision):
-    from ntk_fast.fc import FCNet
+    from ntk_fast.models.fc import FCNet
     torch.manual_seed(0)
     net = FCNet(784, 1024, 3, dtype=dtype, device="cuda")
     x = torch.randn(700, 784, dtype=dtype, device="cuda")

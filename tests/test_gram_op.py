@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import ntk_fast
-from ntk_fast import _ops
-from ntk_fast.reference import gram_reference
+from ntk_fast.ops import gram as _ops
+from ntk_fast.ops.reference import gram_reference
 
 f64 = torch.float64
 

@@ -1,10 +1,10 @@
-"""Panel logic of ntk_fast.gram_stream on the CPU (float64, against the plain reference)."""
+"""Panel logic of ntk_fast.ntk.stream on the CPU (float64, against the plain reference)."""
 import numpy as np
 import pytest
 import torch
 
 import ntk_fast._C  # noqa: F401  (registers the ops)
-from ntk_fast.gram_stream import default_panel_rows, gram_streamed
+from ntk_fast.ntk.stream import default_panel_rows, gram_streamed
 
 
 def _features(n, fans_in, fans_out, gen, dtype=torch.float64):

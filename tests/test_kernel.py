@@ -1,4 +1,4 @@
-"""Tests of the frozen-kernel op and solver (ntk_fast.kernel, torch.ops.ntk_fast.kernel_flow_step)."""
+"""Tests of the frozen-kernel op and solver (ntk_fast.dynamics.solver, torch.ops.ntk_fast.kernel_flow_step)."""
 from __future__ import annotations
 
 import math
@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from ntk_fast import _kernel_ops
-from ntk_fast._kernel_ops import kernel_flow_step
-from ntk_fast.kernel import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
-from ntk_fast.losses import get_loss
-from ntk_fast.observables import loglinspace
-from ntk_fast.reference_kernel import kernel_flow_step_ref, pack_symmetric, unpack_symmetric
-from ntk_fast.steprule import StepRule, dgrad_from_norms
+from ntk_fast.ops import kernel_flow as _kernel_ops
+from ntk_fast.ops.kernel_flow import kernel_flow_step
+from ntk_fast.dynamics.solver import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
+from ntk_fast.dynamics.losses import get_loss
+from ntk_fast.dynamics.observables import loglinspace
+from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, pack_symmetric, unpack_symmetric
+from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
 needs_ext = pytest.mark.skipif(not _kernel_ops.have_extension(), reason="extension not built")
 D = torch.float64
@@ -292,7 +292,7 @@ def test_loglinspace_schedule():
     s = loglinspace(10000, 0.01, 100)[:120]
     assert len(s) == 120
     assert s[:101] == list(range(101)) and all(b > a for a, b in zip(s, s[1:]))
-    # the solver records its history on the trainer's schedule (ntk_fast.observables), plus the final state
+    # the solver records its history on the trainer's schedule (ntk_fast.dynamics.observables), plus the final state
     K, y, _, _ = rbf_problem(120, seed=1)
     res = kernel_flow(K, y, loss="qhinge", max_steps=130, progress=False)
     assert res.statuses == ["max_steps"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ntk_fast
-from ntk_fast.reference import jacobian_ntk_reference
+from ntk_fast.ops.reference import jacobian_ntk_reference
 
 f64 = torch.float64
 
@@ -184,7 +184,7 @@ def test_fallback_without_extension_warns_once():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter('always')
             import ntk_fast
-            from ntk_fast.reference import jacobian_ntk_reference
+            from ntk_fast.ops.reference import jacobian_ntk_reference
             assert not ntk_fast.extension_available()
             net = ntk_fast.FCNet(5, 7, 2, dtype=torch.float64)
             x = torch.randn(6, 5, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Python entry points of the gradient-flow ops: input checks, fake (meta) kernels, reference fallback.
 
 The only place that calls ``torch.ops.ntk_fast.flow_*``.  When the compiled extension is missing the
-functions fall back to :mod:`ntk_fast.reference_flow` with a one-time warning.
+functions fall back to :mod:`ntk_fast.ops.reference_flow` with a one-time warning.
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference_flow as ref
+from ntk_fast.ops import reference_flow as ref
 
 try:  # loading the library runs the static op registrations
-    from . import _C  # noqa: F401
+    from ntk_fast import _C
     _HAVE_EXT = hasattr(torch.ops.ntk_fast, "flow_step")
 except ImportError:  # pragma: no cover - depends on the build
     _HAVE_EXT = False
@@ -125,7 +125,7 @@ def flow_grad_stats(g: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
 
 def flow_loss(f: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, F_prev: torch.Tensor, alpha: float,
               beta: float = 20.0, loss: str = "softhinge"):
-    """(F, r, loss, nd, dout) of K nets on n points; see :func:`ntk_fast.reference_flow.flow_loss`."""
+    """(F, r, loss, nd, dout) of K nets on n points; see :func:`ntk_fast.ops.reference_flow.flow_loss`."""
     op = "flow_loss"
     _check_base(f, "f", op)
     _check_2d(f0, "f0", f, op)

@@ -11,10 +11,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .reference import gram_reference
+from ntk_fast.ops.reference import gram_reference
 
 try:
-    from . import _C  # noqa: F401  (loading registers the ops)
+    from ntk_fast import _C
 
     HAS_EXTENSION = True
     _IMPORT_ERROR: Optional[BaseException] = None
@@ -141,7 +141,7 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     if out is None:
         return torch.ops.ntk_fast.gram(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision)
     if out.device != device:  # GPU features, CPU out (maybe a memmap): row panels double-buffered to the host
-        from .gram_stream import gram_streamed
+        from ntk_fast.ntk.stream import gram_streamed
         return gram_streamed(list(a1), list(d1), None if symmetric else list(a2), None if symmetric else list(d2),
                              scales, out, precision=precision)
     torch.ops.ntk_fast.gram_out(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision, out)

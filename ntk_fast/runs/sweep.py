@@ -1,7 +1,7 @@
 """Sweeps: a grid of runs over h, alpha (or alpha*sqrt(h)) and init seeds, one run folder each.
 
 Resumable by construction: a run folder with summary.json is finished and skipped; one with
-checkpoint.pt resumes from it (ntk_fast.experiment.run_experiment).  Runs go to a pool of ``jobs``
+checkpoint.pt resumes from it (ntk_fast.runs.experiment.run_experiment).  Runs go to a pool of ``jobs``
 processes (spawned, each with cpus/jobs torch threads); a file named ``stop`` in the sweep folder stops
 launching new runs (running ones finish); killing the sweep process ends its workers too (Linux), and a run
 folder being worked on holds running.pid, so a second sweep over the same folder fails that run with a message
@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .experiment import RunConfig, read_summary, run_experiment, write_json
+from ntk_fast.runs.experiment import RunConfig, read_summary, run_experiment, write_json
 
 
 def run_name(cfg: RunConfig, by_alpha_sqrt_h: bool) -> str:

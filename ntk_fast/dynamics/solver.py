@@ -10,7 +10,7 @@ Writing r(F) = l'(y o F) o y and c(t) = int_0^t (1/n) r(F(s)) ds, F(t) = -Theta 
 other points are F_test(t) = -Theta_test,train c(t): the solver accumulates c and never touches the test
 kernel between checkpoints (the reference code instead solved lstsq(Theta, F_train) at the end).
 
-Integration: explicit Euler with the trainer's adaptive step (ntk_fast.steprule.StepRule).  From a state
+Integration: explicit Euler with the trainer's adaptive step (ntk_fast.dynamics.steprule.StepRule).  From a state
 (F, g = Theta r(F) / n) a trial step of size dt gives F' = F - dt g and g' = Theta r(F') / n; it is accepted
 when dgrad = |g - g'|^2 / (|g| |g'|) < max_dgrad and dout = max|F' - F| = dt max|g| < max_dout.  One read of
 Theta per attempt (torch.ops.ntk_fast.kernel_flow_step fuses the elementwise work, c, the product with the
@@ -37,13 +37,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._ops import all_finite
-from ._kernel_ops import kernel_flow_step
-from .losses import LOSSES, get_loss
-from .observables import loglinspace, next_checkpoint
-from .reference_kernel import pack_symmetric
-from .results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
-from .steprule import StepRule, dgrad_from_norms
+from ntk_fast.ops.gram import all_finite
+from ntk_fast.ops.kernel_flow import kernel_flow_step
+from ntk_fast.dynamics.losses import LOSSES, get_loss
+from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
+from ntk_fast.ops.reference_kernel import pack_symmetric
+from ntk_fast.dynamics.results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
+from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
            "frozen_kernel_run", "check_kernel", "check_labels"]
@@ -111,8 +111,8 @@ class KernelFlowResult:
     """Outcome of kernel_flow for E problems (tensors have a leading E axis; ``single`` squeezes it).
 
     F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,).
-    status: the overall status (ntk_fast.results.overall_status: "converged" when every problem reached the
-    margin); statuses: one per problem, in the vocabulary of ntk_fast.results ("converged", "max_time",
+    status: the overall status (ntk_fast.dynamics.results.overall_status: "converged" when every problem reached the
+    margin); statuses: one per problem, in the vocabulary of ntk_fast.dynamics.results ("converged", "max_time",
     "max_steps", "max_wall", "max_iterations", "nonfinite", "stalled" = dt underflow).
     history: per problem, a list of checkpoint dicts (step, t, dt, loss, err, nd, margin_min, test_err, ...),
     config: the arguments (JSON-safe), wall: seconds spent.
@@ -188,12 +188,12 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         K_test_train: Theta_test,train, (m, n) or (E, m, n); y_test: (m,) or (E, m).  Test outputs
             F_test = -Theta_test,train c are evaluated only at checkpoints (cost 2 m n each).
         loss: "softhinge" (beta = 20), "qhinge", or "mse" (square loss, no margin stop: give max_time/max_steps).
-        max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.steprule.StepRule).
+        max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.dynamics.steprule.StepRule).
         stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_time / max_wall: other stops
             (accepted steps, flow time, seconds); max_iterations: passes over Theta (all problems stop together,
             so a run resumed from there continues bit for bit).
         checkpoint_rate, checkpoint_step: history at the accepted steps of the trainer's log-linear schedule
-            (ntk_fast.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
+            (ntk_fast.dynamics.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
             caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
         checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
@@ -551,7 +551,7 @@ def frozen_kernel_run(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_
     init-kernel run, a trained net for the final-kernel run.  kwargs go to kernel_flow.
     Cost: the Gram (2 n^2 sum_l (fan_in + fan_out) / 2 flops, + 2 m n sum_l (...)) plus the flow.
     """
-    from .ntk import empirical_ntk
+    from ntk_fast.ntk.empirical import empirical_ntk
     with torch.no_grad():
         K = empirical_ntk(net, x)
         Kte = empirical_ntk(net, x_test, x) if x_test is not None else None

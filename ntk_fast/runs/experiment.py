@@ -8,7 +8,7 @@ A run folder holds::
 
     config.json         the RunConfig (written first)
     checkpoint.pt       the trainer's resumable checkpoint (while training; removed when the run is done)
-    train.pt/.json      the trainer's result (ntk_fast.flow.FlowResult.save)
+    train.pt/.json      the trainer's result (ntk_fast.dynamics.trainer.FlowResult.save)
     outputs.pt          tensors: labels, f0 and F of every net on train and test, and of the kernel runs
     init_kernel.pt/.json   frozen-kernel run with Theta(w0)    (when asked; KernelFlowResult.save)
     final_kernel.pt/.json  frozen-kernel run with Theta(w_T)   (when asked)
@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import data
-from .fc import FCNet
-from .results import atomic_write_json
+from ntk_fast import data
+from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.results import atomic_write_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMMARY = "summary.json"
@@ -218,18 +218,18 @@ def load_run_data(cfg: RunConfig):
 
 def _kernel_module():
     try:
-        from . import kernel
+        from ntk_fast.dynamics import solver as kernel
     except ImportError as exc:
-        raise RuntimeError("the frozen-kernel solver ntk_fast.kernel is not available in this checkout "
+        raise RuntimeError("the frozen-kernel solver ntk_fast.dynamics.solver is not available in this checkout "
                            f"({exc}); run without --init-kernel/--final-kernel") from exc
     if not hasattr(kernel, "frozen_kernel_run"):
-        raise RuntimeError("ntk_fast.kernel has no frozen_kernel_run in this checkout")
+        raise RuntimeError("ntk_fast.dynamics.solver has no frozen_kernel_run in this checkout")
     return kernel
 
 
 def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -> Any:
     """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the NTK of ``net`` at its weights
-    (ntk_fast.kernel.frozen_kernel_run), same loss, step rule, margin stop and budgets as the trainer."""
+    (ntk_fast.dynamics.solver.frozen_kernel_run), same loss, step rule, margin stop and budgets as the trainer."""
     kernel = _kernel_module()
     kw = dict(loss=cfg.loss, beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
               max_steps=cfg.max_steps, max_time=cfg.max_time if math.isfinite(cfg.max_time) else None,
@@ -239,9 +239,9 @@ def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -
 
 def _outputs_of(res: Any) -> Dict[str, torch.Tensor]:
     """{"train": F (n,) or (K, n), "test": ...} of a trainer or kernel-solver result."""
-    if hasattr(res, "F_train"):                                  # ntk_fast.kernel.KernelFlowResult
+    if hasattr(res, "F_train"):                                  # ntk_fast.dynamics.solver.KernelFlowResult
         out = {"train": res.F_train, "test": res.F_test}
-    else:                                                        # ntk_fast.flow.FlowResult
+    else:                                                        # ntk_fast.dynamics.trainer.FlowResult
         out = getattr(res, "outputs", None) or {}
     return {k: v.detach().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
@@ -307,7 +307,7 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
         tensors: Dict[str, Any] = {"y_train": ytr.cpu(), "y_test": yte.cpu()}
         trained = None
         if cfg.regular:
-            from .flow import train
+            from ntk_fast.dynamics.trainer import train
             ckpt = os.path.join(folder, "checkpoint.pt")
             resume = ckpt if os.path.exists(ckpt) else None
             if resume:

@@ -11,8 +11,8 @@ from typing import Tuple
 
 import torch
 
-from .losses import LOSSES
-from .reference_kernel import kernel_flow_step_ref, packed_size
+from ntk_fast.dynamics.losses import LOSSES
+from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, packed_size
 
 _HAVE_EXT: bool | None = None
 _WARNED = False
@@ -23,7 +23,7 @@ def have_extension() -> bool:
     global _HAVE_EXT
     if _HAVE_EXT is None:
         try:
-            from . import _C  # noqa: F401
+            from ntk_fast import _C
             _HAVE_EXT = hasattr(torch.ops.ntk_fast, "kernel_flow_step")
         except (ImportError, OSError):
             _HAVE_EXT = False

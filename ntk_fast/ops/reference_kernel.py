@@ -21,7 +21,7 @@ from typing import Tuple
 
 import torch
 
-from .losses import get_loss
+from ntk_fast.dynamics.losses import get_loss
 
 
 def packed_size(n: int, block: int) -> int:

@@ -7,7 +7,7 @@ Dynamics (article notation; DESIGN.md section 5)::
     dw/dt = -grad L(w)                                  (tau = 0)
     dw/dt = v,  tau dv/dt = -v - grad L                 (tau > 0, "continuous momentum")
 
-discretised with the reference code's adaptive step (:mod:`ntk_fast.steprule`): from (w, g = grad L(w)) a trial
+discretised with the reference code's adaptive step (:mod:`ntk_fast.dynamics.steprule`): from (w, g = grad L(w)) a trial
 w' = w - dt g is made, g' = grad L(w') computed, and the trial is accepted iff
 dgrad = |g - g'|^2/(|g||g'|) < max_dgrad and dout = max_i |F'(x_i) - F(x_i)| < max_dout; then dt *= 1.1 when both
 are under half their bounds.  A rejected trial is dropped and dt /= 10.  One forward and one backward pass per
@@ -48,14 +48,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import _flow_ops as ops
-from . import observables as obs
-from .fc import FCNet
-from .losses import LOSSES
-from .results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
-from .steprule import StepRule, dgrad_from_norms
+from ntk_fast.ops import flow as ops
+from ntk_fast.dynamics import observables as obs
+from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.losses import LOSSES
+from ntk_fast.dynamics.results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
+from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
-STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")  # see ntk_fast.results
+STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")  # see ntk_fast.dynamics.results
 _CKPT_VERSION = 1
 
 
@@ -112,7 +112,7 @@ class FlowResult:
 
     status: "converged", "max_time", "max_steps", "max_wall", "nonfinite" or "stalled" (for an ensemble:
     "converged" when every net converged, else the first other status in the order nonfinite, stalled,
-    max_wall, max_steps, max_time: ntk_fast.results.overall_status); statuses: one per net.  history: checkpoint records (dicts with a "net"
+    max_wall, max_steps, max_time: ntk_fast.dynamics.results.overall_status); statuses: one per net.  history: checkpoint records (dicts with a "net"
     index).  nets: the trained nets (net: the first).  final: per-net summary dicts.  ensemble: ensemble
     observables of the test outputs (K > 1 with a test set).  outputs: F on the train (and test) set, (K, n).
     ensemble_history: (K > 1 with a test set) one record per checkpoint step s of the shared schedule, made once
@@ -456,7 +456,7 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         progress: tqdm progress bar.  t1_fraction: t1 is the first t with mean l <= t1_fraction * (mean l at
             t = 0) (the paper's t1 for 0.5).  grow_factor: t_grow is the first t with rms(f - f0) >=
             grow_factor * rms(f0) on the training set.  checkpoint_rate, checkpoint_spacing: the log-linear
-            checkpoint sequence (:func:`ntk_fast.observables.next_checkpoint`).  max_rejections: consecutive
+            checkpoint sequence (:func:`ntk_fast.dynamics.observables.next_checkpoint`).  max_rejections: consecutive
             rejections (dt divided by 10 each) after which a net stops as "nonfinite" or "stalled".
     Returns a :class:`FlowResult`.
     Cost per attempt: one forward and one backward pass, ~6 n P flops for P = d h + (L-1) h^2 + h weights per net.
@@ -717,5 +717,5 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
 
 
 def _loss_fn(name: str):
-    from .losses import get_loss
+    from ntk_fast.dynamics.losses import get_loss
     return get_loss(name)[0]

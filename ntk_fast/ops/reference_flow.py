@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .losses import get_loss
+from ntk_fast.dynamics.losses import get_loss
 
 LOSS_KINDS = {"softhinge": 0, "qhinge": 1}
 

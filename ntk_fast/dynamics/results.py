@@ -1,4 +1,4 @@
-"""Result helpers shared by the trainer (:mod:`ntk_fast.flow`) and the frozen-kernel solver (:mod:`ntk_fast.kernel`).
+"""Result helpers shared by the trainer (:mod:`ntk_fast.dynamics.trainer`) and the frozen-kernel solver (:mod:`ntk_fast.dynamics.solver`).
 
 Status vocabulary (per net of the trainer, per problem of the solver; the overall status of a run is
 :func:`overall_status` of the per-item list):

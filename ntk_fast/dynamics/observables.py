@@ -67,7 +67,7 @@ def ensemble_stats(F_test: torch.Tensor, y_test: Optional[torch.Tensor] = None) 
 def fc_features(weights: Sequence[torch.Tensor], x: torch.Tensor, sigma, dsigma):
     """Per-layer NTK features (A_l, D_l) of a scalar-output FC net given as a list of 2-D weights.
 
-    Same maths as :meth:`ntk_fast.fc.FCNet.features` (k = 1, no biases): a0 = x/sqrt(d),
+    Same maths as :meth:`ntk_fast.models.fc.FCNet.features` (k = 1, no biases): a0 = x/sqrt(d),
     a(l) = sigma(z(l))/sqrt(h), D_L = 1, D_(l-1) = (D_l W(l)) o sigma'(z(l))/sqrt(h).
     """
     d, h = weights[0].shape[1], weights[0].shape[0]
@@ -88,9 +88,9 @@ def fc_features(weights: Sequence[torch.Tensor], x: torch.Tensor, sigma, dsigma)
 
 
 def gram_from_features(A: Sequence[torch.Tensor], D: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Theta = sum_l (D_l D_l^T) o (A_l A_l^T), (m, m), through the fused Gram op (:func:`ntk_fast._ops.gram`,
+    """Theta = sum_l (D_l D_l^T) o (A_l A_l^T), (m, m), through the fused Gram op (:func:`ntk_fast.ops.gram.gram`,
     which falls back to plain torch without the extension).  Cost: m^2 sum_l (fan_in_l + fan_out_l) flops."""
-    from ._ops import gram
+    from ntk_fast.ops.gram import gram
     return gram(list(A), list(D))
 
 

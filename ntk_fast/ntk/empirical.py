@@ -23,9 +23,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _ops
-from .fc import FCNet
-from .reference import per_sample_jacobian
+from ntk_fast.ops import gram as _ops
+from ntk_fast.models.fc import FCNet
+from ntk_fast.ops.reference import per_sample_jacobian
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
 MODES = ("full", "trace", "diagonal")
