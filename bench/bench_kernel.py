@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ntk_fast.ops import kernel_flow as _kernel_ops  # noqa: E402
+from ntk_fast.ops._loader import native  # noqa: E402
 from ntk_fast.dynamics.solver import kernel_flow  # noqa: E402
 from ntk_fast.dynamics.losses import get_loss  # noqa: E402
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms  # noqa: E402
@@ -141,7 +142,7 @@ def interleaved_bound(K: torch.Tensor, y: torch.Tensor, rounds: int = 15, block:
     triangle (exactly the bytes a packed attempt reads, the same count as the upper tiles of full storage);
     the ratios op / read are reported as their median over rounds (1.0 = at the read bandwidth of that moment).
     """
-    from ntk_fast.ops.reference_kernel import pack_symmetric
+    from ntk_fast.ops.packed import pack_symmetric
     n = K.shape[0]
     P = pack_symmetric(K, block)
     Y = y.reshape(1, n).to(K.dtype)
@@ -194,7 +195,7 @@ def main():
     n = args.n
     Es = [int(v) for v in args.E.split(",")]
     rates0 = machine_rates(n, dtype)
-    print(f"# n={n} {args.dtype} threads={torch.get_num_threads()} extension={_kernel_ops.have_extension()}")
+    print(f"# n={n} {args.dtype} threads={torch.get_num_threads()} extension={native("kernel_flow_step")}")
     print(f"# before: read bandwidth {rates0['read_bw_GBs']:.1f} GB/s, matmul {rates0['mm_GFLOPs']:.1f} GFLOP/s")
     K, Y = (make_ntk_problem if args.kernel == "ntk" else make_problem)(n, max(Es), dtype)
     steps = None if args.converge else args.steps

@@ -163,7 +163,7 @@ def main(argv=None):
             A = A64 if dtype == torch.float64 else A32
             D = D64 if dtype == torch.float64 else D32
             out = torch.empty(n, n, device=dev, dtype=dtype)
-            op = lambda: torch.ops.ntk_fast.gram_out(A, D, [], [], scales, True, 0, prec, out)  # noqa: E731
+            op = lambda: torch.ops.ntk_fast.gram.out(A, D, None, None, scales, 0, prec, out=out)  # noqa: E731
             ms = cuda_time(op, reps=args.reps)
             err = None
             if ref64 is not None:

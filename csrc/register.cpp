@@ -13,27 +13,28 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ntk_fast, m) {
   // out[i, j] = sum_l scales[l] * (d1[l][i] . d2[l][j]) * (a1[l][i] . a2[l][j]).
-  // symmetric=True: a2/d2 must be empty lists; the Gram of (a1, d1) with itself, upper tiles mirrored.
+  // a2 = d2 = None: the Gram of (a1, d1) with itself (upper tiles computed, mirrored; exactly symmetric).
   // block: tile edge (0 = automatic).  precision: "highest" (IEEE float32/float64) or "tf32" (CUDA tensor
-  // cores for float32 features; the CPU kernel treats it as "highest").
-  m.def("gram(Tensor[] a1, Tensor[] d1, Tensor[] a2, Tensor[] d2, float[] scales, bool symmetric, int block=0, str precision=\"highest\") -> Tensor");
-  m.def("gram_out(Tensor[] a1, Tensor[] d1, Tensor[] a2, Tensor[] d2, float[] scales, bool symmetric, int block, str precision, Tensor(a!) out) -> ()");
+  // cores for float32 features; the CPU kernel treats it as "highest").  gram.out writes into a
+  // preallocated (n1, n2) tensor of the features' dtype and device (e.g. a memory-mapped array).
+  m.def("gram(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block=0, str precision=\"highest\") -> Tensor");
+  m.def("gram.out(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block, str precision, *, Tensor(a!) out) -> ()");
   // Gradient-flow trainer (ntk_fast/flow.py; maths in csrc/flow/flow_cpu.cpp).  K nets stored row-wise in (K, P).
   // flow_step: w_out = w - dt g (tau == 0), or v_out = x v - (1 - x) g, w_out = w + dt v_out with x = exp(-dt/tau).
   m.def("flow_step(Tensor w, Tensor g, Tensor v, Tensor dt, float tau, Tensor(a!) w_out, Tensor(b!) v_out) -> ()");
   // flow_grad_stats: (K, 2) float64 [|gp|^2, |g - gp|^2] per net.
   m.def("flow_grad_stats(Tensor g, Tensor gp) -> Tensor");
-  // flow_loss: (F, r, loss, nd, dout) from outputs f, f0 (K, n), labels y (n,), previous F (K, n); kind 0 softhinge, 1 qhinge.
-  m.def("flow_loss(Tensor f, Tensor f0, Tensor y, Tensor F_prev, float alpha, float beta, int kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // flow_loss: (F, r, loss, nd, dout) from outputs f, f0 (K, n), labels/targets y (n,), previous F (K, n);
+  // loss: softhinge | qhinge | hinge | mse (csrc/common/loss.h; beta used by softhinge).
+  m.def("flow_loss(Tensor f, Tensor f0, Tensor y, Tensor F_prev, float alpha, float beta, str loss) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // softplus_act: the trainer's activation, in place: with x = beta z,  z <- (c / beta) softplus(x)  and, when s is
   // not empty, s <- c sigmoid(x)  (evaluated without overflow; csrc/flow/act_cpu.cpp).
   m.def("softplus_act(Tensor(a!) z, Tensor(b!) s, float beta, float c) -> ()");
   // One attempt of the frozen-kernel flow for E problems (rows of the (E, n) state f, g, r, c, y):
-  //   f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n
-  //   stats (E x 7, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(y o f'), max|g'|].
+  //   f' = f - dt g;  r' = dl/dF(f', y);  c' = c + dt r / n;  g' = Theta r' / n
+  //   stats (E x 7, float64) = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min y o f', mean l(f', y), max|g'|].
   // theta: (n, n) shared or (E, n, n) per problem, symmetric, only the upper triangle is read; or, with
-  // packed_block = T > 0, tile-packed upper triangle (P,) / (E, P).  loss: softhinge | qhinge | mse (beta used
-  // by softhinge).  Inactive problems (active[e] = False) pass through unchanged with zero stats.
+  // packed_block = T > 0, tile-packed upper triangle (P,) / (E, P) (csrc/common/packed.h).  loss: as flow_loss.  Inactive problems (active[e] = False) pass through unchanged with zero stats.
   // block: tile edge for full storage (0 = automatic).
   m.def("kernel_flow_step(Tensor theta, Tensor y, Tensor f, Tensor g, Tensor r, Tensor c, Tensor dt, Tensor active, str loss, float beta, int packed_block=0, int block=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

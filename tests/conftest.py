@@ -17,3 +17,8 @@ def gen():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+# Op tests take a `device` parameter: the CPU always, CUDA when present (skipped otherwise, so the
+# CUDA cases stay visible in the report).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -16,15 +16,17 @@ import torch
 
 from ntk_fast.ops import flow as ops
 from ntk_fast.ops import kernel_flow as _kernel_ops
-from ntk_fast.ops import reference_flow as ref
+from ntk_fast.ops import reference as ref
+from ntk_fast.ops._loader import native
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.trainer import train
 from ntk_fast.dynamics.solver import kernel_flow
-from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, pack_symmetric
+from ntk_fast.ops.reference import kernel_flow_step_ref
+from ntk_fast.ops.packed import pack_symmetric
 
 DEV = "cpu" if os.environ.get("NTK_FAST_CUDA_TESTS_ON_CPU") else "cuda"
 pytestmark = ([pytest.mark.cuda] if DEV == "cuda" else []) + [
-    pytest.mark.skipif(not ops.have_extension(), reason="extension not built")]
+    pytest.mark.skipif(not native("flow_step"), reason="extension not built")]
 D = torch.float64
 
 
@@ -55,7 +57,7 @@ def test_flow_step_and_stats(K, P, tau, dtype):
 def test_flow_loss(K, n, loss):
     f, f0, Fp = rnd(K, n, seed=5), rnd(K, n, seed=6), rnd(K, n, seed=7)
     y = torch.where(rnd(n, seed=8) > 0, 1.0, -1.0).to(D)
-    want = ref.flow_loss(f, f0, y, Fp, 0.7, 20.0, ref.LOSS_KINDS[loss])
+    want = ref.flow_loss(f, f0, y, Fp, 0.7, 20.0, loss)
     got = ops.flow_loss(f.to(DEV), f0.to(DEV), y.to(DEV), Fp.to(DEV), 0.7, 20.0, loss)
     for a, b, name in zip(got, want, ("F", "r", "loss", "nd", "dout")):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-12, atol=1e-14, msg=name)

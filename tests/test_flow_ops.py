@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ntk_fast.ops import flow as ops
-from ntk_fast.ops import reference_flow as ref
+from ntk_fast.ops import reference as ref
+from ntk_fast.ops._loader import native
 
-pytestmark = pytest.mark.skipif(not ops.have_extension(), reason="extension not built")
+pytestmark = pytest.mark.skipif(not native("flow_step"), reason="extension not built")
 SIZES = [(1, 1), (1, 8193), (3, 12347), (2, 40001)]
 
 
@@ -55,15 +56,17 @@ def test_flow_grad_stats_thread_independent():
 
 
 @pytest.mark.parametrize("K,n", [(1, 1), (1, 2049), (3, 4097), (2, 77)])
-@pytest.mark.parametrize("loss", ["softhinge", "qhinge"])
+@pytest.mark.parametrize("loss", ["softhinge", "qhinge", "hinge", "mse"])
 @pytest.mark.parametrize("alpha", [0.01, 1.0, 30.0])
 def test_flow_loss(K, n, loss, alpha):
     gen = torch.Generator().manual_seed(n + K)
     f, f0, Fp = (torch.randn(K, n, generator=gen, dtype=torch.float64) for _ in range(3))
     f = f0 + f / alpha                      # F = O(1): both sides of the margin
     y = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+    if loss == "mse":                       # real-valued targets
+        y = torch.randn(n, generator=gen, dtype=torch.float64)
     got = ops.flow_loss(f, f0, y, Fp, alpha, 20.0, loss)
-    want = ref.flow_loss(f, f0, y, Fp, alpha, 20.0, ref.LOSS_KINDS[loss])
+    want = ref.flow_loss(f, f0, y, Fp, alpha, 20.0, loss)
     for name, a, b in zip(("F", "r", "loss", "nd", "dout"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if a.dtype == torch.long:
@@ -98,7 +101,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ntk_fast.flow_grad_stats, (w, g))
     y = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
     f = torch.randn(2, 3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.ntk_fast.flow_loss, (f, torch.zeros_like(f), y, torch.zeros_like(f), 2.0, 20.0, 0))
+    for loss in ("softhinge", "qhinge", "hinge", "mse"):
+        torch.library.opcheck(torch.ops.ntk_fast.flow_loss, (f, torch.zeros_like(f), y, torch.zeros_like(f), 2.0, 20.0,
+                                                             loss))
+    with pytest.raises(RuntimeError, match="loss must be 'softhinge', 'qhinge', 'hinge' or 'mse', got 'huber'"):
+        torch.ops.ntk_fast.flow_loss(f, torch.zeros_like(f), y, torch.zeros_like(f), 2.0, 20.0, "huber")
 
 
 def test_bad_inputs():
@@ -116,8 +123,9 @@ def test_bad_inputs():
 
 
 def test_fallback_warns_once(monkeypatch):
-    monkeypatch.setattr(ops, "_HAVE_EXT", False)
-    monkeypatch.setattr(ops, "_warned", False)
+    from ntk_fast.ops import _loader
+    monkeypatch.setattr(_loader, "_disabled", {"flow_grad_stats": "test"})
+    monkeypatch.setattr(_loader, "_warned", set())
     g, gp = torch.randn(2, 9, dtype=torch.float64), torch.randn(2, 9, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="reference"):
         a = ops.flow_grad_stats(g, gp)
@@ -194,7 +202,7 @@ def test_softplus_act_every_cpu_path():
     # the AVX-512, AVX2 and scalar paths (NTK_FAST_ACT_ISA caps the path; each one this CPU has is checked)
     import subprocess
     import sys
-    code = ("import torch, math; from ntk_fast.ops import flow as ops, reference_flow as ref\n"
+    code = ("import torch, math; from ntk_fast.ops import flow as ops, reference as ref\n"
             "g = torch.Generator().manual_seed(3)\n"
             "for dt in (torch.float64, torch.float32):\n"
             "    z = (torch.randn(1001, 37, generator=g, dtype=torch.float64) * 4).to(dt)\n"

@@ -8,13 +8,15 @@ import torch
 
 from ntk_fast.ops import kernel_flow as _kernel_ops
 from ntk_fast.ops.kernel_flow import kernel_flow_step
+from ntk_fast.ops._loader import native
 from ntk_fast.dynamics.solver import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
 from ntk_fast.dynamics.losses import get_loss
 from ntk_fast.dynamics.observables import loglinspace
-from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, pack_symmetric, unpack_symmetric
+from ntk_fast.ops.reference import kernel_flow_step_ref
+from ntk_fast.ops.packed import pack_symmetric, unpack_symmetric
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
-needs_ext = pytest.mark.skipif(not _kernel_ops.have_extension(), reason="extension not built")
+needs_ext = pytest.mark.skipif(not native("kernel_flow_step"), reason="extension not built")
 D = torch.float64
 
 
@@ -49,6 +51,9 @@ CASES = [  # E, n, kernels per problem?, packed block, loss
     (7, 99, False, 0, "softhinge"),
     (17, 93, False, 32, "qhinge"),
     (70, 45, False, 0, "softhinge"),
+    (4, 50, False, 64, "hinge"),
+    (3, 41, True, 0, "hinge"),
+    (3, 66, False, 64, "mse"),
 ]
 
 
@@ -60,6 +65,8 @@ def test_op_matches_reference(E, n, per_problem, pb, loss):
     K = A @ A.mT / n
     theta = pack_symmetric(K, pb) if pb else K
     y, f, gg, r, c, dt = random_state(E, n, seed=n)
+    if loss == "mse":   # real-valued targets
+        y = torch.randn(E, n, generator=g, dtype=D)
     active = torch.rand(E, generator=g) < 0.7
     active[0] = True
     out = torch.ops.ntk_fast.kernel_flow_step(theta, y, f, gg, r, c, dt, active, loss, 20.0, pb, 0)
@@ -123,7 +130,6 @@ def test_op_opcheck():
     K = torch.eye(n, dtype=D) + 0.1
     y, f, gg, r, c, dt = random_state(E, n)
     act = torch.ones(E, dtype=torch.bool)
-    _kernel_ops.have_extension()
     torch.library.opcheck(torch.ops.ntk_fast.kernel_flow_step.default,
                           (K, y, f, gg, r, c, dt, act, "softhinge", 20.0, 0, 0),
                           test_utils=("test_schema", "test_faketensor"))
@@ -145,7 +151,7 @@ def test_op_wrapper_rejects_bad_shapes():
     with pytest.raises(ValueError, match="dt"):
         kernel_flow_step(torch.eye(10, dtype=D), y, f, gg, r, c, dt[:1], act)
     with pytest.raises(ValueError, match="loss"):
-        kernel_flow_step(torch.eye(10, dtype=D), y, f, gg, r, c, dt, act, loss="hinge")
+        kernel_flow_step(torch.eye(10, dtype=D), y, f, gg, r, c, dt, act, loss="huber")
 
 
 # ------------------------------------------------------------------------------------------ the solver
@@ -238,8 +244,11 @@ def test_kernel_regression_jitter_and_not_pd():
         kernel_regression(-torch.eye(5, dtype=D), torch.ones(5, dtype=D))
 
 
-def test_mse_closed_form_matches_flow():
+@pytest.mark.parametrize("targets", ["labels", "real"])
+def test_mse_closed_form_matches_flow(targets):
     K, y, Kt, _ = rbf_problem(60, 15, seed=5)
+    if targets == "real":   # mse takes real-valued targets: 0.5 (F - y)^2
+        y = y * torch.linspace(0.3, 2.0, y.shape[0], dtype=D)
     sol = mse_flow(K, y, K_test=Kt)
     res = kernel_flow(K, y, K_test_train=Kt, loss="mse", max_time=200.0, max_dgrad=1e-7, max_dout=0.01,
                       progress=False)

@@ -2,7 +2,7 @@
 //
 //   flow_step(w, g, v, dt, tau, w_out!, v_out!)      trial weights of K nets stored row-wise in (K, P) buffers
 //   flow_grad_stats(g, gp) -> (K, 2)                 [|g'|^2, |g - g'|^2] per net, accumulated in float64
-//   flow_loss(f, f0, y, F_prev, alpha, beta, kind)   -> F, r, loss, nd, dout  (see flow_cpu.cpp)
+//   flow_loss(f, f0, y, F_prev, alpha, beta, loss)   -> F, r, loss, nd, dout  (see flow_cpu.cpp)
 //   softplus_act(z, s, beta, c)                      the hidden layers' activation, in place (see act_cpu.cpp)
 //
 // All reductions use a fixed block partition (independent of the number of threads) whose partial
@@ -11,13 +11,13 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "../common/loss.h"
+
 namespace ntk_fast {
 namespace flow {
 
 constexpr int64_t kStatsBlock = 8192;  // elements per partial sum in flow_grad_stats
 constexpr int64_t kLossBlock = 2048;   // points per partial sum in flow_loss
-constexpr int64_t kSoftHinge = 0;
-constexpr int64_t kQHinge = 1;
 
 inline void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t K, int64_t P,
                        const at::Tensor& like) {
@@ -65,7 +65,7 @@ inline void check_stats_args(const at::Tensor& g, const at::Tensor& gp) {
 }
 
 inline void check_loss_args(const at::Tensor& f, const at::Tensor& f0, const at::Tensor& y,
-                            const at::Tensor& F_prev, double alpha, double beta, int64_t kind) {
+                            const at::Tensor& F_prev, double alpha, double beta, Loss kind) {
   const char* op = "flow_loss";
   check_float(f, op, "f");
   TORCH_CHECK(f.dim() == 2, op, ": f must be 2-D (nets x points), got shape ", f.sizes());
@@ -77,8 +77,7 @@ inline void check_loss_args(const at::Tensor& f, const at::Tensor& f0, const at:
   TORCH_CHECK(y.scalar_type() == f.scalar_type() && y.device() == f.device() && y.is_contiguous(), op,
               ": y must be a contiguous ", f.scalar_type(), " tensor on ", f.device());
   TORCH_CHECK(alpha > 0.0, op, ": alpha must be > 0, got ", alpha);
-  TORCH_CHECK(kind == kSoftHinge || kind == kQHinge, op, ": kind must be 0 (softhinge) or 1 (qhinge), got ", kind);
-  TORCH_CHECK(kind != kSoftHinge || beta > 0.0, op, ": softhinge needs beta > 0, got ", beta);
+  TORCH_CHECK(kind != Loss::SoftHinge || beta > 0.0, op, ": softhinge needs beta > 0, got ", beta);
 }
 
 // softplus_act(z!, s!, beta, c): z contiguous float32/float64, s empty or z's twin (not aliasing z).

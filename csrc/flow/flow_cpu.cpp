@@ -7,9 +7,9 @@
 // flow_grad_stats: one pass over g, g' returning [|g'|^2, |g - g'|^2] per net (float64 accumulation),
 //   from which the step rule forms dgrad = |g - g'|^2 / (|g| |g'|).
 // flow_loss: one pass over the outputs of K nets on n training points:
-//     F = alpha (f - f0),  u = y F,  loss = 1/(alpha^2 n) sum_i l(u_i),  r_i = l'(u_i) y_i / (alpha n) = dL/df_i,
-//     nd = #{i : u_i < 1},  dout = max_i |F_i - F_prev_i|   (NaN when some F is not finite)
-//   with l the soft hinge softplus(beta (1 - u)) / beta (kind 0) or the quadratic hinge 0.5 relu(1 - u)^2 (kind 1).
+//     F = alpha (f - f0),  loss = 1/(alpha^2 n) sum_i l(F_i, y_i),  r_i = dl/dF(F_i, y_i) / (alpha n) = dL/df_i,
+//     nd = #{i : y_i F_i < 1},  dout = max_i |F_i - F_prev_i|   (NaN when some F is not finite)
+//   with l one of the losses of csrc/common/loss.h (margin losses on u = y F; mse = 0.5 (F - y)^2).
 //   r is the seed of the backward pass: dL/dW(l) = delta(l+1)^T a(l) with delta(L+1) = r.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -103,24 +103,9 @@ at::Tensor flow_grad_stats_cpu(const at::Tensor& g, const at::Tensor& gp) {
   return out;
 }
 
-// l(u) and l'(u) of the margin losses, evaluated stably.
-template <typename T>
-inline void margin_loss(T u, double beta, int64_t kind, T& l, T& lp) {
-  if (kind == kSoftHinge) {
-    const T b = (T)beta, x = b * ((T)1 - u);
-    const T e = std::exp(-std::abs(x));             // in (0, 1]
-    l = (std::max(x, (T)0) + std::log1p(e)) / b;    // softplus(x) / beta
-    lp = x >= (T)0 ? -(T)1 / ((T)1 + e) : -e / ((T)1 + e);  // -sigmoid(x)
-  } else {
-    const T m = std::max((T)1 - u, (T)0);
-    l = (T)0.5 * m * m;
-    lp = -m;
-  }
-}
-
 template <typename scalar_t>
 void loss_kernel(const scalar_t* f, const scalar_t* f0, const scalar_t* y, const scalar_t* Fp, double alpha,
-                 double beta, int64_t kind, scalar_t* F, scalar_t* r, scalar_t* loss, int64_t* nd, scalar_t* dout,
+                 double beta, Loss kind, scalar_t* F, scalar_t* r, scalar_t* loss, int64_t* nd, scalar_t* dout,
                  int64_t K, int64_t n) {
   const int64_t B = kLossBlock, nb = (n + B - 1) / B;
   struct Part {
@@ -139,10 +124,10 @@ void loss_kernel(const scalar_t* f, const scalar_t* f0, const scalar_t* y, const
         const int64_t i = k * n + j;
         const scalar_t Fi = a * (f[i] - f0[i]);
         const scalar_t u = y[j] * Fi;
-        scalar_t l, lp;
-        margin_loss<scalar_t>(u, beta, kind, l, lp);
+        scalar_t l, dl;
+        loss_and_grad<scalar_t>(kind, (scalar_t)beta, Fi, y[j], l, dl);
         F[i] = Fi;
-        r[i] = lp * y[j] * rs;
+        r[i] = dl * rs;
         p.lsum += (double)l;
         p.cnt += u < (scalar_t)1 ? 1 : 0;
         const double d = std::abs((double)Fi - (double)Fp[i]);
@@ -173,7 +158,8 @@ void loss_kernel(const scalar_t* f, const scalar_t* f0, const scalar_t* y, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_loss_cpu(
     const at::Tensor& f, const at::Tensor& f0, const at::Tensor& y, const at::Tensor& F_prev, double alpha,
-    double beta, int64_t kind) {
+    double beta, c10::string_view loss_name) {
+  const Loss kind = parse_loss(loss_name, "flow_loss");
   check_loss_args(f, f0, y, F_prev, alpha, beta, kind);
   TORCH_CHECK(f.device().is_cpu(), "flow_loss: CPU kernel called with a tensor on ", f.device());
   const int64_t K = f.size(0), n = f.size(1);

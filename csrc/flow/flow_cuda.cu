@@ -140,6 +140,63 @@ at::Tensor flow_grad_stats_cuda(const at::Tensor& g, const at::Tensor& gp) {
   return out;
 }
 
+// Stage 1: block (b, k) reduces entries [b*B, (b+1)*B) of row k into part[(k*nb + b)*2 + {0,1}].
+template <typename scalar_t>
+__global__ void stats_partial(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gp, double* part,
+                              int64_t P, int64_t nb) {
+  __shared__ double sh[kThreads];
+  const int64_t k = blockIdx.y, b = blockIdx.x;
+  const int64_t i0 = b * kStatsBlock, i1 = min(P, i0 + kStatsBlock);
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    const double x = (double)gp[k * P + i], d = (double)g[k * P + i] - x;
+    s1 += x * x;
+    s2 += d * d;
+  }
+  s1 = block_sum(s1, sh);
+  s2 = block_sum(s2, sh);
+  if (threadIdx.x == 0) {
+    part[(k * nb + b) * 2] = s1;
+    part[(k * nb + b) * 2 + 1] = s2;
+  }
+}
+
+// Stage 2: one block per net sums its nb partials.
+__global__ void stats_final(const double* part, double* out, int64_t nb) {
+  __shared__ double sh[kThreads];
+  const int64_t k = blockIdx.x;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
+    s1 += part[(k * nb + b) * 2];
+    s2 += part[(k * nb + b) * 2 + 1];
+  }
+  s1 = block_sum(s1, sh);
+  s2 = block_sum(s2, sh);
+  if (threadIdx.x == 0) {
+    out[2 * k] = s1;
+    out[2 * k + 1] = s2;
+  }
+}
+
+at::Tensor flow_grad_stats_cuda(const at::Tensor& g, const at::Tensor& gp) {
+  check_stats_args(g, gp);
+  const int64_t K = g.size(0), P = g.size(1);
+  at::Tensor out = at::zeros({K, 2}, g.options().dtype(at::kDouble));
+  if (K == 0 || P == 0) return out;
+  const c10::cuda::CUDAGuard guard(g.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t nb = (P + kStatsBlock - 1) / kStatsBlock;
+  at::Tensor part = at::empty({K, nb, 2}, out.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "flow_grad_stats_cuda", [&] {
+    stats_partial<scalar_t><<<dim3((unsigned)nb, (unsigned)K), kThreads, 0, stream>>>(
+        g.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(), part.data_ptr<double>(), P, nb);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  stats_final<<<(unsigned)K, kThreads, 0, stream>>>(part.data_ptr<double>(), out.data_ptr<double>(), nb);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 template <typename T>
 __device__ __forceinline__ void margin_loss(T u, double beta, int64_t kind, T& l, T& lp) {
   if (kind == kSoftHinge) {
@@ -159,7 +216,7 @@ __device__ __forceinline__ void margin_loss(T u, double beta, int64_t kind, T& l
 template <typename scalar_t>
 __global__ void loss_partial(const scalar_t* __restrict__ f, const scalar_t* __restrict__ f0,
                              const scalar_t* __restrict__ y, const scalar_t* __restrict__ Fp, double alpha,
-                             double beta, int64_t kind, scalar_t* __restrict__ F, scalar_t* __restrict__ r,
+                             double beta, Loss kind, scalar_t* __restrict__ F, scalar_t* __restrict__ r,
                              double* part, int64_t n, int64_t nb) {
   __shared__ double sh[kThreads];
   const int64_t k = blockIdx.y, b = blockIdx.x;
@@ -170,10 +227,10 @@ __global__ void loss_partial(const scalar_t* __restrict__ f, const scalar_t* __r
     const int64_t i = k * n + j;
     const scalar_t Fi = a * (f[i] - f0[i]);
     const scalar_t u = y[j] * Fi;
-    scalar_t l, lp;
-    margin_loss<scalar_t>(u, beta, kind, l, lp);
+    scalar_t l, dl;
+    loss_and_grad<scalar_t>(kind, (scalar_t)beta, Fi, y[j], l, dl);
     F[i] = Fi;
-    r[i] = lp * y[j] * rs;
+    r[i] = dl * rs;
     lsum += (double)l;
     cnt += u < (scalar_t)1 ? 1.0 : 0.0;
     dmax = fmax(dmax, fabs((double)Fi - (double)Fp[i]));
@@ -219,7 +276,8 @@ __global__ void loss_final(const double* part, double alpha, int64_t n, int64_t 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_loss_cuda(
     const at::Tensor& f, const at::Tensor& f0, const at::Tensor& y, const at::Tensor& F_prev, double alpha,
-    double beta, int64_t kind) {
+    double beta, c10::string_view loss_name) {
+  const Loss kind = parse_loss(loss_name, "flow_loss");
   check_loss_args(f, f0, y, F_prev, alpha, beta, kind);
   const int64_t K = f.size(0), n = f.size(1);
   TORCH_CHECK(n > 0, "flow_loss: needs at least one point");

@@ -1,26 +1,39 @@
 // Shared argument checks for the gram op (CPU and CUDA kernels).
 #pragma once
 #include <ATen/ATen.h>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace ntk_fast {
+
+// The optional right-hand side of the op: a2 = d2 = None means the symmetric Gram of (a1, d1).
+using OptList = std::optional<at::TensorList>;
+
+struct GramRight {
+  at::TensorList a2, d2;
+  bool symmetric;
+};
+
+inline GramRight resolve_right(const OptList& a2, const OptList& d2) {
+  TORCH_CHECK(a2.has_value() == d2.has_value(), "gram: pass both a2 and d2, or neither (symmetric Gram)");
+  if (!a2.has_value()) return {at::TensorList(), at::TensorList(), true};
+  return {*a2, *d2, false};
+}
 
 struct GramShape {
   int64_t n1, n2;
 };
 
 // Checks ranks, matching row counts, matching feature dims, dtypes and devices.
-// Returns the output shape.  `symmetric` requires a2/d2 empty.
+// Returns the output shape.
 inline GramShape check_gram_args(const at::TensorList a1, const at::TensorList d1, const at::TensorList a2,
                                  const at::TensorList d2, at::ArrayRef<double> scales, bool symmetric) {
   const auto L = a1.size();
   TORCH_CHECK(L > 0, "gram: a1 must hold at least one layer, got an empty list");
   TORCH_CHECK(d1.size() == L, "gram: d1 must have as many layers as a1 (", L, "), got ", d1.size());
   TORCH_CHECK(scales.size() == L, "gram: scales must have one entry per layer (", L, "), got ", scales.size());
-  if (symmetric) {
-    TORCH_CHECK(a2.empty() && d2.empty(), "gram: symmetric=True takes empty a2 and d2");
-  } else {
+  if (!symmetric) {
     TORCH_CHECK(a2.size() == L && d2.size() == L, "gram: a2 and d2 must have ", L, " layers like a1, got ",
                 a2.size(), " and ", d2.size());
   }

@@ -102,9 +102,12 @@ std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   return v;
 }
 
-void gram_out_cpu(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::TensorList d2,
-                  at::ArrayRef<double> scales, bool symmetric, int64_t block, c10::string_view precision,
+void gram_out_cpu(at::TensorList a1, at::TensorList d1, const OptList& a2_, const OptList& d2_,
+                   at::ArrayRef<double> scales, int64_t block, c10::string_view precision,
                   at::Tensor out) {
+  const GramRight right = resolve_right(a2_, d2_);
+  const at::TensorList a2 = right.a2, d2 = right.d2;
+  const bool symmetric = right.symmetric;
   check_precision(precision);
   const GramShape s = check_gram_args(a1, d1, a2, d2, scales, symmetric);
   check_gram_out(out, s, a1[0]);
@@ -119,11 +122,14 @@ void gram_out_cpu(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::T
   });
 }
 
-at::Tensor gram_cpu(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::TensorList d2,
-                    at::ArrayRef<double> scales, bool symmetric, int64_t block, c10::string_view precision) {
+at::Tensor gram_cpu(at::TensorList a1, at::TensorList d1, const OptList& a2_, const OptList& d2_,
+                     at::ArrayRef<double> scales, int64_t block, c10::string_view precision) {
+  const GramRight right = resolve_right(a2_, d2_);
+  const at::TensorList a2 = right.a2, d2 = right.d2;
+  const bool symmetric = right.symmetric;
   const GramShape s = check_gram_args(a1, d1, a2, d2, scales, symmetric);
   at::Tensor out = at::empty({s.n1, s.n2}, a1[0].options());
-  gram_out_cpu(a1, d1, a2, d2, scales, symmetric, block, precision, out);
+  gram_out_cpu(a1, d1, a2_, d2_, scales, block, precision, out);
   return out;
 }
 
@@ -131,7 +137,7 @@ at::Tensor gram_cpu(at::TensorList a1, at::TensorList d1, at::TensorList a2, at:
 
 TORCH_LIBRARY_IMPL(ntk_fast, CPU, m) {
   m.impl("gram", &gram_cpu);
-  m.impl("gram_out", &gram_out_cpu);
+  m.impl("gram.out", &gram_out_cpu);
 }
 
 }  // namespace ntk_fast

@@ -457,16 +457,19 @@ void launch(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1
   }
 }
 
-void gram_out_cuda(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::TensorList d2,
-                   at::ArrayRef<double> scales, bool symmetric, int64_t block, c10::string_view precision,
+void gram_out_cuda(at::TensorList a1, at::TensorList d1, const OptList& a2_, const OptList& d2_,
+                   at::ArrayRef<double> scales, int64_t block, c10::string_view precision,
                    at::Tensor out) {
+  const GramRight right = resolve_right(a2_, d2_);
+  const at::TensorList a2 = right.a2, d2 = right.d2;
+  const bool symmetric = right.symmetric;
   check_precision(precision);
   const GramShape s = check_gram_args(a1, d1, a2, d2, scales, symmetric);
   check_gram_out(out, s, a1[0]);
   const at::Device dev = a1[0].device();
   TORCH_CHECK(out.device() == dev, "gram: out is on ", out.device(), " but the features are on ", dev,
               "; out must be on the features' device",
-              dev.is_cuda() ? " (for a CPU out use ntk_fast.gram_stream.gram_streamed)" : "");
+              dev.is_cuda() ? " (for a CPU out use ntk_fast.ntk.stream.gram_streamed)" : "");
   TORCH_CHECK(dev.is_cuda(), "gram: the CUDA kernel got a1[0] on ", dev,
               "; the features (a1, d1, a2, d2) and out must all be on one CUDA device");
   TORCH_CHECK(block >= 0, "gram: block must be >= 0 (0 = automatic), got ", block);
@@ -505,11 +508,14 @@ void gram_out_cuda(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::
   }
 }
 
-at::Tensor gram_cuda(at::TensorList a1, at::TensorList d1, at::TensorList a2, at::TensorList d2,
-                     at::ArrayRef<double> scales, bool symmetric, int64_t block, c10::string_view precision) {
+at::Tensor gram_cuda(at::TensorList a1, at::TensorList d1, const OptList& a2_, const OptList& d2_,
+                     at::ArrayRef<double> scales, int64_t block, c10::string_view precision) {
+  const GramRight right = resolve_right(a2_, d2_);
+  const at::TensorList a2 = right.a2, d2 = right.d2;
+  const bool symmetric = right.symmetric;
   const GramShape s = check_gram_args(a1, d1, a2, d2, scales, symmetric);
   at::Tensor out = at::empty({s.n1, s.n2}, a1[0].options());
-  gram_out_cuda(a1, d1, a2, d2, scales, symmetric, block, precision, out);
+  gram_out_cuda(a1, d1, a2_, d2_, scales, block, precision, out);
   return out;
 }
 
@@ -517,7 +523,7 @@ at::Tensor gram_cuda(at::TensorList a1, at::TensorList d1, at::TensorList a2, at
 
 TORCH_LIBRARY_IMPL(ntk_fast, CUDA, m) {
   m.impl("gram", &gram_cuda);
-  m.impl("gram_out", &gram_out_cuda);
+  m.impl("gram.out", &gram_out_cuda);
 }
 
 }  // namespace ntk_fast

@@ -1,31 +1,14 @@
 // Shared argument checks and the packed symmetric layout of ntk_fast::kernel_flow_step (CPU and CUDA).
 //
-// Packed layout ("tile-packed upper triangle"): with tile edge T and nt = ceil(n / T) tile rows, the tiles
-// (bi, bj) with bi <= bj are stored one after the other in row-major order of (bi, bj); each tile is a dense
-// T x T row-major block (diagonal tiles hold the full symmetric block, edge tiles are zero-padded).
-//   tile_index(bi, bj) = bi * nt - bi * (bi - 1) / 2 + (bj - bi),   packed size P = nt (nt + 1) / 2 * T^2.
+// (packed layout: csrc/common/packed.h)
 #pragma once
 #include <ATen/ATen.h>
 #include <string>
 
+#include "../common/loss.h"
+#include "../common/packed.h"
+
 namespace ntk_fast {
-
-enum LossKind : int { LOSS_SOFTHINGE = 0, LOSS_QHINGE = 1, LOSS_MSE = 2 };
-
-inline int loss_kind(const std::string& loss) {
-  if (loss == "softhinge") return LOSS_SOFTHINGE;
-  if (loss == "qhinge") return LOSS_QHINGE;
-  if (loss == "mse") return LOSS_MSE;
-  TORCH_CHECK(false, "kernel_flow_step: loss must be 'softhinge', 'qhinge' or 'mse', got '", loss, "'");
-  return -1;
-}
-
-inline int64_t packed_tiles_per_side(int64_t n, int64_t T) { return (n + T - 1) / T; }
-inline int64_t packed_size(int64_t n, int64_t T) {
-  const int64_t nt = packed_tiles_per_side(n, T);
-  return nt * (nt + 1) / 2 * T * T;
-}
-inline int64_t packed_tile_index(int64_t bi, int64_t bj, int64_t nt) { return bi * nt - bi * (bi - 1) / 2 + (bj - bi); }
 
 struct FlowShape {
   int64_t E, n;

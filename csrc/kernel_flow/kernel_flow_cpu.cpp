@@ -313,32 +313,12 @@ void symmetric_product(const S* theta, bool packed, int64_t n, int64_t T, const 
 }
 
 template <typename S>
-struct LossFn {
-  int kind;
-  S beta;
-  NTK_ALWAYS_INLINE S prime(S u) const {
-    if (kind == LOSS_SOFTHINGE) return -S(1) / (S(1) + std::exp(-beta * (S(1) - u)));
-    if (kind == LOSS_QHINGE) return u < S(1) ? u - S(1) : S(0);
-    return u - S(1);
-  }
-  double value(double u) const {
-    if (kind == LOSS_SOFTHINGE) {
-      const double x = (double)beta * (1.0 - u);
-      return (x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) / (double)beta;
-    }
-    const double m = kind == LOSS_QHINGE ? std::max(0.0, 1.0 - u) : 1.0 - u;
-    return 0.5 * m * m;
-  }
-};
-
-template <typename S>
 void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tensor& f, const at::Tensor& g,
                    const at::Tensor& r, const at::Tensor& c, const at::Tensor& dt, const at::Tensor& active,
-                   int kind, double beta, int64_t packed_block, int64_t block, const FlowShape& s,
+                   Loss kind, double beta, int64_t packed_block, int64_t block, const FlowShape& s,
                    at::Tensor& fn, at::Tensor& rn, at::Tensor& gn, at::Tensor& cn, at::Tensor& stats) {
   const int64_t E = s.E, n = s.n;
   const S inv_n = S(1) / S(n);
-  const LossFn<S> loss{kind, (S)beta};
   const S *py = y.data_ptr<S>(), *pf = f.data_ptr<S>(), *pg = g.data_ptr<S>(), *pr = r.data_ptr<S>(),
           *pc = c.data_ptr<S>(), *pdt = dt.data_ptr<S>();
   const bool* pa = active.data_ptr<bool>();
@@ -364,13 +344,17 @@ void flow_step_cpu(const at::Tensor& theta, const at::Tensor& y, const at::Tenso
       const S fi = pf[o + i] - d * gi;
       const S u = yi * fi;
       qf[o + i] = fi;
-      qr[o + i] = loss.prime(u) * yi;
+      S l, dl;
+      loss_and_grad<S>(kind, (S)beta, fi, yi, l, dl);
+      qr[o + i] = dl;
       qc[o + i] = pc[o + i] + d * pr[o + i] * inv_n;
       gmax = std::max(gmax, std::abs((double)gi));
       if (std::isnan((double)gi)) gmax = std::numeric_limits<double>::quiet_NaN();
       umin = std::min(umin, (double)u);
       if (std::isnan((double)u)) umin = std::numeric_limits<double>::quiet_NaN();
-      lsum += loss.value((double)u);
+      double ld, dld;  // the loss value in double, as the mean is accumulated in double
+      loss_and_grad<double>(kind, beta, (double)fi, (double)yi, ld, dld);
+      lsum += ld;
     }
     se[3] = std::isnan(gmax) ? gmax : (double)d * gmax;
     se[4] = umin;
@@ -425,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
     const at::Tensor& r_, const at::Tensor& c_, const at::Tensor& dt_, const at::Tensor& active_,
     c10::string_view loss, double beta, int64_t packed_block, int64_t block) {
   const FlowShape s = check_flow_args(theta_, y_, f_, g_, r_, c_, dt_, active_, packed_block);
-  const int kind = loss_kind(std::string(loss));
+  const Loss kind = parse_loss(loss, "kernel_flow_step");
   TORCH_CHECK(block >= 0, "kernel_flow_step: block must be >= 0, got ", block);
   const at::Tensor theta = theta_.contiguous(), y = y_.contiguous(), f = f_.contiguous(), g = g_.contiguous(),
                    r = r_.contiguous(), c = c_.contiguous(), dt = dt_.contiguous(), active = active_.contiguous();

@@ -22,26 +22,9 @@ constexpr int THREADS = 256;
 constexpr int PCHUNK = 8;  // problems staged in shared memory at a time
 
 template <typename S>
-__device__ __forceinline__ S loss_prime(int kind, S beta, S u) {
-  if (kind == LOSS_SOFTHINGE) return -S(1) / (S(1) + exp(-beta * (S(1) - u)));
-  if (kind == LOSS_QHINGE) return u < S(1) ? u - S(1) : S(0);
-  return u - S(1);
-}
-
-template <typename S>
-__device__ __forceinline__ S loss_value(int kind, S beta, S u) {
-  if (kind == LOSS_SOFTHINGE) {
-    const S x = beta * (S(1) - u);
-    return (x > S(0) ? x + log1p(exp(-x)) : log1p(exp(x))) / beta;
-  }
-  const S m = kind == LOSS_QHINGE ? (u < S(1) ? S(1) - u : S(0)) : S(1) - u;
-  return S(0.5) * m * m;
-}
-
-template <typename S>
 __global__ void elementwise_kernel(const S* __restrict__ y, const S* __restrict__ f, const S* __restrict__ g,
                                    const S* __restrict__ r, const S* __restrict__ c, const S* __restrict__ dt,
-                                   const bool* __restrict__ active, int64_t n, int kind, S beta, S inv_n,
+                                   const bool* __restrict__ active, int64_t n, Loss kind, S beta, S inv_n,
                                    S* __restrict__ fn, S* __restrict__ rn, S* __restrict__ cn, S* __restrict__ u_out,
                                    S* __restrict__ l_out) {
   const int64_t e = blockIdx.y;
@@ -60,10 +43,12 @@ __global__ void elementwise_kernel(const S* __restrict__ y, const S* __restrict_
   const S fi = f[k] - d * g[k];
   const S u = y[k] * fi;
   fn[k] = fi;
-  rn[k] = loss_prime<S>(kind, beta, u) * y[k];
+  S l, dl;
+  loss_and_grad<S>(kind, beta, fi, y[k], l, dl);
+  rn[k] = dl;
   cn[k] = c[k] + d * r[k] * inv_n;
   u_out[k] = u;
-  l_out[k] = loss_value<S>(kind, beta, u);
+  l_out[k] = l;
 }
 
 // grid: (nt, nt, number of kernels); blocks with bj < bi exit.  prob: active problem ids (np of them);
@@ -134,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
     const at::Tensor& r_, const at::Tensor& c_, const at::Tensor& dt_, const at::Tensor& active_,
     c10::string_view loss, double beta, int64_t packed_block, int64_t block) {
   const FlowShape s = check_flow_args(theta_, y_, f_, g_, r_, c_, dt_, active_, packed_block);
-  const int kind = loss_kind(std::string(loss));
+  const Loss kind = parse_loss(loss, "kernel_flow_step");
   const c10::cuda::CUDAGuard guard(f_.device());
   const at::Tensor theta = theta_.contiguous(), y = y_.contiguous(), f = f_.contiguous(), g = g_.contiguous(),
                    r = r_.contiguous(), c = c_.contiguous(), dt = dt_.contiguous(), active = active_.contiguous();

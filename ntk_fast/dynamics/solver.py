@@ -39,9 +39,9 @@ import torch
 
 from ntk_fast.ops.gram import all_finite
 from ntk_fast.ops.kernel_flow import kernel_flow_step
-from ntk_fast.dynamics.losses import LOSSES, get_loss
+from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
 from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
-from ntk_fast.ops.reference_kernel import pack_symmetric
+from ntk_fast.ops.packed import PACKED_TILE, pack_symmetric
 from ntk_fast.dynamics.results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
@@ -195,7 +195,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         checkpoint_rate, checkpoint_step: history at the accepted steps of the trainer's log-linear schedule
             (ntk_fast.dynamics.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
-            caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
+            caller may then free K_train; the layout's tile is ops.packed.PACKED_TILE on every device);
+            block: compute tile edge of full storage (default 256 on CPUs; the CUDA kernel uses 64).
         checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
             ``checkpoint_every_steps`` loop iterations) and at the end; resume: such a file to continue from
             (bit-for-bit: the same inputs and thread count give the same trajectory as an uninterrupted run).
@@ -213,7 +214,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     n = K_train.shape[-1]
     if validate:
         check_kernel(K_train, "K_train")
-        check_labels(y, "y", n)
+        check_labels(y, "y", n, pm1=is_margin(loss))
     elif y.shape[-1] != n:
         raise ValueError(f"kernel_flow: y has {y.shape[-1]} entries but K_train is {n} x {n}")
     dtype, device = K_train.dtype, K_train.device
@@ -239,7 +240,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         m = Kte.shape[-2]
         if y_test is not None:
             if validate:
-                check_labels(y_test, "y_test", m)
+                check_labels(y_test, "y_test", m, pm1=is_margin(loss))
             elif y_test.shape[-1] != m:
                 raise ValueError(f"kernel_flow: y_test has {y_test.shape[-1]} entries, K_test_train has {m} rows")
             Yte = y_test.to(dtype=dtype, device=device).reshape(-1, m).expand(E, m)
@@ -256,11 +257,10 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     elif block is None:
         block = 256
     packed_block = 0
-    if packed:
-        theta = pack_symmetric(theta, block)
-        packed_block = block
+    if packed:   # one device-independent layout (ntk_fast/ops/packed.py); block is the compute tile of full storage
+        theta = pack_symmetric(theta, PACKED_TILE)
+        packed_block = PACKED_TILE
     step_block = 0 if (packed or device.type == "cuda") else block
-    lfun, _ = get_loss(loss)
 
     config = {"n": n, "E": E, "loss": loss, "beta": beta, "max_dgrad": max_dgrad, "max_dout": max_dout,
               "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction, "stop_margin": stop_margin,
@@ -308,7 +308,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     def record(e: int) -> None:
         u = (Y[e] * F[e]).double()
         rec = {"step": steps[e], "t": tt[e], "dt": dt[e],
-               "loss": float(lfun(u, beta).mean()), "err": float((u <= 0).double().mean()),
+               "loss": float(loss_value(loss, F[e].double(), Y[e].double(), beta).mean()), "err": float((u <= 0).double().mean()),
                "nd": int((u < 1).sum()), "margin_min": float(u.min()), "F_norm": float(F[e].double().norm()),
                "c_norm": float(c[e].double().norm())}
         if Kte is not None:
@@ -317,7 +317,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             if Yte is not None:
                 ut = (Yte[e] * Ft).double()
                 rec["test_err"] = float((ut <= 0).double().mean())
-                rec["test_loss"] = float(lfun(ut, beta).mean())
+                rec["test_loss"] = float(loss_value(loss, Ft.double(), Yte[e].double(), beta).mean())
         history[e].append(rec)
 
     if resume is None:

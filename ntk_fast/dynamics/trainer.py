@@ -51,7 +51,7 @@ import torch
 from ntk_fast.ops import flow as ops
 from ntk_fast.dynamics import observables as obs
 from ntk_fast.models.fc import FCNet
-from ntk_fast.dynamics.losses import LOSSES
+from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_value
 from ntk_fast.dynamics.results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
@@ -80,7 +80,7 @@ def _check_nets(net: Union[FCNet, Sequence[FCNet]]) -> List[FCNet]:
     return nets
 
 
-def _check_data(x: Any, y: Any, d: int, like: torch.Tensor, xname: str, yname: str):
+def _check_data(x: Any, y: Any, d: int, like: torch.Tensor, xname: str, yname: str, loss: str):
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != d:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"train: {xname} must be a tensor of shape (n, {d}), got {shape}")
@@ -91,9 +91,7 @@ def _check_data(x: Any, y: Any, d: int, like: torch.Tensor, xname: str, yname: s
         raise ValueError(f"train: {xname} has no points")
     if not torch.isfinite(x).all():
         raise ValueError(f"train: {xname} contains NaN or infinite values")
-    if not ((y == 1) | (y == -1)).all():
-        bad = y[(y != 1) & (y != -1)][:3].tolist()
-        raise ValueError(f"train: labels {yname} must be -1 or +1, found e.g. {bad}")
+    check_targets(y, loss, yname, "train")
     return (x.to(dtype=like.dtype, device=like.device).contiguous(),
             y.to(dtype=like.dtype, device=like.device).contiguous())
 
@@ -477,11 +475,11 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"train: max_steps must be >= 0, got {max_steps}")
     rule = StepRule(max_dgrad=max_dgrad, max_dout=max_dout)
-    x, y = _check_data(x, y, a.d, like, "x", "y")
+    x, y = _check_data(x, y, a.d, like, "x", "y", loss)
     if (x_test is None) != (y_test is None):
         raise ValueError("train: give both x_test and y_test, or neither")
     if x_test is not None:
-        x_test, y_test = _check_data(x_test, y_test, a.d, like, "x_test", "y_test")
+        x_test, y_test = _check_data(x_test, y_test, a.d, like, "x_test", "y_test", loss)
     with torch.no_grad():
         return _run(nets, x, y, alpha, x_test, y_test, loss, float(loss_beta), rule, float(tau), float(max_time),
                     float(max_wall), max_steps, int(kernel_every), kernel_points, checkpoint, float(checkpoint_every),
@@ -571,9 +569,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                    w0_norm=float(torch.linalg.norm(eng.w0[k].double())))
         if x_test is not None:
             Ft = alpha * (eng.forward(Ws if K > 1 else eng.views[b], x_test / math.sqrt(eng.d))[0][0] - f0_test[k])
-            u = y_test * Ft
-            lf = _loss_fn(loss)
-            rec.update(test_loss=float(lf(u.double(), loss_beta).mean()) / alpha ** 2,
+            rec.update(test_loss=float(loss_value(loss, Ft.double(), y_test.double(), loss_beta).mean()) / alpha ** 2,
                        test_err=float(obs.error(Ft, y_test)), test_nd=int(obs.under_margin(Ft, y_test)),
                        test_rms_F=float(obs.rms(Ft)))
             if K > 1:
@@ -598,7 +594,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                 record(k, "checkpoint", scheduled=True)
                 S["n_ckpt"][k] += 1
                 S["next_ckpt"][k] = obs.next_checkpoint(0, ckpt_rate, ckpt_spacing)
-                if S["nd"][k] == 0:
+                if is_margin(loss) and S["nd"][k] == 0:
                     S["status"][k] = "converged"
 
     def limit_status(k: int) -> Optional[str]:
@@ -658,7 +654,7 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
                     rf = math.sqrt(S["msq"][k]) / alpha
                     if rf >= grow_factor * rms_f0[k]:
                         S["t_grow"][k] = t
-                stop = "converged" if S["nd"][k] == 0 else limit_status(k)
+                stop = "converged" if (is_margin(loss) and S["nd"][k] == 0) else limit_status(k)
                 if S["step"][k] >= S["next_ckpt"][k] or stop is not None:
                     on_schedule = S["step"][k] >= S["next_ckpt"][k]
                     if on_schedule:
@@ -715,7 +711,3 @@ def _run(nets, x, y, alpha, x_test, y_test, loss, loss_beta, rule, tau, max_time
     return FlowResult(overall_status(statuses), statuses, history, out_nets, finals, ens, outputs, config,
                       list(ens_track.records))
 
-
-def _loss_fn(name: str):
-    from ntk_fast.dynamics.losses import get_loss
-    return get_loss(name)[0]

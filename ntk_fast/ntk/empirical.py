@@ -23,9 +23,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ntk_fast.ops import gram as _ops
 from ntk_fast.models.fc import FCNet
+from ntk_fast.ntk.panels import mirror_in_place, row_panels
+from ntk_fast.ntk.stream import gram_streamed
+from ntk_fast.ops import gram as _ops
 from ntk_fast.ops.reference import per_sample_jacobian
+from ntk_fast.progress import progress_bar
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
 MODES = ("full", "trace", "diagonal")
@@ -184,21 +187,23 @@ def _jacobian_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     full = mode == "full" and k > 1
     shape = (n1, n2, k, k) if full else (n1, n2)
     res = out if out is not None else torch.empty(shape, dtype=x1.dtype, device=x1.device)
-    it = range(0, n1, block_size)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="ntk (jacobian)", unit="block")
-    for i in it:
-        ji = per_sample_jacobian(model, x1[i:i + block_size])
-        for j0, jj in _jacobian_blocks(model, xb, block_size):
-            if sym and j0 + jj.shape[0] <= i:
-                continue    # lower block: mirrored below
+    panels = row_panels(n1, block_size, sym)
+    bar = progress_bar(progress, total=len(panels), desc="ntk (jacobian)", unit="panel")
+    for p in panels:
+        ji = per_sample_jacobian(model, x1[p.r0:p.r1])
+        for c in row_panels(n2, block_size, False):
+            if c.r1 <= p.c0:
+                continue    # left of the panel (symmetric: the lower part, mirrored below)
+            jj = per_sample_jacobian(model, xb[c.r0:c.r1])
             blk = torch.einsum("icp,jdp->ijcd", ji, jj)
             blk = blk if full else torch.diagonal(blk, dim1=2, dim2=3).sum(-1)
-            res[i:i + ji.shape[0], j0:j0 + jj.shape[0]] = blk
-            if sym and j0 > i:
-                res[j0:j0 + jj.shape[0], i:i + ji.shape[0]] = blk.transpose(0, 1).transpose(2, 3) if full \
-                    else blk.transpose(0, 1)
+            res[p.r0:p.r1, c.r0:c.r1] = blk
+            if sym and c.r0 > p.r0:
+                res[c.r0:c.r1, p.r0:p.r1] = blk.transpose(0, 1).transpose(2, 3) if full else blk.transpose(0, 1)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return res
 
 
@@ -236,11 +241,13 @@ def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
         target = torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
     else:
         target = out if out is not None else torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
-    panel = block_size if (block_size is not None or progress) else None
-    if panel is None:
+    if target.device != A1[0].device:   # GPU features, host (or memory-mapped) result: streamed panels
+        gram_streamed(A1, D1, None if sym else A2, None if sym else D2, out=target, panel_rows=block_size,
+                      precision=precision, progress=progress)
+    elif block_size is None and not progress:
         _ops.gram(A1, D1, None if sym else A2, None if sym else D2, out=target, precision=precision)
     else:
-        _panels(A1, D1, A2, D2, sym, target, panel or 1024, progress, precision)
+        _panels(A1, D1, A2, D2, sym, target, block_size or 1024, progress, precision)
     if full:
         res = target.reshape(n1, k, n2, k).permute(0, 2, 1, 3)
         if out is not None:
@@ -250,38 +257,29 @@ def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
     return target
 
 
-def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress: bool, precision: str) -> None:
-    """Row panels of the Gram written into out one after another (each panel is one op call).
-
-    Symmetric: panel rows [r0, r1) against columns [r0, n), then the part right of the diagonal block is
-    mirrored into rows [r1, n) of columns [r0, r1): the strictly lower blocks are never computed.
-    """
-    m1 = A1[0].shape[0]
-    starts = range(0, m1, panel)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="ntk", unit="panel")
-    for r0 in starts:
-        r1 = min(m1, r0 + panel)
-        a1 = [a[r0:r1] for a in A1]
-        d1 = [d[r0:r1] for d in D1]
+def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress, precision: str) -> None:
+    """Row panels of the Gram written into out one after another (each panel is one op call;
+    ntk_fast.ntk.panels: the strictly lower blocks of a symmetric Gram are mirrored, never computed)."""
+    panels = row_panels(A1[0].shape[0], panel, sym)
+    bar = progress_bar(progress, total=len(panels), desc="ntk", unit="panel")
+    for p in panels:
+        a1 = [a[p.r0:p.r1] for a in A1]
+        d1 = [d[p.r0:p.r1] for d in D1]
+        _ops.gram(a1, d1, [a[p.c0:] for a in A2], [d[p.c0:] for d in D2], out=out[p.r0:p.r1, p.c0:],
+                  precision=precision)
         if sym:
-            a2 = [a[r0:] for a in A2]
-            d2 = [d[r0:] for d in D2]
-            _ops.gram(a1, d1, a2, d2, out=out[r0:r1, r0:], precision=precision)
-            diag = out[r0:r1, r0:r1]                  # make the diagonal block exactly symmetric
-            diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
-            if r1 < m1:
-                out[r1:, r0:r1] = out[r0:r1, r1:].T
-        else:
-            _ops.gram(a1, d1, A2, D2, out=out[r0:r1], precision=precision)
+            mirror_in_place(out, p)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------------------- public API
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
                   method: str = "auto", block_size: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                  progress: bool = False, precision: str = "highest") -> torch.Tensor:
+                  progress: Optional[bool] = None, precision: str = "highest") -> torch.Tensor:
     """Empirical NTK Gram of ``model`` between x1 (n1, ...) and x2 (n2, ...) (x2=None: x1 with itself).
 
     Args:
@@ -293,7 +291,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
             jacobian path: points per Jacobian block (default: about 256 MB per block).
         out: preallocated result of the right shape and dtype (may wrap a numpy memmap: the Gram is
             written panel by panel and may exceed RAM when block_size is given).
-        progress: tqdm bar over panels.  precision: "highest" or "tf32" (CUDA, float32 only).
+        progress: tqdm bar over panels (None: only when stderr is a terminal).  precision: "highest" or "tf32" (CUDA, float32 only).
 
     The NTK is taken at the model's current weights over every parameter with requires_grad=True.
     The cost of the structured path is 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (x2 given) or half

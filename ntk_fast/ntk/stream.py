@@ -5,7 +5,7 @@ features are on a GPU but the result lives on the host (a CPU tensor, possibly o
 does not fit in GPU memory.  The features stay on the GPU; only two panels of ``panel_rows`` x ``n2``
 exist on the device at a time.
 
-Pipeline (CUDA features): panel p is computed with ``torch.ops.ntk_fast.gram_out`` on the current
+Pipeline (CUDA features): panel p is computed with ``torch.ops.ntk_fast.gram.out`` on the current
 stream into device buffer ``p % 2``; a second (copy) stream waits for it with an event and copies it into
 pinned host buffer ``p % 2``; meanwhile the host thread waits for panel p - 1's copy event and copies
 that panel from its pinned buffer into ``out`` (and, in symmetric mode, its transpose into the lower
@@ -35,14 +35,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ntk_fast.ntk.panels import Panel, row_panels, store_panel
+from ntk_fast.ops import gram as gram_ops
+from ntk_fast.ops._loader import native, use_reference
+from ntk_fast.ops.reference import gram_reference
+from ntk_fast.progress import progress_bar
+
 __all__ = ["gram_streamed", "default_panel_rows"]
-
-_TILE = 128  # the CUDA tile edge; panels are multiples of it
-
-
-def _load_ops() -> None:
-    if not hasattr(torch.ops.ntk_fast, "gram_out"):
-        import ntk_fast._C  # noqa: F401  (registers the ops)
 
 
 def default_panel_rows(n1: int, n2: int, itemsize: int, device: torch.device,
@@ -60,8 +59,9 @@ def default_panel_rows(n1: int, n2: int, itemsize: int, device: torch.device,
     else:
         budget = min(max_buffer_bytes, 512 * row_bytes)
     rows = max(1, budget // row_bytes)
-    if rows >= _TILE:
-        rows = rows // _TILE * _TILE
+    tile = gram_ops.CUDA_TILE
+    if rows >= tile:
+        rows = rows // tile * tile
     return int(max(1, min(rows, n1)))
 
 
@@ -71,46 +71,37 @@ def _as_list(x, name: str) -> List[torch.Tensor]:
     return list(x)
 
 
-def _compute_panel(a1, d1, a2, d2, scales, symmetric: bool, r0: int, r1: int, c0: int,
-                   precision: str, dst: torch.Tensor) -> None:
+def _gram_into(a1, d1, a2, d2, scales, precision: str, dst: torch.Tensor) -> None:
+    """dst = Gram of (a1, d1) with (a2, d2) (None: symmetric), one op call (arguments checked by the caller)."""
+    if native("gram"):
+        torch.ops.ntk_fast.gram.out(a1, d1, a2, d2, scales, 0, precision, out=dst)
+    else:
+        use_reference("gram")
+        dst.copy_(gram_reference(a1, d1, a2, d2, scales))
+
+
+def _compute_panel(a1, d1, a2, d2, scales, symmetric: bool, p: Panel, precision: str, dst: torch.Tensor) -> None:
     """dst (r1 - r0, n2 - c0) = Gram block of rows [r0, r1) and columns [c0, n2) (on the features' device).
 
     Symmetric: c0 = r0, the diagonal block [r0, r1)^2 with the symmetric op, the rest non-symmetric.
     """
-    m = r1 - r0
-    rows_a = [a[r0:r1] for a in a1]
-    rows_d = [d[r0:r1] for d in d1]
+    m = p.r1 - p.r0
+    rows_a = [a[p.r0:p.r1] for a in a1]
+    rows_d = [d[p.r0:p.r1] for d in d1]
     if symmetric:
-        torch.ops.ntk_fast.gram_out(rows_a, rows_d, [], [], scales, True, 0, precision, dst[:, :m])
+        _gram_into(rows_a, rows_d, None, None, scales, precision, dst[:, :m])
         if dst.shape[1] > m:
-            torch.ops.ntk_fast.gram_out(rows_a, rows_d, [a[r1:] for a in a1], [d[r1:] for d in d1], scales,
-                                        False, 0, precision, dst[:, m:])
+            _gram_into(rows_a, rows_d, [a[p.r1:] for a in a1], [d[p.r1:] for d in d1], scales, precision,
+                       dst[:, m:])
     else:
-        torch.ops.ntk_fast.gram_out(rows_a, rows_d, a2, d2, scales, False, 0, precision, dst)
-
-
-def _store_panel(out: torch.Tensor, panel: torch.Tensor, r0: int, r1: int, c0: int, symmetric: bool) -> None:
-    """Host side: out[r0:r1, c0:] = panel, and in symmetric mode out[r1:, r0:r1] = panel[:, m:]^T.
-
-    In symmetric mode the diagonal block is written from its upper triangle, so that ``out`` is exactly
-    symmetric whatever the kernel does inside a diagonal block (the CPU kernel's BLAS tiles need not be).
-    """
-    if not symmetric:
-        out[r0:r1, c0:].copy_(panel)
-        return
-    m = r1 - r0
-    diag = panel[:, :m]
-    out[r0:r1, r0:r1].copy_(torch.triu(diag) + torch.triu(diag, 1).t())
-    if panel.shape[1] > m:
-        out[r0:r1, r1:].copy_(panel[:, m:])
-        out[r1:, r0:r1].copy_(panel[:, m:].t())
+        _gram_into(rows_a, rows_d, a2, d2, scales, precision, dst)
 
 
 def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
                   a2: Optional[Sequence[torch.Tensor]] = None, d2: Optional[Sequence[torch.Tensor]] = None,
                   scales: Optional[Sequence[float]] = None, out: Optional[torch.Tensor] = None, *,
                   panel_rows: Optional[int] = None, precision: str = "highest",
-                  progress: bool = False) -> torch.Tensor:
+                  progress: Optional[bool] = None) -> torch.Tensor:
     """The Gram ``sum_l scales[l] (D1_l D2_l^T) o (A1_l A2_l^T)`` written panel by panel into a host ``out``.
 
     Args:
@@ -125,19 +116,18 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
             call of the op (no panels).
         panel_rows: rows per panel (default: ``default_panel_rows``).
         precision: "highest" or "tf32" (as for the op).
-        progress: show a tqdm bar over panels.
+        progress: tqdm bar over panels (None: only when stderr is a terminal).
 
     Returns:
         ``out``.
     """
-    _load_ops()
     a1 = _as_list(a1, "a1")
     d1 = _as_list(d1, "d1")
     if (a2 is None) != (d2 is None):
         raise ValueError("gram_streamed: give both a2 and d2, or neither (symmetric Gram)")
     symmetric = a2 is None
-    a2 = [] if a2 is None else _as_list(a2, "a2")
-    d2 = [] if d2 is None else _as_list(d2, "d2")
+    a2 = None if a2 is None else _as_list(a2, "a2")
+    d2 = None if d2 is None else _as_list(d2, "d2")
     if len(a1) == 0:
         raise ValueError("gram_streamed: a1 must hold at least one layer")
     if scales is None:
@@ -150,7 +140,7 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
 
     ref = a1[0]
     device, dtype = ref.device, ref.dtype
-    for name, lst in (("a1", a1), ("d1", d1), ("a2", a2), ("d2", d2)):
+    for name, lst in (("a1", a1), ("d1", d1), ("a2", a2 or []), ("d2", d2 or [])):
         for l, t in enumerate(lst):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 raise ValueError(f"gram_streamed: {name}[{l}] must be a 2-D tensor")
@@ -166,8 +156,7 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     if out.device.type == "cuda":
         if out.device != device:
             raise ValueError(f"gram_streamed: out is on {out.device} but the features are on {device}")
-        torch.ops.ntk_fast.gram_out(a1, d1, a2, d2, scales, symmetric, 0, precision, out)
-        return out
+        return gram_ops.gram(a1, d1, a2, d2, scales, out=out, precision=precision)
     if out.device.type != "cpu":
         raise ValueError(f"gram_streamed: out must be a CPU tensor (or on the features' device), got {out.device}")
     if n1 == 0 or n2 == 0:
@@ -179,22 +168,17 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     panel_rows = int(panel_rows)
     if panel_rows < 1:
         raise ValueError(f"gram_streamed: panel_rows must be >= 1, got {panel_rows}")
-    panels = [(r0, min(n1, r0 + panel_rows)) for r0 in range(0, n1, panel_rows)]
-    plan = [(r0, r1, r0 if symmetric else 0) for r0, r1 in panels]
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(plan), desc="gram panels", unit="panel")
+    plan = row_panels(n1, panel_rows, symmetric)
+    bar = progress_bar(progress, total=len(plan), desc="gram panels", unit="panel")
 
     cap = panel_rows * n2  # elements per buffer
     try:
         if device.type != "cuda":
             buf = torch.empty(cap, dtype=dtype, device=device)
-            for r0, r1, c0 in plan:
-                dst = buf[: (r1 - r0) * (n2 - c0)].view(r1 - r0, n2 - c0)
-                _compute_panel(a1, d1, a2, d2, scales, symmetric, r0, r1, c0, precision, dst)
-                _store_panel(out, dst, r0, r1, c0, symmetric)
+            for p in plan:
+                dst = buf[: (p.r1 - p.r0) * (n2 - p.c0)].view(p.r1 - p.r0, n2 - p.c0)
+                _compute_panel(a1, d1, a2, d2, scales, symmetric, p, precision, dst)
+                store_panel(out, dst, p, symmetric)
                 if bar is not None:
                     bar.update(1)
             return out
@@ -216,32 +200,32 @@ def _stream_cuda(a1, d1, a2, d2, scales, symmetric, plan, precision, out, dtype,
         pending = [None, None]  # plan entry whose copy into host_buf[b] is in flight
 
         def drain(b: int) -> None:
-            r0, r1, c0 = pending[b]
+            p = pending[b]
             copied[b].synchronize()
-            m, w = r1 - r0, out.shape[1] - c0
-            _store_panel(out, host_buf[b][: m * w].view(m, w), r0, r1, c0, symmetric)
+            m, w = p.r1 - p.r0, out.shape[1] - p.c0
+            store_panel(out, host_buf[b][: m * w].view(m, w), p, symmetric)
             pending[b] = None
             if bar is not None:
                 bar.update(1)
 
-        for p, (r0, r1, c0) in enumerate(plan):
-            b = p % 2
+        for i, p in enumerate(plan):
+            b = i % 2
             if pending[b] is not None:  # only when the previous drain was skipped (never in this loop order)
                 drain(b)
-            m, w = r1 - r0, out.shape[1] - c0
-            # dev_buf[b] was last read by the copy of panel p - 2: the compute stream waits for it.
-            if p >= 2:
+            m, w = p.r1 - p.r0, out.shape[1] - p.c0
+            # dev_buf[b] was last read by the copy of panel i - 2: the compute stream waits for it.
+            if i >= 2:
                 compute.wait_event(copied[b])
             dst = dev_buf[b][: m * w].view(m, w)
-            _compute_panel(a1, d1, a2, d2, scales, symmetric, r0, r1, c0, precision, dst)
+            _compute_panel(a1, d1, a2, d2, scales, symmetric, p, precision, dst)
             computed[b].record(compute)
             with torch.cuda.stream(copier):
                 copier.wait_event(computed[b])
                 host_buf[b][: m * w].copy_(dev_buf[b][: m * w], non_blocking=True)
                 copied[b].record(copier)
-            pending[b] = (r0, r1, c0)
-            # While the GPU computes panel p, scatter panel p - 1 on the host.
-            if p >= 1 and pending[1 - b] is not None:
+            pending[b] = p
+            # While the GPU computes panel i, scatter panel i - 1 on the host.
+            if i >= 1 and pending[1 - b] is not None:
                 drain(1 - b)
         for b in ((len(plan) - 1) % 2, len(plan) % 2):
             if pending[b] is not None:

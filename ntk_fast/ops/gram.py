@@ -1,88 +1,69 @@
-"""The only place that calls the extension ntk_fast._C.
+"""The structured Gram op ``ntk_fast::gram`` (and its ``.out`` overload): checks, fakes, fallback.
 
-Each wrapper checks its inputs (errors name the argument, its shape and what was expected), then calls
-the registered op, or, when the extension could not be loaded, the pure-torch reference of
-``ntk_fast/reference.py`` (with a warning shown once).
+    out[i, j] = sum_l s_l (D1_l[i] . D2_l[j]) (A1_l[i] . A2_l[j])         a1[l] (n1, p_l), d1[l] (n1, q_l)
+
+With a2 = d2 = None the Gram of (a1, d1) with itself: only the upper tiles are computed and mirrored
+(n^2 sum_l (p_l + q_l) flops instead of twice that) and the result is exactly symmetric.
+Reference: :func:`ntk_fast.ops.reference.gram_reference`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Sequence
 
 import torch
 
+from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops.checks import FLOAT_DTYPES, all_finite, compiling
 from ntk_fast.ops.reference import gram_reference
 
-try:
-    from ntk_fast import _C
-
-    HAS_EXTENSION = True
-    _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # pragma: no cover - exercised by a test that hides the module
-    HAS_EXTENSION = False
-    _IMPORT_ERROR = exc
-
-_warned = False
-
-
-def _warn_fallback() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"ntk_fast: the compiled extension ntk_fast._C could not be loaded ({_IMPORT_ERROR}); "
-                      "using the slow pure-torch reference. Reinstall with "
-                      "`pip install --no-build-isolation -e .` to build it.", RuntimeWarning, stacklevel=3)
-
-
-def extension_available() -> bool:
-    return HAS_EXTENSION
-
-
-if HAS_EXTENSION:
-    @torch.library.register_fake("ntk_fast::gram")
-    def _gram_fake(a1, d1, a2, d2, scales, symmetric, block=0, precision="highest"):
-        n2 = a1[0].shape[0] if symmetric else a2[0].shape[0]
-        return a1[0].new_empty((a1[0].shape[0], n2))
-
-    @torch.library.register_fake("ntk_fast::gram_out")
-    def _gram_out_fake(a1, d1, a2, d2, scales, symmetric, block, precision, out):
-        return None
-
-
 PRECISIONS = ("highest", "tf32")
+CUDA_TILE = 128   # the CUDA kernel's float32 tile edge (csrc/gram/gram_cuda.cu); streamed panels are multiples of it
 
 
-def all_finite(t: torch.Tensor, chunk_elems: int = 1 << 18) -> bool:
-    """True when t has no NaN or inf; checked in row chunks so that the temporary mask stays small."""
-    if t.numel() <= chunk_elems or t.dim() == 0:
-        return bool(torch.isfinite(t).all())
-    rows = max(1, chunk_elems // max(1, t[0].numel()))
-    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
+@register_fake("gram")
+def _gram_fake(a1, d1, a2, d2, scales, block=0, precision="highest"):
+    n2 = a1[0].shape[0] if a2 is None else a2[0].shape[0]
+    return a1[0].new_empty((a1[0].shape[0], n2))
 
 
-def _check_feature_list(name: str, ts, n_layers: Optional[int], rows: Optional[int], dtype, device) -> List[torch.Tensor]:
+@register_fake("gram.out")
+def _gram_out_fake(a1, d1, a2, d2, scales, block, precision, *, out):
+    return None
+
+
+def _check_list(name: str, ts, n_layers: Optional[int], rows: Optional[int], like: Optional[torch.Tensor]
+                ) -> List[torch.Tensor]:
     if not isinstance(ts, (list, tuple)) or len(ts) == 0:
         raise ValueError(f"gram: {name} must be a non-empty list of 2-D tensors, got {type(ts).__name__}")
     if n_layers is not None and len(ts) != n_layers:
         raise ValueError(f"gram: {name} must hold {n_layers} layers (one per layer of a1), got {len(ts)}")
-    out = []
     for l, t in enumerate(ts):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"gram: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"gram: {name}[{l}] must be 2-D (points x features), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64):
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"gram: {name}[{l}] must be float32 or float64, got {t.dtype}")
-        if dtype is not None and t.dtype != dtype:
-            raise ValueError(f"gram: {name}[{l}] has dtype {t.dtype}, expected {dtype} like a1[0] (mixed dtypes)")
-        if device is not None and t.device != device:
-            raise ValueError(f"gram: {name}[{l}] is on {t.device}, expected {device} like a1[0] (mixed devices)")
+        if like is not None and t.dtype != like.dtype:
+            raise ValueError(f"gram: {name}[{l}] has dtype {t.dtype}, expected {like.dtype} like a1[0] (mixed dtypes)")
+        if like is not None and t.device != like.device:
+            raise ValueError(f"gram: {name}[{l}] is on {t.device}, expected {like.device} like a1[0] (mixed devices)")
         if rows is not None and t.shape[0] != rows:
             raise ValueError(f"gram: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
-        if not all_finite(t):
+        if not compiling() and not all_finite(t):
             raise ValueError(f"gram: {name}[{l}] contains NaN or inf")
-        out.append(t)
-    return out
+    return list(ts)
+
+
+def _check_out(out, n1: int, n2: int, like: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n1, n2):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gram: out must be a tensor of shape ({n1}, {n2}), got {shape}")
+    if out.dtype != like.dtype:
+        raise ValueError(f"gram: out has dtype {out.dtype}, expected {like.dtype} like the features")
+    if out.device != like.device:
+        raise ValueError(f"gram: out is on {out.device} but the features are on {like.device}; for GPU features "
+                         "and a host (or memory-mapped) out use ntk_fast.gram_streamed")
 
 
 def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
@@ -91,28 +72,27 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
          precision: str = "highest") -> torch.Tensor:
     """Fused structured Gram  out[i, j] = sum_l s_l (D1_l[i] . D2_l[j]) (A1_l[i] . A2_l[j]).
 
-    Shapes: a1[l] (n1, p_l), d1[l] (n1, q_l); a2[l] (n2, p_l), d2[l] (n2, q_l); out (n1, n2).
-    With a2 = d2 = None the Gram of (a1, d1) with itself is computed on the upper tiles only and
-    mirrored (n^2 sum_l (p_l + q_l) flops instead of twice that).  ``out`` may be any preallocated
-    (n1, n2) tensor of the features' dtype, e.g. ``torch.from_numpy(np.memmap(...))``.
+    Shapes: a1[l] (n1, p_l), d1[l] (n1, q_l); a2[l] (n2, p_l), d2[l] (n2, q_l); out (n1, n2) on the
+    features' device.  a2 = d2 = None: symmetric Gram of (a1, d1) (half the flops).  ``out`` may be any
+    preallocated (n1, n2) tensor of the features' dtype and device, e.g. ``torch.from_numpy(np.memmap(...))``.
+    Cost: 2 n1 n2 sum_l (p_l + q_l) flops (n^2 sum_l (p_l + q_l) symmetric); memory: the output only.
+    Traceable by ``torch.compile(fullgraph=True)`` (the NaN checks are skipped while compiling).
     """
     if (a2 is None) != (d2 is None):
         raise ValueError("gram: pass both a2 and d2, or neither (symmetric Gram)")
-    a1 = _check_feature_list("a1", a1, None, None, None, None)
-    dtype, device, n1, L = a1[0].dtype, a1[0].device, a1[0].shape[0], len(a1)
-    d1 = _check_feature_list("d1", d1, L, n1, dtype, device)
-    symmetric = a2 is None
-    if not symmetric:
-        a2 = _check_feature_list("a2", a2, L, None, dtype, device)
+    a1 = _check_list("a1", a1, None, None, None)
+    like, n1, L = a1[0], a1[0].shape[0], len(a1)
+    d1 = _check_list("d1", d1, L, n1, like)
+    n2 = n1
+    if a2 is not None:
+        a2 = _check_list("a2", a2, L, None, like)
         n2 = a2[0].shape[0]
-        d2 = _check_feature_list("d2", d2, L, n2, dtype, device)
+        d2 = _check_list("d2", d2, L, n2, like)
         for l in range(L):
             if a2[l].shape[1] != a1[l].shape[1]:
                 raise ValueError(f"gram: a2[{l}] has {a2[l].shape[1]} features, expected {a1[l].shape[1]} like a1[{l}]")
             if d2[l].shape[1] != d1[l].shape[1]:
                 raise ValueError(f"gram: d2[{l}] has {d2[l].shape[1]} features, expected {d1[l].shape[1]} like d1[{l}]")
-    else:
-        n2 = n1
     scales = [1.0] * L if scales is None else [float(s) for s in scales]
     if len(scales) != L:
         raise ValueError(f"gram: scales must have {L} entries (one per layer), got {len(scales)}")
@@ -121,28 +101,12 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     if not isinstance(block, int) or block < 0:
         raise ValueError(f"gram: block must be an int >= 0 (0 = automatic), got {block!r}")
     if out is not None:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n1, n2):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"gram: out must be a tensor of shape ({n1}, {n2}), got {shape}")
-        if out.dtype != dtype:
-            raise ValueError(f"gram: out has dtype {out.dtype}, expected {dtype} like the features")
-        if out.device != device and not (device.type == "cuda" and out.device.type == "cpu"):
-            raise ValueError(f"gram: out is on {out.device}, expected {device} like the features")
-
-    if not HAS_EXTENSION:
-        _warn_fallback()
+        _check_out(out, n1, n2, like)
+    if not native("gram"):
+        use_reference("gram")
         res = gram_reference(a1, d1, a2, d2, scales)
-        if out is None:
-            return res
-        out.copy_(res)
-        return out
-    a2l = [] if symmetric else list(a2)
-    d2l = [] if symmetric else list(d2)
+        return res if out is None else out.copy_(res)
     if out is None:
-        return torch.ops.ntk_fast.gram(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision)
-    if out.device != device:  # GPU features, CPU out (maybe a memmap): row panels double-buffered to the host
-        from ntk_fast.ntk.stream import gram_streamed
-        return gram_streamed(list(a1), list(d1), None if symmetric else list(a2), None if symmetric else list(d2),
-                             scales, out, precision=precision)
-    torch.ops.ntk_fast.gram_out(list(a1), list(d1), a2l, d2l, scales, symmetric, block, precision, out)
+        return torch.ops.ntk_fast.gram(a1, d1, a2, d2, scales, block, precision)
+    torch.ops.ntk_fast.gram.out(a1, d1, a2, d2, scales, block, precision, out=out)
     return out

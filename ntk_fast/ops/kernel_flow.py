@@ -1,59 +1,31 @@
-"""Python entry point of the frozen-kernel ops: input checks, fake (meta) kernels, reference fallback.
-
-``kernel_flow_step(...)`` calls ``torch.ops.ntk_fast.kernel_flow_step`` when the extension is built and
-otherwise ``reference_kernel.kernel_flow_step_ref`` (with a one-time warning).  See reference_kernel.py for
-the exact semantics and the packed layout.
+"""The frozen-kernel op ``ntk_fast::kernel_flow_step``: checks, fake, fallback to
+:func:`ntk_fast.ops.reference.kernel_flow_step_ref` (which specifies it).  Packed layout:
+:mod:`ntk_fast.ops.packed`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Tuple
 
 import torch
 
-from ntk_fast.dynamics.losses import LOSSES
-from ntk_fast.ops.reference_kernel import kernel_flow_step_ref, packed_size
-
-_HAVE_EXT: bool | None = None
-_WARNED = False
-
-
-def have_extension() -> bool:
-    """True when ntk_fast._C is importable and registers kernel_flow_step."""
-    global _HAVE_EXT
-    if _HAVE_EXT is None:
-        try:
-            from ntk_fast import _C
-            _HAVE_EXT = hasattr(torch.ops.ntk_fast, "kernel_flow_step")
-        except (ImportError, OSError):
-            _HAVE_EXT = False
-        if _HAVE_EXT:
-            _register_fake()
-    return _HAVE_EXT
+from ntk_fast.dynamics.losses import check_loss
+from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops.packed import packed_size
+from ntk_fast.ops.reference import kernel_flow_step_ref
 
 
-_FAKE_DONE = False
-
-
-def _register_fake() -> None:
-    global _FAKE_DONE
-    if _FAKE_DONE:
-        return
-    _FAKE_DONE = True
-
-    @torch.library.register_fake("ntk_fast::kernel_flow_step")
-    def _fake(theta, y, f, g, r, c, dt, active, loss, beta, packed_block=0, block=0):
-        torch._check(f.dim() == 2, lambda: "kernel_flow_step: f must be 2-D")
-        stats = f.new_empty((f.shape[0], 7), dtype=torch.float64)
-        return (torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), stats)
+@register_fake("kernel_flow_step")
+def _kernel_flow_step_fake(theta, y, f, g, r, c, dt, active, loss, beta, packed_block=0, block=0):
+    torch._check(f.dim() == 2, lambda: "kernel_flow_step: f must be 2-D")
+    stats = f.new_empty((f.shape[0], 7), dtype=torch.float64)
+    return (torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), torch.empty_like(f), stats)
 
 
 def check_flow_step_args(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: torch.Tensor, r: torch.Tensor,
                          c: torch.Tensor, dt: torch.Tensor, active: torch.Tensor, loss: str,
                          packed_block: int) -> None:
     """Raise ValueError naming the argument when shapes, dtypes or devices do not fit."""
-    if loss not in LOSSES:
-        raise ValueError(f"kernel_flow_step: loss must be one of {LOSSES}, got {loss!r}")
+    check_loss(loss, "kernel_flow_step")
     if not isinstance(f, torch.Tensor) or f.dim() != 2:
         raise ValueError(f"kernel_flow_step: f must be a 2-D tensor (E, n), got "
                          f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
@@ -87,20 +59,16 @@ def kernel_flow_step(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: t
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One attempt of the frozen-kernel flow for E problems: returns (f', r', g', c', stats).
 
-    f' = f - dt g;  r' = l'(y o f') o y;  c' = c + dt r / n;  g' = Theta r' / n;
-    stats (E, 7) float64 = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(y o f'), max|g'|].
+    f' = f - dt g;  r' = dl/dF(f', y);  c' = c + dt r / n;  g' = Theta r' / n;
+    stats (E, 7) float64 = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(f', y), max|g'|].
     theta: (n, n) shared by all problems or (E, n, n), symmetric (only its upper triangle is read), or the
     tile-packed upper triangle ((P,) or (E, P)) when packed_block > 0.
     Cost: one read of the upper half of each Theta, 2 E n^2 flops.
     """
     if check:
         check_flow_step_args(theta, y, f, g, r, c, dt, active, loss, packed_block)
-    if have_extension():
+    if native("kernel_flow_step"):
         return torch.ops.ntk_fast.kernel_flow_step(theta, y, f, g, r, c, dt, active, loss, float(beta),
                                                    int(packed_block), int(block))
-    global _WARNED
-    if not _WARNED:
-        _WARNED = True
-        warnings.warn("ntk_fast: the compiled extension is not available; kernel_flow_step falls back to the "
-                      "pure-torch reference (slow, reads the full Theta)", RuntimeWarning, stacklevel=2)
+    use_reference("kernel_flow_step")
     return kernel_flow_step_ref(theta, y, f, g, r, c, dt, active, loss, beta, packed_block, block)

@@ -1,4 +1,7 @@
-"""Pure-torch references (simple, slow, float64-safe) for the extension ops and the NTK paths.
+"""Pure-torch references (simple, slow, float64-safe) of every extension op, and of the NTK paths.
+
+They define what the kernels under ``csrc/`` compute; the tests compare the two, and each op family's
+wrapper (``ntk_fast/ops/<family>.py``) falls back to them when its compiled op is unavailable.
 
 * ``gram_reference``: the op ``ntk_fast::gram`` written as per-layer matmuls and Hadamard products,
 
@@ -7,13 +10,28 @@
   It materialises two n1 x n2 matrices per layer; cost 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops.
 * ``jacobian_ntk_reference``: the empirical NTK of any module by full per-sample Jacobians (torch.func)
   and one contraction, Theta[i, j, c, c'] = sum_p J[i, c, p] J[j, c', p].  Memory n k P.
+* gradient-flow ops (``flow_step``, ``flow_grad_stats``, ``flow_loss``, ``softplus_act``): K nets, P parameters
+  per net, n training points.
+* ``kernel_flow_step``: one attempt of the frozen-kernel flow for E problems (rows of the (E, n) state)::
+
+      f'  = f - dt g
+      r'  = dl/dF(f', y)
+      c'  = c + dt r / n                     c(t) = int_0^t (1/n) dl/dF(F, y) ds,  so that F = -Theta c
+      g'  = Theta r' / n
+      stats = [|g|^2, |g'|^2, |g - g'|^2, dt max|g|, min(y o f'), mean l(f', y), max|g'|]   (float64, (E, 7))
+
+  Inactive problems are returned unchanged with zero stats.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ntk_fast.dynamics.losses import loss_grad, loss_value
+from ntk_fast.ops.packed import unpack_symmetric
 
 
 def gram_reference(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
@@ -56,3 +74,94 @@ def jacobian_ntk_reference(model: nn.Module, x1: torch.Tensor, x2: Optional[torc
     j1 = per_sample_jacobian(model, x1)
     j2 = j1 if x2 is None else per_sample_jacobian(model, x2)
     return torch.einsum("icp,jdp->ijcd", j1, j2)
+
+
+# ------------------------------------------------------------------ gradient-flow ops
+
+def flow_step(w: torch.Tensor, g: torch.Tensor, v: Optional[torch.Tensor], dt: torch.Tensor, tau: float,
+              w_out: torch.Tensor, v_out: Optional[torch.Tensor]) -> None:
+    """Trial weights of K nets, in place into ``w_out`` (and ``v_out``).
+
+    tau == 0:  w_out = w - dt g                                   (explicit Euler on dw/dt = -g)
+    tau  > 0:  x = exp(-dt/tau); v_out = x v - (1-x) g; w_out = w + dt v_out   (continuous momentum)
+    w, g, v, w_out, v_out: (K, P); dt: (K,), one step per net.  Cost: one pass, 3P (5P) memory accesses per net.
+    """
+    h = dt[:, None]
+    if tau > 0:
+        x = torch.exp(-h / tau)
+        v_out.copy_(x * v - (1 - x) * g)
+        w_out.copy_(w + h * v_out)
+    else:
+        w_out.copy_(w - h * g)
+
+
+def flow_grad_stats(g: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
+    """(K, 2) float64: [|g'|^2, |g - g'|^2] per net (g, g': (K, P)).  dgrad = |g-g'|^2 / (|g| |g'|)."""
+    g64, gp64 = g.double(), gp.double()
+    return torch.stack([(gp64 * gp64).sum(1), ((g64 - gp64) ** 2).sum(1)], dim=1)
+
+
+def flow_loss(f: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, F_prev: torch.Tensor, alpha: float,
+              beta: float, loss: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss side of a step for K nets on n points: returns (F, r, loss, nd, dout).
+
+        F    = alpha (f - f0)                              (K, n)   the alpha-scaled model
+        loss = 1/(alpha^2 n) sum_i l(F_i, y_i)              (K,)
+        r_i  = dL/df_i = dl/dF(F_i, y_i) / (alpha n)        (K, n)   seed of the backward pass
+        nd   = #{i: y_i F_i < 1}                            (K,) int64, points under the margin
+        dout = max_i |F_i - F_prev_i|                       (K,)     NaN when some F_i is not finite
+    with l one of the losses of :mod:`ntk_fast.dynamics.losses` (beta used by softhinge).
+    """
+    n = f.shape[1]
+    F = alpha * (f - f0)
+    value = loss_value(loss, F, y, beta).sum(1) / (alpha * alpha * n)
+    r = loss_grad(loss, F, y, beta) / (alpha * n)
+    nd = (y * F < 1).sum(1)
+    dout = (F - F_prev).abs().amax(1)
+    bad = ~torch.isfinite(F).all(1)
+    nan = torch.full_like(dout, math.nan)
+    return F, r, torch.where(bad, nan, value), nd, torch.where(bad, nan, dout)
+
+
+def softplus_act(z: torch.Tensor, s: Optional[torch.Tensor], beta: float, c: float) -> None:
+    """The trainer's activation, in place: with x = beta z,
+
+        z <- (c / beta) softplus(x) = (c / beta) log(1 + e^x)      s <- c sigmoid(x)   (when s is given)
+
+    softplus via logaddexp(x, 0), so no overflow for large x.  z, s: same shape.  Cost: one pass.
+    """
+    x = beta * z
+    if s is not None:
+        s.copy_(torch.sigmoid(x).mul_(c))
+    z.copy_(torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device)).mul_(c / beta))
+
+
+# ------------------------------------------------------------------ frozen-kernel op
+
+def kernel_flow_step_ref(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: torch.Tensor, r: torch.Tensor,
+                         c: torch.Tensor, dt: torch.Tensor, active: torch.Tensor, loss: str, beta: float,
+                         packed_block: int = 0, block: int = 0
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of kernel_flow_step (see the module docstring).  Uses the upper triangle of theta only."""
+    E, n = f.shape
+    if packed_block > 0:
+        K = unpack_symmetric(theta, n, packed_block)
+    else:
+        K = theta.triu() + theta.triu(1).transpose(-1, -2)       # symmetric completion of the upper triangle
+    dtc = dt[:, None]
+    fn = f - dtc * g
+    u = y * fn
+    rn = loss_grad(loss, fn, y, beta)
+    cn = c + dtc * r / n
+    if K.dim() == 2:
+        gn = (rn @ K) / n            # K symmetric: (K r_e)^T = r_e^T K
+    else:
+        gn = torch.einsum("eij,ej->ei", K, rn) / n
+    g64, gn64 = g.double(), gn.double()
+    stats = torch.stack([
+        (g64 ** 2).sum(1), (gn64 ** 2).sum(1), ((g64 - gn64) ** 2).sum(1),
+        dt.double() * g64.abs().amax(1), u.double().amin(1), loss_value(loss, fn.double(), y.double(), beta).mean(1),
+        gn64.abs().amax(1)], dim=1)
+    a = active[:, None]
+    return (torch.where(a, fn, f), torch.where(a, rn, r), torch.where(a, gn, g), torch.where(a, cn, c),
+            torch.where(a, stats, torch.zeros_like(stats)))
