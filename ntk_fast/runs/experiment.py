@@ -1,6 +1,6 @@
 """One experiment of the paper in a run folder: data, network(s), training, frozen-kernel runs, summary.
 
-Notation is the article's (DESIGN.md section 5): last layer over sqrt(h), F = alpha (f - f0), loss
+Notation is the article's (docs/design.md section 5): last layer over sqrt(h), F = alpha (f - f0), loss
 1/(alpha^2 n) sum l(y F).  The reference code (feature_lazy) uses alpha_code = sqrt(h) alpha and
 t_code / h = t / (sqrt(h) alpha); summaries store both ``alpha`` and ``alpha_sqrt_h`` (= alpha_code).
 
@@ -32,10 +32,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ntk_fast import data
+from ntk_fast.data import DTYPES
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.results import atomic_write_json
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMMARY = "summary.json"
 _OPERATIONAL = ("alpha_sqrt_h", "checkpoint_every", "max_wall")     # may change when a run is resumed
 
