@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ntk_fast.dynamics.losses import get_loss
+from ntk_fast.dynamics.losses import loss_grad, loss_value
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
 
@@ -45,7 +45,6 @@ def net_flow_loop(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, alpha:
     """
     if max_steps is None and max_attempts is None:
         raise ValueError("net_flow_loop: give max_steps or max_attempts (a bound on the loop)")
-    lf, _ = get_loss(loss)
     net = copy.deepcopy(net)
     params = [p for p in net.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -55,7 +54,7 @@ def net_flow_loop(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, alpha:
         for p in params:
             p.grad = None
         F = alpha * (net(x) - f0)
-        (lf(y * F, beta).mean() / alpha ** 2).backward()
+        (loss_value(loss, F, y, beta).mean() / alpha ** 2).backward()
         return F.detach(), torch.cat([p.grad.reshape(-1) for p in params])
 
     F, g = loss_and_grad()
@@ -110,23 +109,22 @@ def kernel_flow_loop(K: torch.Tensor, y: torch.Tensor, *, loss: str = "softhinge
         raise ValueError("kernel_flow_loop: qhinge reaches the margin only asymptotically; give max_steps")
     rule = rule or StepRule()
     n = K.shape[0]
-    _, lp = get_loss(loss)
     F = torch.zeros(n, dtype=K.dtype)
     c = torch.zeros(n, dtype=K.dtype)
-    g = K @ (lp(y * F, beta) * y) / n
+    g = K @ (loss_grad(loss, F, y, beta)) / n
     t, dt, steps, attempts = 0.0, 1.0, 0, 0
     start = time.perf_counter()
     while _budget_left(steps, attempts, max_steps, max_attempts) and not bool((y * F >= 1).all()):
         state = {"F": F.clone(), "g": g.clone(), "c": c.clone(), "t": t}   # copied every attempt, as the reference
         Fp = state["F"] - dt * state["g"]
-        gp = K @ (lp(y * Fp, beta) * y) / n                               # full matrix-vector product
+        gp = K @ (loss_grad(loss, Fp, y, beta)) / n                               # full matrix-vector product
         gs = state["g"]
         dgrad = dgrad_from_norms(float(gs @ gs), float(gp @ gp), float((gs - gp) @ (gs - gp)))
         dout = float((Fp - state["F"]).abs().max())                       # separate passes
         ok, new_dt = rule.decide(dgrad, dout, dt)
         attempts += 1
         if ok:
-            c = state["c"] + dt * lp(y * state["F"], beta) * y / n
+            c = state["c"] + dt * loss_grad(loss, state["F"], y, beta) / n
             F, g, t, steps = Fp, gp, state["t"] + dt, steps + 1
         dt = new_dt
     wall = time.perf_counter() - start
