@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
