@@ -159,7 +159,7 @@ def fc_features(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act,
                 biases: Optional[Sequence[torch.Tensor]] = None, bias_scale: float = 0.0):
     """Per-layer NTK features (A, D) of the net(s) (see FCNet.features): one forward and one backward pass.
 
-    A[l] = a(l) (..., n, fan_in_l), with a column of value bias_scale appended when biases are given;
+    A[l] = a(l) (..., n, fan_in_l) (A[0] = a0 expanded over the stack), with a column of value bias_scale appended when biases are given;
     D[l] = df/dz(l+1) (..., n, k, fan_out_l), D[L] = I_k, D[l-1] = (D[l] W(l)) o s(l); squeezed to
     (..., n, fan_out_l) when k == 1.  Then Theta = sum_l (D_l D_l^T) o (A_l A_l^T).
     """
@@ -174,6 +174,8 @@ def fc_features(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act,
         delta = (delta @ W) * ss[l - 1].unsqueeze(-2)
         D.append(delta)
     D.reverse()
+    if WL.dim() > 2:                                               # the input is shared: give it the stack's axes
+        A[0] = A[0].expand(*WL.shape[:-2], *A[0].shape)
     if biases is not None:
         A = [torch.cat([a, torch.full((*a.shape[:-1], 1), bias_scale, dtype=a.dtype, device=a.device)], dim=-1)
              for a in A]
