@@ -230,3 +230,24 @@ def test_progress_off_when_stderr_is_not_a_terminal(capsys):
     assert "\r" not in err and "it/s" not in err and "step" not in err
     kernel_flow(K, Y, max_steps=30, progress=True)                       # forced on
     assert "\r" in capsys.readouterr().err
+
+
+def test_run_folder_files_carry_the_format_version(tmp_path):
+    pytest.importorskip("sklearn")
+    from ntk_fast.runs.experiment import RunConfig, run_experiment
+    from ntk_fast.runs.sweep import run_sweep
+    cfg = dict(dataset="digits", p=40, p_test=20, d=8, h=8, L=2, max_steps=15, kernel_points=8, init_kernel=True)
+    counts = run_sweep([("a", RunConfig(**cfg))], str(tmp_path / "sw"), progress=False, log=lambda *a: None)
+    assert counts["done"] == 1
+    run = tmp_path / "sw" / "a"
+    for f in ("config.json", "train.json", "init_kernel.json", "summary.json", "../sweep.json", "../results.json"):
+        assert json.loads((run / f).read_text())["format_version"] == FORMAT_VERSION, f
+    for f in ("train.pt", "init_kernel.pt", "outputs.pt"):
+        assert torch.load(run / f, weights_only=False)["format_version"] == FORMAT_VERSION, f
+    s = json.loads((run / "summary.json").read_text())
+    assert s["init_kernel"]["status"] and "t1_code_over_h" in s["train"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"format_version": 5, **RunConfig(**cfg).to_json()}))
+    with pytest.raises(ValueError, match="format version 5"):
+        run_experiment(RunConfig(**cfg), str(other), progress=False, log=lambda *a: None)
