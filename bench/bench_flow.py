@@ -51,12 +51,12 @@ def reference_style(net, x, y, alpha, attempts):
 
 
 def ours(net, x, y, alpha, attempts):
-    """Median seconds per attempt of ntk_fast.train, from the wall clock of its checkpoint records, taken every
-    11 steps here (checkpoint_rate=1e3, spacing=10) as in the steady state of a real run, where they are rarer
+    """Median seconds per attempt of ntk_fast.train, from the wall clock of its records, taken every
+    11 steps here (record_rate=1e3, spacing=10) as in the steady state of a real run, where they are rarer
     still; the record's own cost (a few passes over the weights) is included, spread over those steps."""
     r = train(net, x, y, alpha, max_steps=attempts + 1, progress=False, kernel_points=0,
-              checkpoint_rate=1e3, checkpoint_spacing=10)
-    recs = [q for q in r.history_of(0) if q["event"] == "checkpoint" and q["step"] >= 1]
+              record_rate=1e3, record_spacing=10)
+    recs = [q for q in r.history_of(0) if q["event"] == "scheduled" and q["step"] >= 1]
     per = [(b["wall"] - a["wall"]) / (b["attempts"] - a["attempts"]) for a, b in zip(recs, recs[1:])]
     return statistics.median(per)
 

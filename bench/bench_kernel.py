@@ -101,7 +101,7 @@ def reference_style(K, y, steps=None, loss="softhinge", beta=20.0):
 
 def ours(K, y, steps=None, packed=False):
     res = kernel_flow(K, y, packed=packed, max_iterations=steps, progress=False, validate=False,
-                      checkpoint_rate=1e-9, checkpoint_step=10 ** 9)  # history every step (O(n) each)
+                      record_rate=1e-9, record_spacing=10 ** 9)  # history every step (O(n) each)
     iters = int(res.attempts.max())  # upper bound on passes: includes attempts decided without a pass
     wall = res.wall
     return {"attempts": int(res.attempts.sum()), "steps": res.steps.tolist(), "t": res.t.tolist(),

@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary.json to --out; an interrupted run resumes from its checkpoint when run again."""
     from ntk_fast.runs.experiment import run_experiment
     cfg = _config_from(args, init_kernel=args.init_kernel, final_kernel=args.final_kernel)
-    s = run_experiment(cfg, args.out, progress=not args.no_progress)
+    s = run_experiment(cfg, args.out, progress=False if args.no_progress else None)
     _print_summary(s)
     print(f"run folder: {args.out}")
     return 0
@@ -146,7 +146,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     Writes config.json, init_kernel.json, outputs.pt and summary.json to --out."""
     from ntk_fast.runs.experiment import run_experiment
     cfg = _config_from(args, regular=False, init_kernel=True, final_kernel=False)
-    s = run_experiment(cfg, args.out, progress=not args.no_progress)
+    s = run_experiment(cfg, args.out, progress=False if args.no_progress else None)
     _print_summary(s)
     print(f"run folder: {args.out}")
     return 0
@@ -164,7 +164,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfgs = grid_configs(lambda **kw: _config_from(args, **kw), hs=args.hs, seeds=args.seeds,
                         alphas=args.alphas, alphas_sqrt_h=args.alphas_sqrt_h,
                         init_kernel=args.init_kernel, final_kernel=args.final_kernel)
-    res = run_sweep(cfgs, args.out, jobs=args.jobs, progress=not args.no_progress, threads=args.threads)
+    res = run_sweep(cfgs, args.out, jobs=args.jobs, progress=False if args.no_progress else None, threads=args.threads)
     print(f"{res['done']} runs done ({res['skipped']} skipped as finished, {res['failed']} failed) in {args.out}")
     return 0 if res["failed"] == 0 else 1
 
@@ -205,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         alpha=a_sqrt_h / math.sqrt(args.h), init_kernel=True, dtype="float64",
                         max_wall=args.max_wall)
         print(f"== {regime} regime: alpha*sqrt(h) = {a_sqrt_h:g}", flush=True)
-        s = run_experiment(cfg, os.path.join(args.out, regime), progress=not args.no_progress)
+        s = run_experiment(cfg, os.path.join(args.out, regime), progress=False if args.no_progress else None)
         _print_summary(s)
         rows.append({"regime": regime, "alpha_sqrt_h": a_sqrt_h, "status": s.get("status"),
                      "test_err": s["train"].get("test_err"), "kernel_change": s["train"].get("kernel_change"),
@@ -258,7 +258,7 @@ def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     g.add_argument("--kernel-points", type=int, default=256,
                    help="test points of the kernel change |Theta_T - Theta_0|/|Theta_0| (0: off)")
     g.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: on only when stderr is a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,21 +3,20 @@ when stderr is a terminal, so logs piped to a file get no carriage-return lines;
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Optional
+from typing import Any, Optional
 
 
 def progress_enabled(progress: Optional[bool]) -> bool:
-    """The resolved setting: ``progress`` when given, else whether stderr is a terminal."""
+    """True/False force the bar; None: on only when stderr is a terminal (a piped log gets no bar)."""
     if progress is None:
-        stream = sys.stderr
-        return bool(getattr(stream, "isatty", lambda: False)())
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
     return bool(progress)
 
 
-def progress_bar(progress: Optional[bool], *, total: Optional[int] = None, desc: str = "",
-                 unit: str = "it", iterable: Optional[Iterable] = None):
-    """A tqdm bar (or None when disabled).  Call ``.update(k)`` and ``.close()`` on it when not None."""
+def progress_bar(progress: Optional[bool], **kw: Any):
+    """A tqdm bar on stderr when :func:`progress_enabled`, else None (call ``.update``/``.close`` when not None)."""
     if not progress_enabled(progress):
         return None
     from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr)
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)

@@ -133,4 +133,4 @@ def test_solver_on_gpu_matches_cpu(packed):
     gpu = kernel_flow(K.to(DEV), y.to(DEV), progress=False, max_steps=300, packed=packed,
                       block=64 if packed else None)
     assert gpu.statuses == cpu.statuses and int(gpu.steps[0]) == int(cpu.steps[0])
-    torch.testing.assert_close(gpu.outputs("train").cpu(), cpu.outputs("train"), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gpu.F_train.cpu(), cpu.F_train, rtol=1e-9, atol=1e-10)

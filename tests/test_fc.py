@@ -57,3 +57,33 @@ def test_bad_arguments():
         FCNet(4, 0, 2)
     with pytest.raises(ValueError, match="activation must be one of"):
         FCNet(4, 5, 2, activation="swish")
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu", "tanh"])
+def test_functional_net_over_weight_stacks(gen, activation):
+    """fc_forward / fc_features / fc_backward over (K, out, in) stacks equal K separate FCNets; fc_backward equals
+    autograd; the fused activation (the trainer's) equals the plain one to rounding."""
+    from ntk_fast.models.fc import fc_activation, fc_backward, fc_features, fc_forward
+    K, d, h, L, n = 3, 5, 9, 3, 7
+    nets = [FCNet(d, h, L, activation=activation, dtype=torch.float64, generator=gen) for _ in range(K)]
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    Ws = [torch.stack([m.weights[l].detach() for m in nets]) for l in range(L + 1)]
+    a0 = x / math.sqrt(d)
+    act = fc_activation(activation, 5.0, h)
+    out, acts, ss = fc_forward(Ws, a0, act, keep=True)
+    assert out.shape == (K, n, 1) and len(acts) == L + 1 and len(ss) == L
+    fused, _, _ = fc_forward(Ws, a0, fc_activation(activation, 5.0, h, fused=True))
+    torch.testing.assert_close(fused, out, rtol=1e-13, atol=1e-15)
+    A, D = fc_features(Ws, a0, act)
+    r = torch.randn(K, n, generator=gen, dtype=torch.float64)
+    G = [torch.empty_like(W) for W in Ws]
+    fc_backward(Ws, acts, ss, r, G)
+    for k, m in enumerate(nets):
+        torch.testing.assert_close(out[k, :, 0], m(x), rtol=1e-13, atol=1e-15)
+        Ak, Dk = m.features(x)
+        for l in range(L + 1):
+            torch.testing.assert_close(A[l][k], Ak[l], rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(D[l][k], Dk[l], rtol=1e-13, atol=1e-15)
+        (m(x) * r[k]).sum().backward()
+        for l in range(L + 1):
+            torch.testing.assert_close(G[l][k], m.weights[l].grad, rtol=1e-12, atol=1e-14)

@@ -8,7 +8,7 @@ import torch
 import ntk_fast
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.trainer import FlowResult, train
-from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
+from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.testing import net_flow_loop
 
 D, H, L = 6, 16, 3
@@ -46,7 +46,7 @@ def test_public_api():
 def test_loglinspace():
     s = loglinspace(1000)
     assert s[:101] == list(range(101))
-    assert next_checkpoint(10**6) == 10**6 + 101
+    assert next_record(10**6) == 10**6 + 101
     assert len(s) == 298
 
 
@@ -60,7 +60,7 @@ def test_trainer_matches_reference_loop(loss, tau, alpha):
     fin = res.final[0]
     assert fin["step"] == ref["steps"] and fin["attempts"] == ref["attempts"]
     assert res.status == ("converged" if ref["converged"] else "max_steps")
-    hist = [r for r in res.history_of(0) if r["event"] == "checkpoint" and r["step"] > 0]
+    hist = [r for r in res.history_of(0) if r["event"] == "scheduled" and r["step"] > 0]
     for r in hist:                                   # every step <= 100 is a checkpoint: same clock and dt
         t_ref, dt_ref = ref["traj"][r["step"] - 1]
         assert r["t"] == pytest.approx(t_ref, rel=1e-12) and r["dt"] == pytest.approx(dt_ref, rel=1e-12)
@@ -78,9 +78,9 @@ def test_converges_and_records():
     assert (y * res.outputs["train"][0] >= 1).all()
     assert 0 <= fin["test_err"] <= 1 and math.isfinite(fin["kernel_change"]) and math.isfinite(fin["t1"])
     assert len(fin["dw"]) == L + 1 and fin["grad_norm"] > 0
-    steps = [r["step"] for r in res.history_of(0) if r["event"] == "checkpoint"]
+    steps = [r["step"] for r in res.history_of(0) if r["event"] == "scheduled"]
     assert steps[:5] == [0, 1, 2, 3, 4]
-    assert any("kernel_change" in r for r in res.history if r["event"] == "checkpoint")
+    assert any("kernel_change" in r for r in res.history[0] if r["event"] == "scheduled")
 
 
 def test_ensemble_equals_separate_runs():
@@ -107,7 +107,7 @@ def test_ensemble_history_matches_the_nets_histories(tmp_path):
     ens = train(nets, x, y, 1.0, x_test=xt, y_test=yt, progress=False, max_steps=300, kernel_points=0)
     eh = ens.ensemble_history
     assert eh and eh[0]["step"] == 0 and eh[-1]["event"] == "final"
-    steps = [r["step"] for r in eh if r["event"] == "checkpoint"]
+    steps = [r["step"] for r in eh if r["event"] == "scheduled"]
     assert steps == sorted(set(steps)) and steps[:4] == [0, 1, 2, 3]
     per_net = [{r["step"]: r for r in ens.history_of(k) if r["event"] != "final"} for k in range(3)]
     finals = [ens.history_of(k)[-1] for k in range(3)]
@@ -146,7 +146,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert res.status == full.status
     assert torch.equal(weights_of(res.net), weights_of(full.net))
     strip = lambda h: [{k: v for k, v in r.items() if k != "wall"} for r in h]  # noqa: E731
-    assert strip(res.history) == strip(full.history)
+    assert strip(res.history[0]) == strip(full.history[0])
     # interrupted by the wall clock, checkpointing at every attempt
     ck2 = str(tmp_path / "wall.ckpt")
     cut = train(net, x, y, 1.0, max_steps=300, checkpoint=ck2, checkpoint_every=0.0, max_wall=0.05, **kw)

@@ -165,10 +165,10 @@ def test_solver_matches_reference_loop(loss, max_steps):
     assert res.status == res.statuses[0]
     assert int(res.steps[0]) == steps
     assert abs(float(res.t[0]) - t) <= 1e-9 * t
-    torch.testing.assert_close(res.outputs("train"), F, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.F_train[0], F, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(res.c[0], c, rtol=1e-9, atol=1e-12)
     if max_steps is None:
-        assert bool((y * res.outputs("train") >= 1).all())
+        assert bool((y * res.F_train[0] >= 1).all())
 
 
 def test_solver_several_problems_equal_separate_runs():
@@ -178,23 +178,23 @@ def test_solver_several_problems_equal_separate_runs():
     for e in range(3):
         one = kernel_flow(K, Y[e], K_test_train=Kt, y_test=Yt[e], progress=False)
         assert int(one.steps[0]) == int(res.steps[e])
-        torch.testing.assert_close(res.F_train[e], one.outputs("train"), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(res.F_test[e], one.outputs("test"), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(res.F_train[e], one.F_train[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(res.F_test[e], one.F_test[0], rtol=1e-10, atol=1e-10)
     # E kernels (a batch) with one label vector, packed storage.
     Ks = torch.stack([K, K * 1.5])
     resk = kernel_flow(Ks, Y[0], packed=True, block=32, progress=False)
     alone = kernel_flow(K * 1.5, Y[0], progress=False)
-    torch.testing.assert_close(resk.F_train[1], alone.outputs("train"), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(resk.F_train[1], alone.F_train[0], rtol=1e-10, atol=1e-10)
 
 
 def test_test_outputs_match_least_squares_route():
     K, y, Kt, yt = rbf_problem(100, 40, seed=3)
     K = K + 1e-3 * torch.eye(100, dtype=D)  # well conditioned, so lstsq is accurate
     res = kernel_flow(K, y, K_test_train=Kt, y_test=yt, progress=False)
-    coef = torch.linalg.lstsq(K, res.outputs("train")[:, None]).solution[:, 0]   # the reference code's route
-    torch.testing.assert_close(res.outputs("test"), Kt @ coef, rtol=1e-7, atol=1e-7)
-    torch.testing.assert_close(-K @ res.c[0], res.outputs("train"), rtol=1e-10, atol=1e-10)
-    assert res.history[0][-1]["test_err"] == pytest.approx(float((yt * res.outputs("test") <= 0).double().mean()))
+    coef = torch.linalg.lstsq(K, res.F_train[0][:, None]).solution[:, 0]   # the reference code's route
+    torch.testing.assert_close(res.F_test[0], Kt @ coef, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(-K @ res.c[0], res.F_train[0], rtol=1e-10, atol=1e-10)
+    assert res.history[0][-1]["test_err"] == pytest.approx(float((yt * res.F_test[0] <= 0).double().mean()))
 
 
 def test_kernel_regression_matches_solve():
@@ -230,8 +230,8 @@ def test_mse_closed_form_matches_flow(targets):
                       progress=False)
     T = float(res.t[0])
     F, Ft = sol(T)
-    assert float((res.outputs("train") - F).abs().max()) < 2e-3
-    assert float((res.outputs("test") - Ft).abs().max()) < 2e-3
+    assert float((res.F_train[0] - F).abs().max()) < 2e-3
+    assert float((res.F_test[0] - Ft).abs().max()) < 2e-3
     # Long times: interpolation (K^-1 y) on the train set; c(t) satisfies F = K c.
     torch.testing.assert_close(K @ sol.coef(7.0), sol(7.0)[0], rtol=1e-9, atol=1e-9)
     assert float((sol(1e9)[0] - y).abs().max()) < 1e-4
@@ -296,7 +296,7 @@ def test_frozen_kernel_run_on_fcnet():
     res = frozen_kernel_run(net, x, y, xt, yt, progress=False)
     direct = kernel_flow(empirical_ntk(net, x), y, K_test_train=empirical_ntk(net, xt, x), y_test=yt,
                          progress=False)
-    torch.testing.assert_close(res.outputs("test"), direct.outputs("test"))
+    torch.testing.assert_close(res.F_test[0], direct.F_test[0])
     assert res.statuses == ["converged"] and res.status == "converged"
 
 

@@ -35,7 +35,7 @@ def gap(problem, alpha, h=64, L=2):
     res = ntk_fast.train(net, x, y, alpha, x_test=xt, y_test=yt, progress=False, kernel_points=0)
     assert res.status == "converged"
     f_net = res.outputs["test"][0]
-    f_ker = kern.outputs("test")
+    f_ker = kern.F_test[0]
     return ((f_net - f_ker).norm() / f_ker.norm()).item()
 
 

@@ -10,21 +10,21 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
-def next_checkpoint(step: int, rate: float = 0.01, spacing: int = 100) -> int:
-    """The checkpoint after ``step`` in the reference code's log-linear sequence.
+def next_record(step: int, rate: float = 0.01, spacing: int = 100) -> int:
+    """The step of the next history record after ``step`` in the reference code's log-linear sequence.
 
     s_{k+1} = int(s_k + 1 + spacing (1 - exp(-s_k rate / spacing))), s_0 = 0: every step up to ~100,
-    then spacing growing by about ``rate`` per checkpoint, then a constant ``spacing``.
+    then spacing growing by about ``rate`` per record, then a constant ``spacing``.
     """
     return int(step + 1 + spacing * (1.0 - math.exp(-step * rate / spacing)))
 
 
 def loglinspace(n_max: int, rate: float = 0.01, spacing: int = 100) -> List[int]:
-    """All checkpoints <= n_max (0, 1, 2, ..., see :func:`next_checkpoint`)."""
+    """All record steps <= n_max (0, 1, 2, ..., see :func:`next_record`)."""
     out, s = [], 0
     while s <= n_max:
         out.append(s)
-        s = next_checkpoint(s, rate, spacing)
+        s = next_record(s, rate, spacing)
     return out
 
 
@@ -64,29 +64,6 @@ def ensemble_stats(F_test: torch.Tensor, y_test: Optional[torch.Tensor] = None) 
     return out
 
 
-def fc_features(weights: Sequence[torch.Tensor], x: torch.Tensor, sigma, dsigma):
-    """Per-layer NTK features (A_l, D_l) of a scalar-output FC net given as a list of 2-D weights.
-
-    Same maths as :meth:`ntk_fast.models.fc.FCNet.features` (k = 1, no biases): a0 = x/sqrt(d),
-    a(l) = sigma(z(l))/sqrt(h), D_L = 1, D_(l-1) = (D_l W(l)) o sigma'(z(l))/sqrt(h).
-    """
-    d, h = weights[0].shape[1], weights[0].shape[0]
-    L = len(weights) - 1
-    A = [x / math.sqrt(d)]
-    ds = []
-    for l in range(L):
-        z = A[-1] @ weights[l].t()
-        ds.append(dsigma(z))
-        A.append(sigma(z) / math.sqrt(h))
-    delta = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    D = [delta]
-    for l in range(L, 0, -1):
-        delta = (delta @ weights[l]) * (ds[l - 1] / math.sqrt(h))
-        D.append(delta)
-    D.reverse()
-    return A, D
-
-
 def gram_from_features(A: Sequence[torch.Tensor], D: Sequence[torch.Tensor]) -> torch.Tensor:
     """Theta = sum_l (D_l D_l^T) o (A_l A_l^T), (m, m), through the fused Gram op (:func:`ntk_fast.ops.gram.gram`,
     which falls back to plain torch without the extension).  Cost: m^2 sum_l (fan_in_l + fan_out_l) flops."""
@@ -97,11 +74,3 @@ def gram_from_features(A: Sequence[torch.Tensor], D: Sequence[torch.Tensor]) -> 
 def kernel_change(theta: torch.Tensor, theta0: torch.Tensor) -> float:
     """|Theta - Theta0|_F / |Theta0|_F."""
     return float(torch.linalg.norm((theta - theta0).double()) / torch.linalg.norm(theta0.double()))
-
-
-def first_crossing(ts: Sequence[float], values: Sequence[float], level: float) -> float:
-    """First t with value <= level (NaN if never): e.g. t1 = first t with mean loss <= half its initial value."""
-    for t, v in zip(ts, values):
-        if v <= level:
-            return float(t)
-    return math.nan

@@ -1,6 +1,6 @@
 """Frozen-kernel solver: kernel gradient flow with the trainer's loss and step rule, and closed forms.
 
-Dynamics (article notation, docs/design.md section 5).  For the model linearised at weights w*, with Theta the NTK
+Dynamics (article notation, DESIGN.md section 5).  For the model linearised at weights w*, with Theta the NTK
 Gram of f at w* on the n training points, the outputs obey (no alpha appears)::
 
     dF/dt = -(1/n) Theta (l'(y o F) o y),          F(0) = 0,
@@ -26,23 +26,21 @@ gradient flow at any t from one eigendecomposition).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
 from ntk_fast.ops.gram import all_finite
 from ntk_fast.ops.kernel_flow import kernel_flow_step
 from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
-from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
+from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, renamed_kwargs
+from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.ops.packed import PACKED_TILE, pack_symmetric
-from ntk_fast.dynamics.results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
+from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
@@ -105,62 +103,18 @@ def check_labels(y: Any, name: str = "y", n: Optional[int] = None, pm1: bool = T
         raise ValueError(f"{name} must hold labels +1/-1 for margin losses, found e.g. {bad}")
 
 
-# -------------------------------------------------------------------------------------------------- result
-@dataclass
-class KernelFlowResult:
-    """Outcome of kernel_flow for E problems (tensors have a leading E axis; ``single`` squeezes it).
-
-    F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,).
-    status: the overall status (ntk_fast.dynamics.results.overall_status: "converged" when every problem reached the
-    margin); statuses: one per problem, in the vocabulary of ntk_fast.dynamics.results ("converged", "max_time",
-    "max_steps", "max_wall", "max_iterations", "nonfinite", "stalled" = dt underflow).
-    history: per problem, a list of checkpoint dicts (step, t, dt, loss, err, nd, margin_min, test_err, ...),
-    config: the arguments (JSON-safe), wall: seconds spent.
-    """
-    F_train: torch.Tensor
-    F_test: Optional[torch.Tensor]
-    c: torch.Tensor
-    t: torch.Tensor
-    steps: torch.Tensor
-    attempts: torch.Tensor
-    status: str
-    statuses: List[str]
-    history: List[List[Dict[str, float]]]
-    config: Dict[str, Any] = field(default_factory=dict)
-    wall: float = 0.0
-    single: bool = False
-
-    def outputs(self, which: str = "train") -> Optional[torch.Tensor]:
-        """F_train / F_test, squeezed to (n,) / (m,) when the input was a single problem."""
-        F = self.F_train if which == "train" else self.F_test
-        if F is None:
-            return None
-        return F[0] if self.single else F
-
-    def summary(self) -> Dict[str, Any]:
-        """JSON-safe summary: status, statuses, final t/steps and the last checkpoint of every problem."""
-        return {"status": self.status, "statuses": self.statuses, "t": self.t.tolist(), "steps": self.steps.tolist(),
-                "attempts": self.attempts.tolist(), "wall": self.wall, "config": self.config,
-                "final": [h[-1] if h else {} for h in self.history]}
-
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``<path>.pt`` (all tensors) and ``<path>.json`` (summary and history), atomically (a trailing
-        .pt of ``path`` is dropped first: the same layout as FlowResult.save)."""
-        stem = stem_of(path)
-        atomic_save({k: getattr(self, k) for k in self.__dataclass_fields__}, stem + ".pt")
-        atomic_write_json({**self.summary(), "history": self.history}, stem + ".json")
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "KernelFlowResult":
-        """Read what :meth:`save` wrote."""
-        fields = cls.__dataclass_fields__
-        required = [k for k, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        blob = load_checkpoint(stem_of(path) + ".pt", "KernelFlowResult.load", required)
-        return cls(**{k: v for k, v in blob.items() if k in fields})
-
-
 # ------------------------------------------------------------------------------------------------- solver
+class StepStats(NamedTuple):
+    """One row of the (E, 7) float64 statistics of ``ntk_fast::kernel_flow_step`` (one problem)."""
+    g_sq: float          # |g|^2
+    gp_sq: float         # |g'|^2
+    diff_sq: float       # |g - g'|^2
+    dout: float          # dt max|g|
+    margin_min: float    # min_i y_i f'_i
+    mean_loss: float     # mean_i l(y_i f'_i)
+    gp_max: float        # max|g'|
+
+
 def _fingerprint(K: torch.Tensor) -> List[float]:
     """Cheap identity check of a kernel for resume: shape-independent sums of a few rows."""
     Kb = K if K.dim() == 3 else K.unsqueeze(0)
@@ -169,45 +123,53 @@ def _fingerprint(K: torch.Tensor) -> List[float]:
     return [float(Kb[:, i].double().sum()) for i in rows]
 
 
-def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optional[torch.Tensor] = None,
-                y_test: Optional[torch.Tensor] = None, loss: str = "softhinge", beta: float = 20.0,
-                max_dgrad: float = 1e-4, max_dout: float = 0.1, grow: float = 1.1, shrink: float = 10.0,
-                grow_fraction: float = 0.5, stop_margin: bool = True, max_steps: Optional[int] = None,
-                max_time: Optional[float] = None, max_wall: Optional[float] = None,
-                max_iterations: Optional[int] = None,
-                checkpoint_rate: float = 0.01, checkpoint_step: int = 100, packed: bool = False, block: Optional[int] = None,
-                checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: float = 60.0,
-                checkpoint_every_steps: Optional[int] = None, resume: Optional[Union[str, os.PathLike]] = None,
-                progress: bool = True, validate: bool = True) -> KernelFlowResult:
-    """Integrate dF/dt = -(1/n) Theta (l'(y o F) o y) from F = 0 with the trainer's adaptive step.
+@dataclass
+class _Problem:
+    """The inputs of kernel_flow, checked and laid out: Theta (dense or packed), labels Y (E, n), the test kernel
+    (m, n) / (E, m, n) and labels (E, m), and the op's tiling."""
+    theta: torch.Tensor
+    Y: torch.Tensor
+    Kte: Optional[torch.Tensor]
+    Yte: Optional[torch.Tensor]
+    E: int
+    EK: int
+    n: int
+    packed_block: int
+    step_block: int
+    block: int
 
-    Args:
-        K_train: Theta on the training points, (n, n) or (E, n, n); symmetric (only its upper triangle is read).
-        y: labels +-1, (n,) or (E, n).  With K (n, n) and y (E, n): E label vectors share one Theta; with
-            K (E, n, n) and y (n,): one label vector for E kernels.
-        K_test_train: Theta_test,train, (m, n) or (E, m, n); y_test: (m,) or (E, m).  Test outputs
-            F_test = -Theta_test,train c are evaluated only at checkpoints (cost 2 m n each).
-        loss: "softhinge" (beta = 20), "qhinge", or "mse" (square loss, no margin stop: give max_time/max_steps).
-        max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.dynamics.steprule.StepRule).
-        stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_time / max_wall: other stops
-            (accepted steps, flow time, seconds); max_iterations: passes over Theta (all problems stop together,
-            so a run resumed from there continues bit for bit).
-        checkpoint_rate, checkpoint_step: history at the accepted steps of the trainer's log-linear schedule
-            (ntk_fast.dynamics.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
-        packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
-            caller may then free K_train; the layout's tile is ops.packed.PACKED_TILE on every device);
-            block: compute tile edge of full storage (default 256 on CPUs; the CUDA kernel uses 64).
-        checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
-            ``checkpoint_every_steps`` loop iterations) and at the end; resume: such a file to continue from
-            (bit-for-bit: the same inputs and thread count give the same trajectory as an uninterrupted run).
-        progress: tqdm bar.  validate: check K (finite, symmetric) and labels (+-1).
 
-    Cost per attempt: one read of the upper half of Theta (per distinct kernel) and 2 E n^2 flops; memory: the
-    kernel(s) plus O(E n).
-    """
-    if loss not in LOSSES:
-        raise ValueError(f"kernel_flow: loss must be one of {LOSSES}, got {loss!r}")
-    rule = StepRule(max_dgrad=max_dgrad, max_dout=max_dout, grow=grow, shrink=shrink, grow_fraction=grow_fraction)
+def _check_test(K_test_train, y_test, n: int, E: int, dtype, device, validate: bool, loss: str):
+    """(Kte, Yte) of kernel_flow from K_test_train (m, n) / (E, m, n) and y_test (m,) / (E, m)."""
+    if K_test_train is None:
+        if y_test is not None:
+            raise ValueError("kernel_flow: y_test needs K_test_train")
+        return None, None
+    if not isinstance(K_test_train, torch.Tensor) or K_test_train.dim() not in (2, 3) or \
+            K_test_train.shape[-1] != n:
+        raise ValueError(f"kernel_flow: K_test_train must be (m, {n}) or (E, m, {n}), got "
+                         f"{tuple(K_test_train.shape) if isinstance(K_test_train, torch.Tensor) else K_test_train}")
+    if K_test_train.dim() == 3 and K_test_train.shape[0] != E:
+        raise ValueError(f"kernel_flow: K_test_train holds {K_test_train.shape[0]} kernels, expected {E}")
+    if validate and not all_finite(K_test_train):
+        raise ValueError("kernel_flow: K_test_train has NaN or infinite entries")
+    Kte = K_test_train.to(dtype=dtype, device=device)
+    m = Kte.shape[-2]
+    Yte = None
+    if y_test is not None:
+        if validate:
+            check_labels(y_test, "y_test", m, pm1=is_margin(loss))
+        elif y_test.shape[-1] != m:
+            raise ValueError(f"kernel_flow: y_test has {y_test.shape[-1]} entries, K_test_train has {m} rows")
+        Yte = y_test.to(dtype=dtype, device=device).reshape(-1, m).expand(E, m)
+        if y_test.dim() == 2 and y_test.shape[0] not in (1, E):
+            raise ValueError(f"kernel_flow: y_test holds {y_test.shape[0]} label vectors, expected {E}")
+    return Kte, Yte
+
+
+def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int], validate: bool,
+             loss: str) -> _Problem:
+    """Check kernel_flow's tensors and lay them out (see :class:`_Problem`)."""
     if not isinstance(K_train, torch.Tensor) or K_train.dim() not in (2, 3):
         raise ValueError("kernel_flow: K_train must be a tensor (n, n) or (E, n, n), got "
                          f"{tuple(K_train.shape) if isinstance(K_train, torch.Tensor) else type(K_train).__name__}")
@@ -223,32 +185,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     if EK > 1 and Ey > 1 and EK != Ey:
         raise ValueError(f"kernel_flow: K_train holds {EK} kernels but y holds {Ey} label vectors")
     E = max(EK, Ey)
-    single = K_train.dim() == 2 and y.dim() == 1
     Y = y.to(dtype=dtype, device=device).reshape(-1, n).expand(E, n).contiguous()
-    Kte = None
-    Yte = None
-    if K_test_train is not None:
-        if not isinstance(K_test_train, torch.Tensor) or K_test_train.dim() not in (2, 3) or \
-                K_test_train.shape[-1] != n:
-            raise ValueError(f"kernel_flow: K_test_train must be (m, {n}) or (E, m, {n}), got "
-                             f"{tuple(K_test_train.shape) if isinstance(K_test_train, torch.Tensor) else K_test_train}")
-        if K_test_train.dim() == 3 and K_test_train.shape[0] != E:
-            raise ValueError(f"kernel_flow: K_test_train holds {K_test_train.shape[0]} kernels, expected {E}")
-        if validate and not all_finite(K_test_train):
-            raise ValueError("kernel_flow: K_test_train has NaN or infinite entries")
-        Kte = K_test_train.to(dtype=dtype, device=device)
-        m = Kte.shape[-2]
-        if y_test is not None:
-            if validate:
-                check_labels(y_test, "y_test", m, pm1=is_margin(loss))
-            elif y_test.shape[-1] != m:
-                raise ValueError(f"kernel_flow: y_test has {y_test.shape[-1]} entries, K_test_train has {m} rows")
-            Yte = y_test.to(dtype=dtype, device=device).reshape(-1, m).expand(E, m)
-            if y_test.dim() == 2 and y_test.shape[0] not in (1, E):
-                raise ValueError(f"kernel_flow: y_test holds {y_test.shape[0]} label vectors, expected {E}")
-    elif y_test is not None:
-        raise ValueError("kernel_flow: y_test needs K_test_train")
-
+    Kte, Yte = _check_test(K_test_train, y_test, n, E, dtype, device, validate, loss)
     theta = K_train.contiguous()
     if device.type == "cuda":
         if block not in (None, 64):
@@ -261,184 +199,288 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         theta = pack_symmetric(theta, PACKED_TILE)
         packed_block = PACKED_TILE
     step_block = 0 if (packed or device.type == "cuda") else block
+    return _Problem(theta, Y, Kte, Yte, E, EK, n, packed_block, step_block, block)
 
-    config = {"n": n, "E": E, "loss": loss, "beta": beta, "max_dgrad": max_dgrad, "max_dout": max_dout,
-              "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction, "stop_margin": stop_margin,
-              "max_steps": max_steps, "max_time": max_time, "max_wall": max_wall,
-              "checkpoint_rate": checkpoint_rate, "checkpoint_step": checkpoint_step, "packed": packed,
-              "block": block, "dtype": str(dtype), "shared_kernel": EK == 1 and E > 1,
-              "fingerprint": _fingerprint(K_train)}
 
-    zeros = torch.zeros(E, n, dtype=dtype, device=device)
-    # Scalars per problem live in Python lists (cheap per-attempt bookkeeping); tensors only in results.
-    if resume is not None:
-        st = load_checkpoint(resume, "kernel_flow(resume=...)", ("F", "r", "g", "c", "dt", "t", "config", "history"))
-        for key in ("n", "E", "loss", "beta", "max_dgrad", "max_dout", "grow", "shrink", "grow_fraction", "dtype",
-                    "packed", "block"):
-            if st["config"][key] != config[key]:
-                raise ValueError(f"kernel_flow: cannot resume {resume}: {key} was {st['config'][key]!r}, "
-                                 f"now {config[key]!r}")
-        if any(abs(a - b) > 1e-9 * (1 + abs(a)) for a, b in zip(st["config"]["fingerprint"], config["fingerprint"])):
-            raise ValueError(f"kernel_flow: cannot resume {resume}: K_train differs from the checkpointed run")
-        F, r, g, c = (st[k].to(device) for k in ("F", "r", "g", "c"))
-        dt, tt, gmax = list(st["dt"]), list(st["t"]), list(st["gmax"])
-        steps, attempts = list(st["steps"]), list(st["attempts"])
-        status, history, next_ck = list(st["statuses"]), st["history"], list(st["next_ck"])
-        # Stops by limits are re-decided with this call's limits; converged / nonfinite / stalled are final.
-        status = ["running" if s_ in RESUMABLE else s_ for s_ in status]
-        for e in range(E):  # drop the end-of-run record of the interrupted run (not a schedule checkpoint)
-            if history[e] and status[e] == "running" and history[e][-1]["step"] not in loglinspace(
-                    history[e][-1]["step"], checkpoint_rate, checkpoint_step):
-                history[e].pop()
-        wall0, iters0 = st["wall"], st["iterations"]
-    else:
+def _read_kernel_checkpoint(path: Any, config: Dict[str, Any]) -> Dict[str, Any]:
+    """A solver checkpoint (format version 2, or 1 with the old config names), checked against ``config``."""
+    st = load_checkpoint(path, "kernel_flow(resume=...)", ("F", "r", "g", "c", "dt", "t", "config", "history"))
+    if "format_version" not in st:                     # version 1
+        st = {**st, "config": {V1_KERNEL_CONFIG.get(k, k): v for k, v in st["config"].items()},
+              "next_record": st["next_ck"]}
+    elif st.get("kind") != "kernel_flow":
+        raise ValueError(f"kernel_flow: {path} is not a kernel_flow checkpoint (kind {st.get('kind')!r})")
+    for key in ("n", "E", "loss", "loss_beta", "max_dgrad", "max_dout", "grow", "shrink", "grow_fraction", "dtype",
+                "packed", "block"):
+        if st["config"][key] != config[key]:
+            raise ValueError(f"kernel_flow: cannot resume {path}: {key} was {st['config'][key]!r}, "
+                             f"now {config[key]!r}")
+    if any(abs(a - b) > 1e-9 * (1 + abs(a)) for a, b in zip(st["config"]["fingerprint"], config["fingerprint"])):
+        raise ValueError(f"kernel_flow: cannot resume {path}: K_train differs from the checkpointed run")
+    return st
+
+
+class _KernelRun:
+    """One call of kernel_flow: the per-problem state (scalars in Python lists, tensors (E, n)), the records,
+    the resume file and the loop."""
+
+    def __init__(self, pb: _Problem, cfg: FlowConfig, stop_margin: bool, max_iterations: Optional[int],
+                 checkpoint_every_steps: Optional[int], config: Dict[str, Any]):
+        self.pb, self.cfg, self.rule, self.config = pb, cfg, cfg.rule, config
+        self.stop_margin = stop_margin and cfg.loss != "mse"
+        self.max_iterations, self.checkpoint_every_steps = max_iterations, checkpoint_every_steps
+        self.device, self.dtype = pb.Y.device, pb.Y.dtype
+        if cfg.resume is not None:
+            self._resume(cfg.resume)
+        else:
+            self._fresh()
+        self.start = time.perf_counter()
+
+    def _fresh(self) -> None:
+        pb, E = self.pb, self.pb.E
+        zeros = torch.zeros(E, pb.n, dtype=self.dtype, device=self.device)
         # Initial gradient: g = Theta r(0) / n (a dt = 0 call of the op).
-        dt0 = torch.zeros(E, dtype=dtype, device=device)
-        F, r, g, c, st0 = kernel_flow_step(theta, Y, zeros, zeros, zeros, zeros, dt0,
-                                           torch.ones(E, dtype=torch.bool, device=device), loss, beta,
-                                           packed_block, step_block)
-        gmax = [float(v) for v in st0[:, 6].tolist()]
-        dt, tt = [1.0] * E, [0.0] * E
-        steps, attempts = [0] * E, [0] * E
-        status = ["running"] * E
-        history = [[] for _ in range(E)]
-        next_ck = [0] * E
-        wall0, iters0 = 0.0, 0
+        dt0 = torch.zeros(E, dtype=self.dtype, device=self.device)
+        active = torch.ones(E, dtype=torch.bool, device=self.device)
+        self.F, self.r, self.g, self.c, st0 = kernel_flow_step(pb.theta, pb.Y, zeros, zeros, zeros, zeros, dt0, active, self.cfg.loss, self.cfg.loss_beta, pb.packed_block, pb.step_block)
+        self.gmax = [float(v) for v in st0[:, StepStats._fields.index("gp_max")].tolist()]
+        self.dt, self.tt = [1.0] * E, [0.0] * E
+        self.steps, self.attempts = [0] * E, [0] * E
+        self.status = ["running"] * E
+        self.history: List[List[Dict[str, Any]]] = [[] for _ in range(E)]
+        self.next_record = [0] * E
+        self.wall0, self.iters = 0.0, 0
+        for e in range(E):
+            self.record(e, "scheduled")
+            self.next_record[e] = next_record(0, self.cfg.record_rate, self.cfg.record_spacing)
+            if self.stop_margin and float((pb.Y[e] * self.F[e]).min()) >= 1.0:
+                self.status[e] = "converged"
 
-    def record(e: int) -> None:
-        u = (Y[e] * F[e]).double()
-        rec = {"step": steps[e], "t": tt[e], "dt": dt[e],
-               "loss": float(loss_value(loss, F[e].double(), Y[e].double(), beta).mean()), "err": float((u <= 0).double().mean()),
+    def _resume(self, path: Any) -> None:
+        st = _read_kernel_checkpoint(path, self.config)
+        cfg = self.cfg
+        self.F, self.r, self.g, self.c = (st[k].to(self.device) for k in ("F", "r", "g", "c"))
+        self.dt, self.tt, self.gmax = list(st["dt"]), list(st["t"]), list(st["gmax"])
+        self.steps, self.attempts = list(st["steps"]), list(st["attempts"])
+        self.status, self.history, self.next_record = list(st["statuses"]), st["history"], list(st["next_record"])
+        # Stops by limits are re-decided with this call's limits; converged / nonfinite / stalled are final.
+        self.status = ["running" if s_ in RESUMABLE else s_ for s_ in self.status]
+        for e, h in enumerate(self.history):  # drop the end-of-run record of the interrupted run (off schedule)
+            if h and self.status[e] == "running" and h[-1]["step"] not in loglinspace(
+                    h[-1]["step"], cfg.record_rate, cfg.record_spacing):
+                h.pop()
+        self.wall0, self.iters = st["wall"], st["iterations"]
+
+    def wall(self) -> float:
+        return self.wall0 + time.perf_counter() - self.start
+
+    def record(self, e: int, event: str) -> None:
+        """Append the record of problem e (step, t, dt, loss, err, nd, margin_min, norms, test_err, ...)."""
+        pb, F, c, beta = self.pb, self.F, self.c, self.cfg.loss_beta
+        u = (pb.Y[e] * F[e]).double()
+        rec = {"event": event, "step": self.steps[e], "t": self.tt[e], "dt": self.dt[e],
+               "loss": float(loss_value(self.cfg.loss, F[e].double(), pb.Y[e].double(), beta).mean()), "err": float((u <= 0).double().mean()),
                "nd": int((u < 1).sum()), "margin_min": float(u.min()), "F_norm": float(F[e].double().norm()),
                "c_norm": float(c[e].double().norm())}
-        if Kte is not None:
-            Ft = -((Kte[e] if Kte.dim() == 3 else Kte) @ c[e])
+        if pb.Kte is not None:
+            Ft = -((pb.Kte[e] if pb.Kte.dim() == 3 else pb.Kte) @ c[e])
             rec["F_test_norm"] = float(Ft.double().norm())
-            if Yte is not None:
-                ut = (Yte[e] * Ft).double()
+            if pb.Yte is not None:
+                ut = (pb.Yte[e] * Ft).double()
                 rec["test_err"] = float((ut <= 0).double().mean())
-                rec["test_loss"] = float(loss_value(loss, Ft.double(), Yte[e].double(), beta).mean())
-        history[e].append(rec)
+                rec["test_loss"] = float(loss_value(self.cfg.loss, Ft.double(), pb.Yte[e].double(), beta).mean())
+        self.history[e].append(rec)
 
-    if resume is None:
-        for e in range(E):
-            record(e)
-            next_ck[e] = next_checkpoint(0, checkpoint_rate, checkpoint_step)
-            if stop_margin and loss != "mse" and float((Y[e] * F[e]).min()) >= 1.0:
-                status[e] = "converged"
+    def save(self) -> None:
+        atomic_save({"kind": "kernel_flow", "F": self.F, "r": self.r, "g": self.g, "c": self.c, "dt": self.dt,
+                     "t": self.tt, "gmax": self.gmax, "steps": self.steps, "attempts": self.attempts,
+                     "statuses": self.status, "history": self.history, "next_record": self.next_record,
+                     "config": self.config, "wall": self.wall(), "iterations": self.iters}, self.cfg.checkpoint)
 
-    def save_state(path) -> None:
-        atomic_save({"F": F, "r": r, "g": g, "c": c, "dt": dt, "t": tt, "gmax": gmax, "steps": steps,
-                     "attempts": attempts, "statuses": status, "history": history, "next_ck": next_ck,
-                     "config": config, "wall": wall0 + (time.perf_counter() - start), "iterations": iters}, path)
-
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(desc="kernel_flow", unit="step", total=max_steps, leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
-    start = time.perf_counter()
-    last_save = start
-    iters = iters0
-    max_dout_, shrink_ = rule.max_dout, rule.shrink
-    active_all = torch.ones(E, dtype=torch.bool, device=device)
-    while True:
-        elapsed = wall0 + time.perf_counter() - start
-        running = []
-        for e in range(E):
-            if status[e] != "running":
+    def running(self) -> List[int]:
+        """Decide the stops before an attempt; returns the problems that attempt a step.  Attempts that fail on
+        dout alone are decided here without reading Theta (dout = dt max|g|)."""
+        cfg, out = self.cfg, []
+        elapsed = self.wall()
+        max_dout_, shrink_ = self.rule.max_dout, self.rule.shrink
+        for e in range(self.pb.E):
+            if self.status[e] != "running":
                 continue
-            if max_steps is not None and steps[e] >= max_steps:
-                status[e] = "max_steps"
-            elif max_time is not None and tt[e] >= max_time:
-                status[e] = "max_time"
-            elif max_wall is not None and elapsed >= max_wall:
-                status[e] = "max_wall"
-            elif max_iterations is not None and iters >= max_iterations:
-                status[e] = "max_iterations"
-            elif not math.isfinite(gmax[e]):
-                status[e] = "nonfinite"
+            if cfg.max_steps is not None and self.steps[e] >= cfg.max_steps:
+                self.status[e] = "max_steps"
+            elif cfg.max_time is not None and self.tt[e] >= cfg.max_time:
+                self.status[e] = "max_time"
+            elif cfg.max_wall is not None and elapsed >= cfg.max_wall:
+                self.status[e] = "max_wall"
+            elif self.max_iterations is not None and self.iters >= self.max_iterations:
+                self.status[e] = "max_iterations"
+            elif not math.isfinite(self.gmax[e]):
+                self.status[e] = "nonfinite"
             else:
-                # Attempts that fail on dout alone are decided without reading Theta (dout = dt max|g|).
-                while dt[e] * gmax[e] >= max_dout_ and dt[e] >= 1e-300:
-                    attempts[e] += 1
-                    dt[e] /= shrink_
-                if dt[e] < 1e-300:
-                    status[e] = "stalled"
+                while self.dt[e] * self.gmax[e] >= max_dout_ and self.dt[e] >= 1e-300:
+                    self.attempts[e] += 1
+                    self.dt[e] /= shrink_
+                if self.dt[e] < 1e-300:
+                    self.status[e] = "stalled"
                 else:
-                    running.append(e)
-        if not running:
-            break
+                    out.append(e)
+        return out
+
+    def attempt(self, running: List[int]) -> List[Optional[StepStats]]:
+        """One pass over Theta for the running problems; the accepted ones become the state."""
+        pb, E = self.pb, self.pb.E
         if len(running) == E:
-            active = active_all
+            active = torch.ones(E, dtype=torch.bool, device=self.device)
         else:
             active = torch.zeros(E, dtype=torch.bool)
             active[running] = True
-            active = active.to(device)
-        dt_t = torch.tensor(dt, dtype=dtype, device=device)
-        Fn, rn, gn, cn, stats = kernel_flow_step(theta, Y, F, g, r, c, dt_t, active, loss, beta,
-                                                 packed_block, step_block, check=False)
-        stats = stats.tolist()
+            active = active.to(self.device)
+        dt_t = torch.tensor(self.dt, dtype=self.dtype, device=self.device)
+        Fn, rn, gn, cn, stats = kernel_flow_step(pb.theta, pb.Y, self.F, self.g, self.r, self.c, dt_t, active, self.cfg.loss, self.cfg.loss_beta, pb.packed_block, pb.step_block, check=False)
+        rows = [StepStats(*s) for s in stats.tolist()]
         acc = [False] * E
         for e in running:
-            s = stats[e]
-            attempts[e] += 1
+            s = rows[e]
+            self.attempts[e] += 1
             if not all(math.isfinite(v) for v in s):
-                status[e] = "nonfinite"
+                self.status[e] = "nonfinite"
                 continue
-            ok, new_dt = rule.decide(dgrad_from_norms(s[0], s[1], s[2]), s[3], dt[e])
+            ok, new_dt = self.rule.decide(dgrad_from_norms(s.g_sq, s.gp_sq, s.diff_sq), s.dout, self.dt[e])
             if ok:
                 acc[e] = True
-                tt[e] += dt[e]
-                steps[e] += 1
-                gmax[e] = s[6]
-            dt[e] = new_dt
+                self.tt[e] += self.dt[e]
+                self.steps[e] += 1
+                self.gmax[e] = s.gp_max
+            self.dt[e] = new_dt
         nacc = sum(acc)
         if nacc == E:
-            F, r, g, c = Fn, rn, gn, cn          # swap, no copy
+            self.F, self.r, self.g, self.c = Fn, rn, gn, cn          # swap, no copy
         elif nacc:
-            a = torch.tensor(acc, device=device)[:, None]
-            F, r, g, c = (torch.where(a, x1, x0) for x1, x0 in ((Fn, F), (rn, r), (gn, g), (cn, c)))
+            a = torch.tensor(acc, device=self.device)[:, None]
+            self.F, self.r, self.g, self.c = (torch.where(a, x1, x0) for x1, x0 in
+                                              ((Fn, self.F), (rn, self.r), (gn, self.g), (cn, self.c)))
+        return [rows[e] if acc[e] else None for e in range(E)]
+
+    def after(self, accepted: List[Optional[StepStats]], running: List[int]) -> None:
+        """Records on the schedule and the margin stop of the problems that accepted a step."""
         for e in running:
-            if not acc[e]:
+            s = accepted[e]
+            if s is None:
                 continue
-            margin_reached = stop_margin and loss != "mse" and stats[e][4] >= 1.0
-            if steps[e] >= next_ck[e] or margin_reached:
-                record(e)
-                while next_ck[e] <= steps[e]:
-                    next_ck[e] = next_checkpoint(next_ck[e], checkpoint_rate, checkpoint_step)
+            margin_reached = self.stop_margin and s.margin_min >= 1.0
+            if self.steps[e] >= self.next_record[e] or margin_reached:
+                self.record(e, "converged" if margin_reached else "scheduled")
+                while self.next_record[e] <= self.steps[e]:
+                    self.next_record[e] = next_record(self.next_record[e], self.cfg.record_rate,
+                                                      self.cfg.record_spacing)
             if margin_reached:
-                status[e] = "converged"
-        iters += 1
-        if bar is not None:
-            e0 = running[0]
-            bar.update(1 if acc[e0] else 0)
-            if iters % 20 == 0:
-                bar.set_postfix(t=f"{tt[e0]:.3g}", dt=f"{dt[e0]:.2g}", margin=f"{stats[e0][4]:.3f}",
-                                running=len(running))
-        if checkpoint is not None:
-            now = time.perf_counter()
-            due = (checkpoint_every_steps is not None and iters % checkpoint_every_steps == 0) or \
-                  (checkpoint_every_steps is None and now - last_save >= checkpoint_every)
-            if due:
-                save_state(checkpoint)
-                last_save = now
-    if bar is not None:
-        bar.close()
-    for e in range(E):  # final record (unless the last checkpoint is already the final state)
-        if not history[e] or history[e][-1]["step"] != steps[e]:
-            record(e)
-    if checkpoint is not None:
-        save_state(checkpoint)
-    F_test = None
-    if Kte is not None:
-        F_test = -(torch.einsum("emn,en->em", Kte, c) if Kte.dim() == 3 else c @ Kte.t())
-    return KernelFlowResult(F_train=F, F_test=F_test, c=c, t=torch.tensor(tt, dtype=torch.float64),
-                            steps=torch.tensor(steps), attempts=torch.tensor(attempts), status=overall_status(status),
-                            statuses=list(status), history=history, config=config,
-                            wall=wall0 + time.perf_counter() - start, single=single)
+                self.status[e] = "converged"
+
+    def loop(self) -> None:
+        cfg = self.cfg
+        bar = progress_bar(cfg.progress, desc="kernel_flow", unit="step", total=cfg.max_steps, leave=False)
+        last_save = self.start
+        try:
+            while True:
+                running = self.running()
+                if not running:
+                    break
+                accepted = self.attempt(running)
+                self.after(accepted, running)
+                self.iters += 1
+                if bar is not None:
+                    e0 = running[0]
+                    bar.update(1 if accepted[e0] is not None else 0)
+                    if self.iters % 20 == 0 and accepted[e0] is not None:
+                        bar.set_postfix(t=f"{self.tt[e0]:.3g}", dt=f"{self.dt[e0]:.2g}",
+                                        margin=f"{accepted[e0].margin_min:.3f}", running=len(running))
+                if cfg.checkpoint is not None:
+                    now = time.perf_counter()
+                    every = self.checkpoint_every_steps
+                    if (every is not None and self.iters % every == 0) or \
+                            (every is None and now - last_save >= cfg.checkpoint_every):
+                        self.save()
+                        last_save = now
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def result(self) -> KernelFlowResult:
+        pb = self.pb
+        for e in range(pb.E):  # final record (unless the last record is already the final state)
+            if not self.history[e] or self.history[e][-1]["step"] != self.steps[e]:
+                self.record(e, "final")
+        if self.cfg.checkpoint is not None:
+            self.save()
+        F_test = None
+        if pb.Kte is not None:
+            F_test = -(torch.einsum("emn,en->em", pb.Kte, self.c) if pb.Kte.dim() == 3 else self.c @ pb.Kte.t())
+        final = [{**h[-1], "status": s} for h, s in zip(self.history, self.status)]
+        return KernelFlowResult(status=overall_status(self.status), statuses=list(self.status), F_train=self.F,
+                                F_test=F_test, t=torch.tensor(self.tt, dtype=torch.float64),
+                                steps=torch.tensor(self.steps), attempts=torch.tensor(self.attempts),
+                                history=self.history, final=final, config=self.config, wall=self.wall(), c=self.c)
+
+
+def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optional[torch.Tensor] = None,
+                y_test: Optional[torch.Tensor] = None, loss: str = "softhinge", loss_beta: float = 20.0,
+                max_dgrad: float = 1e-4, max_dout: float = 0.1, grow: float = 1.1, shrink: float = 10.0,
+                grow_fraction: float = 0.5, record_rate: float = 0.01, record_spacing: int = 100,
+                max_time: Optional[float] = None, max_steps: Optional[int] = None, max_wall: Optional[float] = None,
+                checkpoint: Optional[PathLike] = None, checkpoint_every: float = 600.0,
+                resume: Optional[PathLike] = None, progress: Optional[bool] = None, stop_margin: bool = True,
+                max_iterations: Optional[int] = None, packed: bool = False, block: Optional[int] = None,
+                checkpoint_every_steps: Optional[int] = None, validate: bool = True,
+                **renamed: Any) -> KernelFlowResult:
+    """Integrate dF/dt = -(1/n) Theta (l'(y o F) o y) from F = 0 with the trainer's adaptive step.
+
+    Args:
+        K_train: Theta on the training points, (n, n) or (E, n, n); symmetric (only its upper triangle is read).
+        y: labels +-1, (n,) or (E, n).  With K (n, n) and y (E, n): E label vectors share one Theta; with
+            K (E, n, n) and y (n,): one label vector for E kernels.
+        K_test_train: Theta_test,train, (m, n) or (E, m, n); y_test: (m,) or (E, m).  Test outputs
+            F_test = -Theta_test,train c are evaluated only at records (cost 2 m n each).
+        Shared with train (:class:`ntk_fast.dynamics.config.FlowConfig`): loss ("softhinge" with beta_l =
+            loss_beta, "qhinge", or "mse": square loss, no margin stop, give max_time / max_steps), the step
+            rule (max_dgrad, max_dout, grow, shrink, grow_fraction), the record schedule (record_rate,
+            record_spacing: history at the accepted steps of ntk_fast.dynamics.observables.next_record, at the
+            margin and at the end), the limits max_time / max_steps / max_wall (flow time, accepted steps,
+            seconds; None = no limit), checkpoint (the resume file, written atomically every
+            ``checkpoint_every`` seconds, or every ``checkpoint_every_steps`` passes over Theta, and at the end),
+            resume (bit-for-bit: the same inputs and thread count give the same trajectory as an uninterrupted
+            run), progress (tqdm; None: only when stderr is a terminal).
+        stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_iterations: passes over Theta (all
+            problems stop together, so a run resumed from there continues bit for bit).
+        packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
+            caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
+        validate: check K (finite, symmetric) and labels (+-1).
+        Old names beta / checkpoint_step / checkpoint_rate (now loss_beta / record_spacing / record_rate) warn and
+        still work.
+    Returns a :class:`KernelFlowResult` (tensors (E, n) also for one problem).
+    Cost per attempt: one read of the upper half of Theta (per distinct kernel) and 2 E n^2 flops; memory: the
+    kernel(s) plus O(E n).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"kernel_flow: loss must be one of {LOSSES}, got {loss!r}")
+    shared = dict(loss=loss, loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow, shrink=shrink,
+                  grow_fraction=grow_fraction, record_rate=record_rate, record_spacing=record_spacing,
+                  max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
+                  checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
+    shared.update(renamed_kwargs("kernel_flow", renamed, ("beta", "checkpoint_step", "checkpoint_rate")))
+    try:
+        cfg = FlowConfig(**shared)
+    except ValueError as exc:
+        raise ValueError(f"kernel_flow: {exc}") from None
+    pb = _prepare(K_train, y, K_test_train, y_test, packed, block, validate, loss)
+    config = {"n": pb.n, "E": pb.E, "loss": loss, "loss_beta": cfg.loss_beta, "max_dgrad": max_dgrad,
+              "max_dout": max_dout, "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction,
+              "stop_margin": stop_margin, "max_steps": max_steps, "max_time": cfg.max_time, "max_wall": cfg.max_wall,
+              "record_rate": cfg.record_rate, "record_spacing": cfg.record_spacing, "packed": packed,
+              "block": pb.block, "dtype": str(pb.Y.dtype), "shared_kernel": pb.EK == 1 and pb.E > 1,
+              "fingerprint": _fingerprint(K_train)}
+    run = _KernelRun(pb, cfg, stop_margin, max_iterations, checkpoint_every_steps, config)
+    run.loop()
+    return run.result()
 
 
 # -------------------------------------------------------------------------------------------- closed forms

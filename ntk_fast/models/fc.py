@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -83,6 +83,107 @@ def activation_and_derivative(activation: str, beta: float):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+# ------------------------------------------------------------------------- the net as functions of weights
+# One implementation of the maths, used by FCNet.forward / FCNet.features, the trainer's engine
+# (ntk_fast.dynamics.engine) and the kernel-change observable.  Weights are a list of L + 1 tensors, each
+# (out, in) for one net or (K, out, in) for a stack of K nets (the matmuls broadcast over K).
+Act = Callable[[torch.Tensor, bool], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def fc_activation(activation: str, beta: float, h: int, fused: bool = False) -> Act:
+    """The hidden layer's map ``act(z, keep) -> (a, s)`` with a = sigma(z)/sqrt(h) and (keep) s = sigma'(z)/sqrt(h).
+
+    fused=True (softplus only): one ``ntk_fast::softplus_act`` pass writes a over z in place (z must be a fresh
+    buffer, e.g. a matmul's output) and s into a new buffer, one exp and one log1p per element.  Otherwise the
+    plain torch functions of :func:`activation_and_derivative` (z is not modified).
+    """
+    sigma, dsigma = activation_and_derivative(activation, beta)
+    root_h = math.sqrt(h)
+    if fused and activation == "softplus":
+        from ntk_fast.ops.flow import softplus_act
+        scale = activation_normaliser(activation, beta) / root_h
+
+        def act(z: torch.Tensor, keep: bool):
+            a = z.contiguous()                                          # the matmul's fresh output: reused in place
+            s = torch.empty_like(a) if keep else None
+            softplus_act(a, s, beta, scale)
+            return a, s
+        return act
+
+    def act(z: torch.Tensor, keep: bool):
+        return sigma(z) / root_h, (dsigma(z) / root_h if keep else None)
+    return act
+
+
+def fc_forward(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act, keep: bool = False,
+               biases: Optional[Sequence[torch.Tensor]] = None, bias_scale: float = 0.0):
+    """Forward pass of the FC net(s) from the scaled input a0 = x / sqrt(d), (n, d).
+
+    z(l+1) = a(l) W(l)^T (+ bias_scale B(l)),  a(l+1), s(l+1) = act(z(l+1)),  out = a(L) W(L)^T.
+    Returns (out, acts, ss): out (n, k) or (K, n, k); acts = [a0, a(1), .., a(L)]; ss = [s(1), .., s(L)] when
+    keep (the derivatives backward needs), else [].  Cost: 2 n (d h + (L-1) h^2 + k h) flops per net.
+    """
+    L = len(Ws) - 1
+    acts, ss = [a0], []
+    a = a0
+    for l in range(L):
+        z = torch.matmul(a, Ws[l].transpose(-1, -2))
+        if biases is not None:
+            z = z + bias_scale * biases[l]
+        a, s = act(z, keep)
+        if keep:
+            ss.append(s)
+        acts.append(a)
+    out = torch.matmul(a, Ws[L].transpose(-1, -2))
+    if biases is not None:
+        out = out + bias_scale * biases[L]
+    return out, acts, ss
+
+
+def fc_backward(Ws: Sequence[torch.Tensor], acts: Sequence[torch.Tensor], ss: Sequence[torch.Tensor],
+                r: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    """Gradients of sum_i r_i f(x_i) (k = 1) into ``grads`` (matmul out=, no allocation for them).
+
+    delta(L+1) = r, grads[l] = delta(l+1)^T a(l), delta(l) = (delta(l+1) W(l)) o s(l).
+    r: (n,) for 2-D weights or (K, n) for stacks; grads[l] shaped like Ws[l].
+    Cost: 2 n (d h + (L-1) h^2 + h) flops for the gradients plus 2 n ((L-1) h^2 + h) for the deltas.
+    """
+    delta = r.unsqueeze(-1)
+    for l in range(len(Ws) - 1, -1, -1):
+        torch.matmul(delta.transpose(-1, -2), acts[l], out=grads[l])
+        if l > 0:
+            delta = torch.matmul(delta, Ws[l]).mul_(ss[l - 1])
+
+
+def fc_features(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act,
+                biases: Optional[Sequence[torch.Tensor]] = None, bias_scale: float = 0.0):
+    """Per-layer NTK features (A, D) of the net(s) (see FCNet.features): one forward and one backward pass.
+
+    A[l] = a(l) (..., n, fan_in_l) (A[0] = a0 expanded over the stack), with a column of value bias_scale appended when biases are given;
+    D[l] = df/dz(l+1) (..., n, k, fan_out_l), D[L] = I_k, D[l-1] = (D[l] W(l)) o s(l); squeezed to
+    (..., n, fan_out_l) when k == 1.  Then Theta = sum_l (D_l D_l^T) o (A_l A_l^T).
+    """
+    _, A, ss = fc_forward(Ws, a0, act, keep=True, biases=biases, bias_scale=bias_scale)
+    WL = Ws[-1]
+    k, n = WL.shape[-2], a0.shape[0]
+    eye = torch.eye(k, dtype=a0.dtype, device=a0.device)
+    delta = eye.expand(*WL.shape[:-2], n, k, k)                    # df_c / df_c' for the output layer
+    D = [delta]
+    for l in range(len(Ws) - 1, 0, -1):                            # df/dz(l) from df/dz(l+1)
+        W = Ws[l] if Ws[l].dim() == 2 else Ws[l].unsqueeze(-3)
+        delta = (delta @ W) * ss[l - 1].unsqueeze(-2)
+        D.append(delta)
+    D.reverse()
+    if WL.dim() > 2:                                               # the input is shared: give it the stack's axes
+        A[0] = A[0].expand(*WL.shape[:-2], *A[0].shape)
+    if biases is not None:
+        A = [torch.cat([a, torch.full((*a.shape[:-1], 1), bias_scale, dtype=a.dtype, device=a.device)], dim=-1)
+             for a in A]
+    if k == 1:
+        D = [dl[..., 0, :] for dl in D]
+    return A, D
+
+
 class FCNet(nn.Module):
     """Deep FC network f: R^d -> R^k of the paper (see the module docstring for the maths).
 
@@ -112,6 +213,7 @@ class FCNet(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         self.sigma, self.dsigma = activation_and_derivative(activation, self.beta)
         self.act_c = activation_normaliser(activation, self.beta)
+        self._act = fc_activation(activation, self.beta, h)
         shapes = [(h, d)] + [(h, h)] * (L - 1) + [(k, h)]
         self.weights = nn.ParameterList([
             nn.Parameter(torch.randn(s, generator=generator, dtype=dtype,
@@ -139,19 +241,14 @@ class FCNet(nn.Module):
         if x.dtype != w.dtype or x.device != w.device:
             raise ValueError(f"FCNet: x is {x.dtype} on {x.device} but the weights are {w.dtype} on {w.device}")
 
-    def _pre(self, l: int, a: torch.Tensor) -> torch.Tensor:
-        z = a @ self.weights[l].t()
-        if self.biases is not None:
-            z = z + self.bias_scale * self.biases[l]
-        return z
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        a = x / math.sqrt(self.d)
-        for l in range(self.L):
-            a = self.sigma(self._pre(l, a)) / math.sqrt(self.h)
-        out = self._pre(self.L, a)
+        out, _, _ = fc_forward(list(self.weights), x / math.sqrt(self.d), self._act, biases=self._biases(),
+                               bias_scale=self.bias_scale)
         return out[:, 0] if self.k == 1 else out
+
+    def _biases(self) -> Optional[List[torch.Tensor]]:
+        return None if self.biases is None else list(self.biases)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -161,26 +258,8 @@ class FCNet(nn.Module):
           A[l]: (n, fan_in_l) = a(l), with a constant column of value ``bias`` appended when biases are on;
           D[l]: (n, fan_out_l) = df/dz(l+1) when k == 1, else (n, k, fan_out_l) (one row per output).
         Then Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T) (per output pair when k > 1).
-        Cost: 2 n (d h + (L-1) h^2 + k h) flops forward, about twice that backward.
+        Cost: 2 n (d h + (L-1) h^2 + k h) flops forward, about twice that backward.  (:func:`fc_features`.)
         """
         self._check_input(x)
-        n, h, k = x.shape[0], self.h, self.k
-        A: List[torch.Tensor] = [x / math.sqrt(self.d)]
-        dsig: List[torch.Tensor] = []
-        for l in range(self.L):
-            z = self._pre(l, A[-1])
-            dsig.append(self.dsigma(z))
-            A.append(self.sigma(z) / math.sqrt(h))
-        eye = torch.eye(k, dtype=x.dtype, device=x.device)
-        delta = eye.expand(n, k, k)                                  # df_c / df_c' for the output layer
-        D: List[torch.Tensor] = [delta]
-        for l in range(self.L, 0, -1):                               # df/dz(l) from df/dz(l+1)
-            delta = (delta @ self.weights[l]) * (dsig[l - 1].unsqueeze(1) / math.sqrt(h))
-            D.append(delta)
-        D.reverse()
-        if self.biases is not None:
-            ones = torch.full((n, 1), self.bias_scale, dtype=x.dtype, device=x.device)
-            A = [torch.cat([a, ones], dim=1) for a in A]
-        if k == 1:
-            D = [dl[:, 0, :] for dl in D]
-        return A, D
+        return fc_features(list(self.weights), x / math.sqrt(self.d), self._act, biases=self._biases(),
+                           bias_scale=self.bias_scale)

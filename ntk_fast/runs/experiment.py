@@ -4,7 +4,8 @@ Notation is the article's (docs/design.md section 5): last layer over sqrt(h), F
 1/(alpha^2 n) sum l(y F).  The reference code (feature_lazy) uses alpha_code = sqrt(h) alpha and
 t_code / h = t / (sqrt(h) alpha); summaries store both ``alpha`` and ``alpha_sqrt_h`` (= alpha_code).
 
-A run folder holds::
+A run folder holds (every file with ``format_version``; folders written before versions existed are read as
+version 1, newer versions are refused with an error naming the version)::
 
     config.json         the RunConfig (written first)
     checkpoint.pt       the trainer's resumable checkpoint (while training; removed when the run is done)
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -34,7 +34,7 @@ import torch
 from ntk_fast import data
 from ntk_fast.data import DTYPES
 from ntk_fast.models.fc import FCNet
-from ntk_fast.dynamics.results import atomic_write_json
+from ntk_fast.dynamics.results import FormatVersionError, atomic_save, read_json, write_json
 
 SUMMARY = "summary.json"
 _OPERATIONAL = ("alpha_sqrt_h", "checkpoint_every", "max_wall")     # may change when a run is resumed
@@ -113,31 +113,6 @@ class RunConfig:
             raise ValueError("final_kernel needs regular training (Theta at the end of training)")
 
 
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, torch.Tensor):
-        return _json_safe(o.tolist()) if o.numel() <= 64 else f"<tensor {tuple(o.shape)}>"
-    if isinstance(o, float) and not math.isfinite(o):
-        return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
-    if hasattr(o, "item") and callable(o.item):
-        try:
-            return _json_safe(o.item())
-        except (TypeError, ValueError):
-            return str(o)
-    if isinstance(o, (str, int, float, bool)) or o is None:
-        return o
-    return str(o)
-
-
-def write_json(path: str, obj: Dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename); NaN becomes null, inf the string "inf"."""
-    atomic_write_json(_json_safe(obj), path)
-
-
-
 LOCK = "running.pid"
 
 
@@ -189,13 +164,15 @@ def _alive(pid: int) -> bool:
 
 
 def read_summary(folder: str) -> Optional[Dict[str, Any]]:
-    """The summary of a done run folder, else None."""
+    """The summary of a done run folder, else None (also for an unreadable file, so that the run is redone);
+    FormatVersionError for a summary of a newer format version."""
     path = os.path.join(folder, SUMMARY)
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path, "read_summary")
+    except FormatVersionError:
+        raise
     except (OSError, ValueError):
         return None
 
@@ -216,51 +193,32 @@ def load_run_data(cfg: RunConfig):
     return xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev)
 
 
-def _kernel_module():
-    try:
-        from ntk_fast.dynamics import solver as kernel
-    except ImportError as exc:
-        raise RuntimeError("the frozen-kernel solver ntk_fast.dynamics.solver is not available in this checkout "
-                           f"({exc}); run without --init-kernel/--final-kernel") from exc
-    if not hasattr(kernel, "frozen_kernel_run"):
-        raise RuntimeError("ntk_fast.dynamics.solver has no frozen_kernel_run in this checkout")
-    return kernel
-
-
-def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: bool) -> Any:
+def kernel_run(net: FCNet, xtr, ytr, xte, yte, cfg: RunConfig, progress: Optional[bool]) -> Any:
     """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the NTK of ``net`` at its weights
     (ntk_fast.dynamics.solver.frozen_kernel_run), same loss, step rule, margin stop and budgets as the trainer."""
-    kernel = _kernel_module()
-    kw = dict(loss=cfg.loss, beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
-              max_steps=cfg.max_steps, max_time=cfg.max_time if math.isfinite(cfg.max_time) else None,
-              max_wall=cfg.max_wall if math.isfinite(cfg.max_wall) else None, progress=progress)
-    return kernel.frozen_kernel_run(net, xtr, ytr, xte, yte, **kw)
+    from ntk_fast.dynamics.solver import frozen_kernel_run
+    return frozen_kernel_run(net, xtr, ytr, xte, yte, **_shared_kwargs(cfg), progress=progress)
+
+
+def _shared_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    """The keyword arguments train and kernel_flow share (ntk_fast.dynamics.config.FlowConfig) from a RunConfig."""
+    return dict(loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
+                max_steps=cfg.max_steps, max_time=cfg.max_time, max_wall=cfg.max_wall)
 
 
 def _outputs_of(res: Any) -> Dict[str, torch.Tensor]:
-    """{"train": F (n,) or (K, n), "test": ...} of a trainer or kernel-solver result."""
-    if hasattr(res, "F_train"):                                  # ntk_fast.dynamics.solver.KernelFlowResult
-        out = {"train": res.F_train, "test": res.F_test}
-    else:                                                        # ntk_fast.dynamics.trainer.FlowResult
-        out = getattr(res, "outputs", None) or {}
-    return {k: v.detach().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
+    """{"train": F (K, n), "test": ...} of a result (ntk_fast.dynamics.results.DynamicsResult), on the CPU."""
+    return {k: v.detach().cpu() for k, v in res.outputs.items()}
 
 
 def _kernel_summary(res: Any, yte: torch.Tensor) -> Dict[str, Any]:
-    """Status, t, steps, wall and the test error of a frozen-kernel run (problem 0)."""
-    outs = _outputs_of(res)
-    statuses = getattr(res, "statuses", None)
-    s: Dict[str, Any] = {"status": statuses[0] if statuses else getattr(res, "status", None)}
-    for k in ("t", "steps", "attempts"):
-        v = getattr(res, k, None)
-        if isinstance(v, torch.Tensor):
-            s[k] = float(v.reshape(-1)[0]) if k == "t" else int(v.reshape(-1)[0])
-    s["wall"] = getattr(res, "wall", None)
-    hist = getattr(res, "history", None)
-    if isinstance(hist, list) and hist and isinstance(hist[0], list) and hist[0]:
-        s["last_checkpoint"] = {k: v for k, v in hist[0][-1].items() if isinstance(v, (int, float, str))}
-    if "test" in outs:
-        Ft = outs["test"].reshape(-1, yte.shape[0])[0].double()
+    """Status, t, steps, wall, the last record and the test error of a frozen-kernel run (problem 0)."""
+    s: Dict[str, Any] = {"status": res.statuses[0], "t": float(res.t[0]), "steps": int(res.steps[0]),
+                         "attempts": int(res.attempts[0]), "wall": res.wall}
+    if res.history[0]:
+        s["last_record"] = {k: v for k, v in res.history[0][-1].items() if isinstance(v, (int, float, str))}
+    if res.F_test is not None:
+        Ft = res.F_test[0].detach().cpu().double()
         s["test_err"] = float(((Ft * yte.cpu().double()) <= 0).double().mean())
     return s
 
@@ -271,7 +229,7 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm()) if float(b.norm()) > 0 else math.nan
 
 
-def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print) -> Dict[str, Any]:
+def run_experiment(cfg: RunConfig, folder: str, progress: Optional[bool] = None, log=print) -> Dict[str, Any]:
     """Run (or finish, or skip) the experiment ``cfg`` in ``folder``; return its summary (see module doc).
 
     The summary holds config, alpha_sqrt_h, status, final observables of net 0 (t, step, train/test error,
@@ -282,8 +240,9 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
     cfg_path = os.path.join(folder, "config.json")
     if os.path.exists(cfg_path):
         try:
-            with open(cfg_path) as f:
-                old = RunConfig.from_json(json.load(f))
+            old = RunConfig.from_json(read_json(cfg_path, "run_experiment"))
+        except FormatVersionError:
+            raise
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{cfg_path} is corrupt or not an ntk_fast run config ({exc}); the folder is left "
                              "as it is: repair the file or use a new folder") from exc
@@ -313,15 +272,13 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
             if resume:
                 log(f"{folder}: resuming from {ckpt}")
             res = train(nets if cfg.ensemble > 1 else nets[0], xtr, ytr, cfg.alpha, x_test=xte, y_test=yte,
-                        loss=cfg.loss, loss_beta=cfg.loss_beta, max_dgrad=cfg.max_dgrad, max_dout=cfg.max_dout,
-                        tau=cfg.tau, max_time=cfg.max_time, max_wall=cfg.max_wall, max_steps=cfg.max_steps,
-                        kernel_points=cfg.kernel_points, checkpoint=ckpt, checkpoint_every=cfg.checkpoint_every,
-                        resume=resume, progress=progress)
+                        **_shared_kwargs(cfg), tau=cfg.tau, kernel_points=cfg.kernel_points, checkpoint=ckpt,
+                        checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress)
             res.save(os.path.join(folder, "train"))
             trained = res
             fin = res.final[0]
             keep = ("status", "step", "attempts", "t", "t_code_over_h", "train_err", "train_nd", "test_err",
-                    "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_over_h_code", "t_grow",
+                    "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_code_over_h", "t_grow",
                     "weight_change", "wall")
             summary.update({"status": res.status, "resumed": resume is not None,
                             "train": {k: fin.get(k) for k in keep if k in fin},
@@ -340,14 +297,10 @@ def run_experiment(cfg: RunConfig, folder: str, progress: bool = True, log=print
                 kouts = _outputs_of(kres)
                 tensors.update({f"{name}_{k}": v for k, v in kouts.items()})
                 if trained is not None and "test" in kouts and "regular_test" in tensors:
-                    ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"].reshape(-1, yte.shape[0])[0],
-                                                             kouts["test"].reshape(-1, yte.shape[0])[0])
+                    ks["test_output_gap_vs_net"] = _rel_diff(tensors["regular_test"][0], kouts["test"][0])
                 summary[name] = ks
-                if hasattr(kres, "save"):
-                    kres.save(os.path.join(folder, f"{name}.pt"))   # the solver's own .pt + .json
-                else:
-                    write_json(os.path.join(folder, f"{name}.json"), ks)
-        torch.save(tensors, os.path.join(folder, "outputs.pt"))
+                kres.save(os.path.join(folder, name))                 # <name>.pt + <name>.json
+        atomic_save(tensors, os.path.join(folder, "outputs.pt"))
         summary["wall"] = time.perf_counter() - wall0
         summary["done"] = True
         write_json(os.path.join(folder, SUMMARY), summary)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ntk_fast.dynamics.config import progress_bar
 from ntk_fast.runs.experiment import RunConfig, read_summary, run_experiment, write_json
 
 
@@ -73,9 +74,11 @@ def _worker(cfg_json: Dict[str, Any], folder: str, threads: int) -> Tuple[str, O
         return folder, None, traceback.format_exc()
 
 
-def run_sweep(configs: Sequence[Tuple[str, RunConfig]], out: str, jobs: int = 1, progress: bool = True,
+def run_sweep(configs: Sequence[Tuple[str, RunConfig]], out: str, jobs: int = 1, progress: Optional[bool] = None,
               threads: Optional[int] = None, log: Callable[..., None] = print) -> Dict[str, Any]:
-    """Run every (name, config) in ``out/name``; return counts {"total", "done", "skipped", "failed"}."""
+    """Run every (name, config) in ``out/name``; return counts {"total", "done", "skipped", "failed"}.
+
+    progress: a tqdm bar over the runs (None: only when stderr is a terminal); the runs themselves show none."""
     if jobs < 1:
         raise ValueError(f"run_sweep: jobs must be >= 1, got {jobs}")
     os.makedirs(out, exist_ok=True)
@@ -84,10 +87,7 @@ def run_sweep(configs: Sequence[Tuple[str, RunConfig]], out: str, jobs: int = 1,
     todo = [(n, c) for n, c in configs if read_summary(os.path.join(out, n)) is None]
     skipped = len(configs) - len(todo)
     counts = {"total": len(configs), "done": skipped, "skipped": skipped, "failed": 0}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(configs), initial=skipped, desc="sweep", unit="run", dynamic_ncols=True)
+    bar = progress_bar(progress, total=len(configs), initial=skipped, desc="sweep", unit="run")
     stop = os.path.join(out, "stop")
 
     def finished(folder: str, s: Optional[Dict[str, Any]], err: str) -> None:
