@@ -44,6 +44,8 @@ from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
 from ntk_fast.ops.packed import PACKED_TILE, pack_symmetric
 from ntk_fast.dynamics.results import RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.guards import DEFAULT_MAX_STEPS, DivergenceMonitor, check_gram, require_memory, solve_report
+from ntk_fast.guards.estimates import kernel_flow_bytes, kernel_regression_bytes
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
            "frozen_kernel_run", "check_kernel", "check_labels"]
@@ -113,7 +115,8 @@ class KernelFlowResult:
     F_train (E, n), F_test (E, m) or None, c (E, n) with F_train = -Theta c, t / steps / attempts (E,).
     status: the overall status (ntk_fast.dynamics.results.overall_status: "converged" when every problem reached the
     margin); statuses: one per problem, in the vocabulary of ntk_fast.dynamics.results ("converged", "max_time",
-    "max_steps", "max_wall", "max_iterations", "nonfinite", "stalled" = dt underflow).
+    "max_steps", "max_wall", "max_iterations", "nonfinite", "diverging" = the loss rose over 50 accepted
+    steps, "stalled" = dt underflow).
     history: per problem, a list of checkpoint dicts (step, t, dt, loss, err, nd, margin_min, test_err, ...),
     config: the arguments (JSON-safe), wall: seconds spent.
     """
@@ -191,7 +194,10 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         max_dgrad, max_dout, grow, shrink, grow_fraction: the step rule (ntk_fast.dynamics.steprule.StepRule).
         stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_steps / max_time / max_wall: other stops
             (accepted steps, flow time, seconds); max_iterations: passes over Theta (all problems stop together,
-            so a run resumed from there continues bit for bit).
+            so a run resumed from there continues bit for bit).  Default step budget: max_steps=None means
+            ntk_fast.guards.DEFAULT_MAX_STEPS = 1_000_000 accepted steps per problem (status "max_steps"); pass
+            math.inf to lift it.  A problem whose loss rises over 50 consecutive accepted steps stops as
+            "diverging" (ntk_fast.guards.DivergenceMonitor: the flow with a PSD kernel never raises the loss).
         checkpoint_rate, checkpoint_step: history at the accepted steps of the trainer's log-linear schedule
             (ntk_fast.dynamics.observables.next_checkpoint(s, rate, step)), at the margin and at the end.
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
@@ -200,7 +206,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         checkpoint: file for atomic solver checkpoints, written every ``checkpoint_every`` seconds (or every
             ``checkpoint_every_steps`` loop iterations) and at the end; resume: such a file to continue from
             (bit-for-bit: the same inputs and thread count give the same trajectory as an uninterrupted run).
-        progress: tqdm bar.  validate: check K (finite, symmetric) and labels (+-1).
+        progress: tqdm bar.  validate: check K (finite, symmetric, non-negative diagonal, no eigenvalue below
+            -eps ||K|| by 30 Lanczos iterations: ntk_fast.guards.check_gram) and labels (+-1).
 
     Cost per attempt: one read of the upper half of Theta (per distinct kernel) and 2 E n^2 flops; memory: the
     kernel(s) plus O(E n).
@@ -212,8 +219,10 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         raise ValueError("kernel_flow: K_train must be a tensor (n, n) or (E, n, n), got "
                          f"{tuple(K_train.shape) if isinstance(K_train, torch.Tensor) else type(K_train).__name__}")
     n = K_train.shape[-1]
+    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
     if validate:
         check_kernel(K_train, "K_train")
+        check_gram(K_train, "K_train", symmetric_checked=True)
         check_labels(y, "y", n, pm1=is_margin(loss))
     elif y.shape[-1] != n:
         raise ValueError(f"kernel_flow: y has {y.shape[-1]} entries but K_train is {n} x {n}")
@@ -257,6 +266,9 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     elif block is None:
         block = 256
     packed_block = 0
+    require_memory(kernel_flow_bytes(K_train, E, packed, PACKED_TILE if packed else block), "kernel_flow: the "
+                   f"solver's copy of Theta (n = {n}, {E} problem(s), packed={packed})", device,
+                   "Pass a contiguous K_train (no copy is made then), or solve fewer problems at once.")
     if packed:   # one device-independent layout (ntk_fast/ops/packed.py); block is the compute tile of full storage
         theta = pack_symmetric(theta, PACKED_TILE)
         packed_block = PACKED_TILE
@@ -336,13 +348,15 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     if progress:
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(desc="kernel_flow", unit="step", total=max_steps, leave=False)
+            bar = tqdm(desc="kernel_flow", unit="step", leave=False,
+                       total=max_steps if math.isfinite(max_steps) and max_steps != DEFAULT_MAX_STEPS else None)
         except ImportError:  # pragma: no cover
             bar = None
     start = time.perf_counter()
     last_save = start
     iters = iters0
     max_dout_, shrink_ = rule.max_dout, rule.shrink
+    monitors = [DivergenceMonitor() for _ in range(E)]
     active_all = torch.ones(E, dtype=torch.bool, device=device)
     while True:
         elapsed = wall0 + time.perf_counter() - start
@@ -394,6 +408,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
                 tt[e] += dt[e]
                 steps[e] += 1
                 gmax[e] = s[6]
+                if monitors[e].update(s[5]):
+                    status[e] = "diverging"
             dt[e] = new_dt
         nacc = sum(acc)
         if nacc == E:
@@ -444,25 +460,42 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
 # -------------------------------------------------------------------------------------------- closed forms
 @dataclass
 class KernelRegression:
-    """coef (n,) / (E, n) with (K + (ridge + jitter) I) coef = y; F_train = K coef; F_test = K_test coef."""
+    """coef (n,) / (E, n) with (K + (ridge + jitter) I) coef = y; F_train = K coef; F_test = K_test coef.
+
+    status: "solved" or "unsolved" (ntk_fast.guards.solve: relative residual above the dtype's threshold);
+    residual, condition: see ntk_fast.guards.solve.SolveReport."""
     coef: torch.Tensor
     F_train: torch.Tensor
     F_test: Optional[torch.Tensor]
     jitter: float
+    residual: float = 0.0
+    condition: float = 1.0
+    status: str = "solved"
 
 
 def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_test: Optional[torch.Tensor] = None,
-                      max_jitter: float = 1e-6) -> KernelRegression:
+                      max_jitter: float = 1e-6, on_unsolved: str = "raise") -> KernelRegression:
     """Kernel (ridge) regression: solve (K + ridge I) coef = y by Cholesky, predict K_test coef.
 
     K: (n, n) symmetric positive (semi-)definite; y: (n,) or (E, n) (several right-hand sides); K_test: (m, n).
     When the Cholesky factorisation fails, a jitter eps = 1e-12 (float32: 1e-7) * mean(diag K) is added and
     multiplied by 10 until it succeeds or exceeds max_jitter * mean(diag K): then ValueError (K is not
     positive definite).  Cost: n^3 / 3 + 2 n^2 E (+ 2 m n E) flops.
+
+    K is checked as a Gram matrix (ntk_fast.guards.check_gram: non-negative diagonal, no eigenvalue below
+    -eps ||K||).  The result reports the jitter, a condition estimate and the relative training residual
+    ||(K + ridge I) coef - y|| / ||y||; above 1e-3 (float32: 1e-2) the system was not solved (e.g. a singular
+    K with y outside its range): ValueError, or status="unsolved" in the result when on_unsolved="status".
     """
     check_kernel(K, "K", batch_ok=False)
     n = K.shape[0]
     check_labels(y, "y", n, pm1=False)
+    if on_unsolved not in ("raise", "status"):
+        raise ValueError(f"kernel_regression: on_unsolved must be 'raise' or 'status', got {on_unsolved!r}")
+    check_gram(K, "K", symmetric_checked=True)
+    require_memory(kernel_regression_bytes(n, y.numel() // max(n, 1), 0 if K_test is None else K_test.shape[0],
+                                           K.element_size()), f"kernel_regression: the Cholesky factorisation (n = {n})",
+                   K.device, "Use kernel_flow (no factorisation; packed=True halves its copy of K) or fewer points.")
     if ridge < 0 or not math.isfinite(ridge):
         raise ValueError(f"kernel_regression: ridge must be a finite number >= 0, got {ridge}")
     if K_test is not None:
@@ -491,11 +524,15 @@ def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_te
     Yc = y.to(K.dtype).reshape(-1, n).t()
     coef = torch.cholesky_solve(Yc, Lc).t()
     F_train = coef @ K  # K symmetric
+    rep = solve_report(K, Yc.t(), coef, F_train, ridge, jitter, Lc)
+    if rep.status != "solved" and on_unsolved == "raise":
+        raise ValueError(rep.message())
     F_test = coef @ K_test.t() if K_test is not None else None
     if y.dim() == 1:
         coef, F_train = coef[0], F_train[0]
         F_test = F_test[0] if F_test is not None else None
-    return KernelRegression(coef=coef, F_train=F_train, F_test=F_test, jitter=jitter)
+    return KernelRegression(coef=coef, F_train=F_train, F_test=F_test, jitter=jitter, residual=rep.residual,
+                            condition=rep.condition, status=rep.status)
 
 
 class MSEFlow:
@@ -511,6 +548,7 @@ class MSEFlow:
 
     def __init__(self, K: torch.Tensor, y: torch.Tensor, K_test: Optional[torch.Tensor] = None):
         check_kernel(K, "K", batch_ok=False)
+        check_gram(K, "K", symmetric_checked=True)   # negative eigenvalues are clamped below: refuse real ones
         n = K.shape[0]
         check_labels(y, "y", n, pm1=False)
         if K_test is not None and (K_test.dim() != 2 or K_test.shape[1] != n):
