@@ -54,6 +54,8 @@ from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_value
 from ntk_fast.dynamics.results import RESUMABLE as _RESUMABLE, atomic_save, atomic_write_json, load_checkpoint, overall_status, stem_of
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.guards import DEFAULT_MAX_STEPS, require_memory
+from ntk_fast.guards.estimates import train_bytes
 
 STATUSES = ("running", "converged", "max_time", "max_steps", "max_wall", "nonfinite", "stalled")  # see ntk_fast.dynamics.results
 _CKPT_VERSION = 1
@@ -443,7 +445,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         x_test, y_test: optional test set, evaluated at checkpoints and at the end.
         loss: "softhinge" (beta_l = loss_beta, default 20) or "qhinge".
         max_dgrad, max_dout: the step-rule bounds.  tau: momentum time (0: plain gradient flow).
-        max_time: stop a net at t >= max_time; max_steps: after that many accepted steps (per net);
+        max_time: stop a net at t >= max_time; max_steps: after that many accepted steps (per net; default
+            None = ntk_fast.guards.DEFAULT_MAX_STEPS = 1_000_000, status "max_steps"; math.inf lifts it);
         max_wall: seconds of this call.
         kernel_every: compute the kernel change |Theta_t - Theta_0|_F / |Theta_0|_F every that many checkpoints
             (0: only at the end); kernel_points: an int m (first m test points, or train points without a test
@@ -456,7 +459,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
             grow_factor * rms(f0) on the training set.  checkpoint_rate, checkpoint_spacing: the log-linear
             checkpoint sequence (:func:`ntk_fast.dynamics.observables.next_checkpoint`).  max_rejections: consecutive
             rejections (dt divided by 10 each) after which a net stops as "nonfinite" or "stalled".
-    Returns a :class:`FlowResult`.
+    Returns a :class:`FlowResult`.  Before allocating, the buffers are estimated (ntk_fast.guards.estimates.
+    train_bytes) and a MemoryBudgetError is raised when they exceed the device's free memory.
     Cost per attempt: one forward and one backward pass, ~6 n P flops for P = d h + (L-1) h^2 + h weights per net.
     """
     nets = _check_nets(net)
@@ -472,14 +476,20 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         raise ValueError(f"train: loss must be one of {LOSSES}, got {loss!r}")
     if not (tau >= 0 and math.isfinite(tau)):
         raise ValueError(f"train: tau must be a finite number >= 0, got {tau}")
-    if max_steps is not None and max_steps < 0:
+    if max_steps is not None and not max_steps >= 0:
         raise ValueError(f"train: max_steps must be >= 0, got {max_steps}")
+    max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
     rule = StepRule(max_dgrad=max_dgrad, max_dout=max_dout)
     x, y = _check_data(x, y, a.d, like, "x", "y", loss)
     if (x_test is None) != (y_test is None):
         raise ValueError("train: give both x_test and y_test, or neither")
     if x_test is not None:
         x_test, y_test = _check_data(x_test, y_test, a.d, like, "x_test", "y_test", loss)
+    P = sum(w.numel() for w in a.weights)
+    n_all = x.shape[0] + (0 if x_test is None else x_test.shape[0])
+    require_memory(train_bytes(len(nets), P, n_all, a.h, a.L, float(tau), like.element_size()),
+                   f"train: the buffers of {len(nets)} net(s) with {P} weights on {n_all} points", like.device,
+                   "Train fewer nets at once (smaller ensemble), or on fewer points.")
     with torch.no_grad():
         return _run(nets, x, y, alpha, x_test, y_test, loss, float(loss_beta), rule, float(tau), float(max_time),
                     float(max_wall), max_steps, int(kernel_every), kernel_points, checkpoint, float(checkpoint_every),
