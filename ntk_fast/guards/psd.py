@@ -29,7 +29,7 @@ _CHUNK_BYTES = 64 << 20
 
 def _rows(K: Any, i0: int, i1: int) -> torch.Tensor:
     blk = K[i0:i1]
-    blk = torch.from_numpy(np.ascontiguousarray(blk)) if isinstance(blk, np.ndarray) else blk
+    blk = torch.from_numpy(np.array(blk, dtype=np.float64)) if isinstance(blk, np.ndarray) else blk
     return blk.to(torch.float64)
 
 
