@@ -330,7 +330,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if use_structured and x1.dim() != 2:
         raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for the structured path, got {tuple(x1.shape)}")
     with torch.no_grad():
-        k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] > 0 else 1
+        probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
+                                                 torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
+                                                             device=x1.device))   # k also for empty inputs
+        k = model(probe).reshape(1, -1).shape[1]
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))
