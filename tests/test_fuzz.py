@@ -6,6 +6,7 @@ error.  Inputs: shapes including 0 and 1, float32/float64/int, non-contiguous (s
 anywhere, mismatched dtypes between arguments, labels outside {-1, +1}, ``out`` of every wrong kind.
 Each test is bounded (max_examples) so the file runs in about half a minute.
 """
+import os
 import re
 
 import numpy as np
@@ -19,7 +20,7 @@ from ntk_fast import FCNet, empirical_ntk, gram, kernel_flow, kernel_regression 
 from ntk_fast.guards import MemoryBudgetError  # noqa: E402
 from ntk_fast.ops.reference import gram_reference, jacobian_ntk_reference  # noqa: E402
 
-SETTINGS = dict(max_examples=40, deadline=None, database=None,
+SETTINGS = dict(max_examples=int(os.environ.get("NTK_FAST_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = st.sampled_from([torch.float64, torch.float32])
 BAD = st.sampled_from([float("nan"), float("inf"), -float("inf")])
@@ -288,3 +289,47 @@ def test_fuzz_empirical_ntk(data):
         if not (mode == "full" and k > 1):
             ref = torch.diagonal(ref, dim1=2, dim2=3).sum(-1)
         torch.testing.assert_close(res.double(), ref, **tol(dtype))
+
+
+# ------------------------------------------------------------------------------------------------ train
+@settings(**dict(SETTINGS, max_examples=15))
+@given(st.data())
+def test_fuzz_train(data):
+    from ntk_fast import train
+    draw = data.draw
+    dtype = draw(DTYPES)
+    d, n = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    net = FCNet(d, 6, 1, dtype=dtype, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    x = tensor(draw, (n, d), draw(DTYPES), draw(st.booleans()))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    y = torch.randint(0, 2, (n,), generator=g).to(dtype) * 2 - 1
+    alpha = draw(st.sampled_from([0.5, 10.0]))
+    fault = draw(st.sampled_from(["none", "nonfinite", "labels", "alpha", "y_shape", "x_shape", "net", "test"]))
+    kw = dict(max_steps=3, progress=False, kernel_points=0)
+    bad = None
+    if fault == "nonfinite":
+        x, bad = poison(draw, x), ["x"]
+    elif fault == "labels":
+        y = y.clone()
+        y[draw(st.integers(0, n - 1))] = draw(st.sampled_from([0.0, 0.3, 2.0, float("nan")]))
+        bad = ["y"]
+    elif fault == "alpha":
+        alpha, bad = draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf"), "a"])), ["alpha"]
+    elif fault == "y_shape":
+        y, bad = y[:-1] if n > 1 else y.reshape(1, 1), ["y"]
+    elif fault == "x_shape":
+        x, bad = torch.zeros(n, d + 1, dtype=dtype), ["x"]
+    elif fault == "net":
+        net, bad = torch.nn.Linear(d, 1), ["net"]
+    elif fault == "test":
+        kw.update(x_test=x[:, :0] if d > 1 else x.reshape(-1, 1, 1), y_test=y)
+        bad = ["x_test"]
+    call = lambda: train(net, x, y, alpha, **kw)   # noqa: E731
+    if bad is not None:
+        expect_error_naming(call, bad)
+        return
+    r = call()
+    assert r.status in ("converged", "max_steps", "stalled")
+    with torch.no_grad():
+        F = alpha * (r.net(x.to(dtype)) - net(x.to(dtype)))        # F = alpha (f(x; w) - f(x; w0))
+    torch.testing.assert_close(r.outputs["train"][0], F, **tol(dtype))
