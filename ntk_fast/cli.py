@@ -329,13 +329,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks argparse cannot express: a usable --device, a non-negative --max-steps (ValueError naming it)."""
+    dev = getattr(args, "device", None)
+    if dev is not None:
+        try:
+            d = torch.device(dev)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {dev!r} is not a device ({exc})") from None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {dev}: this torch has no usable CUDA device (use --device cpu)")
+    if getattr(args, "max_steps", None) is not None and args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:                 # everything after 'bench' belongs to the runner, options included
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:   # MemoryError: the memory guard
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (runs with a checkpoint resume when started again)", file=sys.stderr)
+        return 130

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -55,8 +56,11 @@ class DatasetNotFound(FileNotFoundError):
 def read_idx(path: str) -> np.ndarray:
     """Read an idx file (optionally gzip-compressed) into a numpy array, checking its header."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:     # truncated or corrupt .gz
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({type(exc).__name__}: {exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an idx file (bad magic number)")
     ndim = raw[3]
@@ -239,6 +243,8 @@ def find_dataset_folder(name: str, root: Optional[str] = None) -> str:
     spec = _spec(name)
     if spec.kind not in ("idx", "cifar"):
         raise ValueError(f"{name} is bundled with a package, not read from a folder")
+    if root and not os.path.isdir(root):
+        raise DatasetNotFound(f"{name}: the folder given as root= / --data does not exist: {root}")
     candidates: List[str] = []
     for base in (root,):
         if base:
@@ -272,14 +278,21 @@ def load_cifar_batches(folder: str) -> Tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 python batches: images (60000, 3, 32, 32) uint8, labels (60000,), train batches first."""
     xs, ys = [], []
     for f in CIFAR_FILES:
-        with open(os.path.join(folder, f), "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
-        data = batch.get(b"data", batch.get("data"))
-        labels = batch.get(b"labels", batch.get("labels"))
+        path = os.path.join(folder, f)
+        try:
+            with open(path, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}: corrupt or not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+        data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
+        labels = batch.get(b"labels", batch.get("labels")) if isinstance(batch, dict) else None
         if data is None or labels is None:
             raise ValueError(f"{folder}/{f}: not a CIFAR-10 python batch (no data/labels)")
-        xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels, dtype=np.int64))
+        data, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+        if data.size % 3072 or data.size // 3072 != labels.shape[0]:
+            raise ValueError(f"{path}: corrupt CIFAR-10 batch ({data.size} pixel values for {labels.shape[0]} labels)")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -13,6 +13,6 @@ fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" numpy tqdm pytest pytest-benchmark scipy \
-  matplotlib scikit-learn mlxtend setuptools wheel ninja
+  matplotlib scikit-learn mlxtend setuptools wheel ninja hypothesis
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e .
 .venv/bin/python -c "import ntk_fast; assert ntk_fast.extension_available(), 'extension did not build'"

@@ -213,10 +213,11 @@ def test_kernel_regression_matches_solve():
 def test_kernel_regression_jitter_and_not_pd():
     x = torch.randn(30, 2, dtype=D)
     K = x @ x.t()  # rank 2, PSD: needs jitter
+    y = K @ torch.randn(30, dtype=D)  # in the range of K: solvable despite the jitter (issue 18)
     with pytest.warns(RuntimeWarning, match="jitter"):
-        reg = kernel_regression(K, torch.ones(30, dtype=D), max_jitter=1.0)
-    assert reg.jitter > 0
-    with pytest.raises(ValueError, match="not positive definite"):
+        reg = kernel_regression(K, y, max_jitter=1.0)
+    assert reg.jitter > 0 and reg.status == "solved"
+    with pytest.raises(ValueError, match="negative diagonal"):
         kernel_regression(-torch.eye(5, dtype=D), torch.ones(5, dtype=D))
 
 

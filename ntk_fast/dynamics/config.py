@@ -7,7 +7,8 @@ Both take these keyword arguments under the same names and defaults, gathered in
     grow_fraction
     record_rate, record_spacing              the history's log-linear record schedule
                                              (ntk_fast.dynamics.observables.next_record)
-    max_time, max_steps, max_wall            limits: flow time t, accepted steps (per net / problem), seconds
+    max_time, max_steps, max_wall            limits: flow time t, accepted steps (per net / problem; default
+                                             DEFAULT_MAX_STEPS = 1e6, math.inf lifts it), seconds
                                              (None: no limit; an infinite value means the same)
     checkpoint, checkpoint_every, resume     the resume file (written atomically every checkpoint_every seconds
                                              and at the end) and a file to resume from
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
 from ntk_fast.dynamics.steprule import StepRule
+from ntk_fast.guards import DEFAULT_MAX_STEPS
 from ntk_fast.progress import progress_bar, progress_enabled  # noqa: F401  (progress_bar re-exported for the dynamics)
 
 PathLike = Union[str, os.PathLike]
@@ -63,8 +65,10 @@ class FlowConfig:
                 if not v >= 0:
                     raise ValueError(f"{name} must be >= 0 or None, got {v}")
                 object.__setattr__(self, name, None if math.isinf(v) else v)
-        if self.max_steps is not None and self.max_steps < 0:
+        if self.max_steps is not None and not self.max_steps >= 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_steps is None:   # the default budget: no call runs forever (math.inf lifts it)
+            object.__setattr__(self, "max_steps", DEFAULT_MAX_STEPS)
         if not (self.record_rate > 0 and math.isfinite(self.record_rate)):
             raise ValueError(f"record_rate must be a positive finite number, got {self.record_rate}")
         if not (isinstance(self.record_spacing, int) and self.record_spacing >= 1):

@@ -22,6 +22,8 @@ Status vocabulary (per run; :func:`overall_status` makes the overall one):
     "max_wall"        max_wall seconds of wall time
     "max_iterations"  max_iterations passes over Theta (solver only: every problem stops at the same pass)
     "nonfinite"       a NaN or infinite state / trial
+    "diverging"       the loss rose over a window of accepted steps (solver: ntk_fast.guards.DivergenceMonitor;
+                      a kernel that is not positive semi-definite)
     "stalled"         no step can be accepted (trainer: max_rejections consecutive rejections with finite
                       trials; solver: dt underflows 1e-300)
     "running"         not stopped (only inside a run and in checkpoints)
@@ -49,12 +51,12 @@ FORMAT_VERSION = 2
 # Stops by a budget: a resumed run re-decides them with its own limits.
 RESUMABLE = ("running", "max_time", "max_steps", "max_wall", "max_iterations")
 # Order in which a non-converged item decides the overall status.
-_PRECEDENCE = ("nonfinite", "stalled", "max_wall", "max_iterations", "max_steps", "max_time", "running")
+_PRECEDENCE = ("nonfinite", "diverging", "stalled", "max_wall", "max_iterations", "max_steps", "max_time", "running")
 
 
 def overall_status(statuses: Sequence[str]) -> str:
     """"converged" when every item converged, else the first other status present in the order nonfinite,
-    stalled, max_wall, max_iterations, max_steps, max_time, running."""
+    diverging, stalled, max_wall, max_iterations, max_steps, max_time, running."""
     statuses = list(statuses)
     if all(s == "converged" for s in statuses):
         return "converged"

@@ -42,6 +42,8 @@ from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.ops.packed import PACKED_TILE, pack_symmetric
 from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.guards import DEFAULT_MAX_STEPS, DivergenceMonitor, check_gram, require_memory, solve_report
+from ntk_fast.guards.estimates import kernel_flow_bytes, kernel_regression_bytes
 
 __all__ = ["kernel_flow", "KernelFlowResult", "kernel_regression", "KernelRegression", "mse_flow", "MSEFlow",
            "frozen_kernel_run", "check_kernel", "check_labels"]
@@ -176,6 +178,7 @@ def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int
     n = K_train.shape[-1]
     if validate:
         check_kernel(K_train, "K_train")
+        check_gram(K_train, "K_train", symmetric_checked=True)
         check_labels(y, "y", n, pm1=is_margin(loss))
     elif y.shape[-1] != n:
         raise ValueError(f"kernel_flow: y has {y.shape[-1]} entries but K_train is {n} x {n}")
@@ -187,6 +190,9 @@ def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int
     E = max(EK, Ey)
     Y = y.to(dtype=dtype, device=device).reshape(-1, n).expand(E, n).contiguous()
     Kte, Yte = _check_test(K_test_train, y_test, n, E, dtype, device, validate, loss)
+    require_memory(kernel_flow_bytes(K_train, E, packed, PACKED_TILE if packed else (block or 256)), "kernel_flow: "
+                   f"the solver's copy of Theta (n = {n}, {E} problem(s), packed={packed})", device,
+                   "Pass a contiguous K_train (no copy is made then), or solve fewer problems at once.")
     theta = K_train.contiguous()
     if device.type == "cuda":
         if block not in (None, 64):
@@ -234,6 +240,8 @@ class _KernelRun:
             self._resume(cfg.resume)
         else:
             self._fresh()
+        # a problem whose loss rises over a window of accepted steps stops as "diverging" (restarted on resume)
+        self.monitors = [DivergenceMonitor() for _ in range(pb.E)]
         self.start = time.perf_counter()
 
     def _fresh(self) -> None:
@@ -351,6 +359,8 @@ class _KernelRun:
                 self.tt[e] += self.dt[e]
                 self.steps[e] += 1
                 self.gmax[e] = s.gp_max
+                if self.monitors[e].update(s.mean_loss):
+                    self.status[e] = "diverging"
             self.dt[e] = new_dt
         nacc = sum(acc)
         if nacc == E:
@@ -378,7 +388,8 @@ class _KernelRun:
 
     def loop(self) -> None:
         cfg = self.cfg
-        bar = progress_bar(cfg.progress, desc="kernel_flow", unit="step", total=cfg.max_steps, leave=False)
+        total = cfg.max_steps if math.isfinite(cfg.max_steps) and cfg.max_steps != DEFAULT_MAX_STEPS else None
+        bar = progress_bar(cfg.progress, desc="kernel_flow", unit="step", total=total, leave=False)
         last_save = self.start
         try:
             while True:
@@ -453,7 +464,12 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
             problems stop together, so a run resumed from there continues bit for bit).
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
             caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
-        validate: check K (finite, symmetric) and labels (+-1).
+        validate: check K (finite, symmetric, non-negative diagonal, no eigenvalue below -eps ||K|| by a few
+            Lanczos iterations: ntk_fast.guards.check_gram) and the labels (+-1 for the margin losses).
+        Default step budget: max_steps=None means ntk_fast.guards.DEFAULT_MAX_STEPS = 1_000_000 accepted steps
+        per problem (status "max_steps"; math.inf lifts it).  A problem whose loss rises over 50 consecutive
+        accepted steps stops as "diverging" (ntk_fast.guards.DivergenceMonitor: with a PSD kernel the flow never
+        raises the loss).
         Old names beta / checkpoint_step / checkpoint_rate (now loss_beta / record_spacing / record_rate) warn and
         still work.
     Returns a :class:`KernelFlowResult` (tensors (E, n) also for one problem).
@@ -486,23 +502,37 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
 # -------------------------------------------------------------------------------------------- closed forms
 @dataclass
 class KernelRegression:
-    """coef (n,) / (E, n) with (K + (ridge + jitter) I) coef = y; F_train = K coef; F_test = K_test coef."""
+    """coef (n,) / (E, n) with (K + (ridge + jitter) I) coef = y; F_train = K coef; F_test = K_test coef.
+
+    status: "solved" or "unsolved" (ntk_fast.guards.solve: relative residual above the dtype's threshold);
+    residual, condition: see ntk_fast.guards.solve.SolveReport."""
     coef: torch.Tensor
     F_train: torch.Tensor
     F_test: Optional[torch.Tensor]
     jitter: float
+    residual: float = 0.0
+    condition: float = 1.0
+    status: str = "solved"
 
 
 def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_test: Optional[torch.Tensor] = None,
-                      max_jitter: float = 1e-6) -> KernelRegression:
+                      max_jitter: float = 1e-6, on_unsolved: str = "raise") -> KernelRegression:
     """Kernel (ridge) regression: solve (K + ridge I) coef = y by Cholesky, predict K_test coef.
 
     K: (n, n) symmetric positive (semi-)definite; y: (n,) or (E, n) (several right-hand sides); K_test: (m, n).
     When the Cholesky factorisation fails, a jitter eps = 1e-12 (float32: 1e-7) * mean(diag K) is added and
     multiplied by 10 until it succeeds or exceeds max_jitter * mean(diag K): then ValueError (K is not
     positive definite).  Cost: n^3 / 3 + 2 n^2 E (+ 2 m n E) flops.
+
+    K is checked as a Gram matrix (ntk_fast.guards.check_gram: non-negative diagonal, no eigenvalue below
+    -eps ||K||).  The result reports the jitter, a condition estimate and the relative training residual
+    ||(K + ridge I) coef - y|| / ||y||; above 1e-3 (float32: 1e-2) the system was not solved (e.g. a singular
+    K with y outside its range): ValueError, or status="unsolved" in the result when on_unsolved="status".
     """
+    if on_unsolved not in ("raise", "status"):
+        raise ValueError(f"kernel_regression: on_unsolved must be 'raise' or 'status', got {on_unsolved!r}")
     check_kernel(K, "K", batch_ok=False)
+    check_gram(K, "K", symmetric_checked=True)
     n = K.shape[0]
     check_labels(y, "y", n, pm1=False)
     if ridge < 0 or not math.isfinite(ridge):
@@ -513,6 +543,9 @@ def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_te
                              f"{tuple(K_test.shape) if isinstance(K_test, torch.Tensor) else K_test}")
         if not all_finite(K_test):
             raise ValueError("kernel_regression: K_test has NaN or infinite entries")
+    require_memory(kernel_regression_bytes(n, y.numel() // max(n, 1), 0 if K_test is None else K_test.shape[0],
+                                           K.element_size()), f"kernel_regression: the Cholesky factorisation (n = {n})",
+                   K.device, "Use kernel_flow (no factorisation; packed=True halves its copy of K) or fewer points.")
     scale = float(K.diagonal().abs().mean()) or 1.0
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
     jitter = 0.0
@@ -534,10 +567,14 @@ def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_te
     coef = torch.cholesky_solve(Yc, Lc).t()
     F_train = coef @ K  # K symmetric
     F_test = coef @ K_test.t() if K_test is not None else None
+    rep = solve_report(K, Yc.t(), coef, F_train, ridge, jitter, Lc)
+    if rep.status != "solved" and on_unsolved == "raise":
+        raise ValueError(rep.message())
     if y.dim() == 1:
         coef, F_train = coef[0], F_train[0]
         F_test = F_test[0] if F_test is not None else None
-    return KernelRegression(coef=coef, F_train=F_train, F_test=F_test, jitter=jitter)
+    return KernelRegression(coef=coef, F_train=F_train, F_test=F_test, jitter=jitter, residual=rep.residual,
+                            condition=rep.condition, status=rep.status)
 
 
 class MSEFlow:
@@ -553,6 +590,7 @@ class MSEFlow:
 
     def __init__(self, K: torch.Tensor, y: torch.Tensor, K_test: Optional[torch.Tensor] = None):
         check_kernel(K, "K", batch_ok=False)
+        check_gram(K, "K", symmetric_checked=True)   # negative eigenvalues are clamped below: refuse real ones
         n = K.shape[0]
         check_labels(y, "y", n, pm1=False)
         if K_test is not None and (K_test.dim() != 2 or K_test.shape[1] != n):

@@ -44,6 +44,8 @@ from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_valu
 from ntk_fast.dynamics.results import RESUMABLE, FlowResult, atomic_save, overall_status
 from ntk_fast.dynamics.state import NetState, checkpoint_blob, read_checkpoint
 from ntk_fast.dynamics.steprule import dgrad_from_norms
+from ntk_fast.guards import require_memory
+from ntk_fast.guards.estimates import train_bytes
 from ntk_fast.models.fc import FCNet, fc_features
 
 __all__ = ["train", "FlowResult", "TrainOptions"]
@@ -363,7 +365,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         Shared with kernel_flow (:class:`ntk_fast.dynamics.config.FlowConfig`): loss ("softhinge" with
             beta_l = loss_beta, or "qhinge"), the step rule (max_dgrad, max_dout, grow, shrink, grow_fraction),
             the record schedule (record_rate, record_spacing: :func:`ntk_fast.dynamics.observables.next_record`),
-            the limits (max_time: flow time per net, max_steps: accepted steps per net, max_wall: seconds of this
+            the limits (max_time: flow time per net, max_steps: accepted steps per net (default 1e6, status
+            "max_steps"; math.inf lifts it), max_wall: seconds of this
             call; None = no limit), the resume file (checkpoint: written atomically every ``checkpoint_every``
             seconds and at the end; resume: a checkpoint to continue from, bit-for-bit the same run, the nets
             passed are used for their architecture only) and progress (tqdm; None: only when stderr is a tty).
@@ -376,7 +379,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         max_rejections: consecutive rejections (dt divided by 10 each) after which a net stops as "nonfinite" or
             "stalled".  use_cuda_graph: capture the attempt in CUDA graphs (CUDA only).
         Old names checkpoint_spacing / checkpoint_rate (now record_spacing / record_rate) warn and still work.
-    Returns a :class:`FlowResult` (:mod:`ntk_fast.dynamics.results`).
+    Returns a :class:`FlowResult` (:mod:`ntk_fast.dynamics.results`).  Before allocating, the buffers are
+    estimated (ntk_fast.guards.estimates.train_bytes): a MemoryBudgetError when they exceed the free memory.
     Cost per attempt: one forward and one backward pass, ~6 n P flops for P = d h + (L-1) h^2 + h weights per net.
     """
     nets = _check_nets(net)
@@ -409,6 +413,11 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         raise ValueError("train: give both x_test and y_test, or neither")
     if x_test is not None:
         x_test, y_test = _check_data(x_test, y_test, a.d, like, "x_test", "y_test", loss)
+    P = sum(w.numel() for w in a.weights)
+    n_all = x.shape[0] + (0 if x_test is None else x_test.shape[0])
+    require_memory(train_bytes(len(nets), P, n_all, a.h, a.L, float(tau), like.element_size()),
+                   f"train: the buffers of {len(nets)} net(s) with {P} weights on {n_all} points", like.device,
+                   "Train fewer nets at once (smaller ensemble), or on fewer points.")
     with torch.no_grad():
         run = _Training(nets, x, y, alpha, x_test, y_test, cfg, opt)
         run.first_records()

@@ -29,6 +29,8 @@ from ntk_fast.ntk.stream import gram_streamed
 from ntk_fast.ops import gram as _ops
 from ntk_fast.ops.reference import per_sample_jacobian
 from ntk_fast.progress import progress_bar
+from ntk_fast.guards.estimates import NTK_WAY_OUT, empirical_ntk_bytes
+from ntk_fast.guards.memory import require_memory
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
 MODES = ("full", "trace", "diagonal")
@@ -279,7 +281,8 @@ def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress, 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
                   method: str = "auto", block_size: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                  progress: Optional[bool] = None, precision: str = "highest") -> torch.Tensor:
+                  progress: Optional[bool] = None, precision: str = "highest",
+                  check: bool = False) -> torch.Tensor:
     """Empirical NTK Gram of ``model`` between x1 (n1, ...) and x2 (n2, ...) (x2=None: x1 with itself).
 
     Args:
@@ -292,6 +295,13 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         out: preallocated result of the right shape and dtype (may wrap a numpy memmap: the Gram is
             written panel by panel and may exceed RAM when block_size is given).
         progress: tqdm bar over panels (None: only when stderr is a terminal).  precision: "highest" or "tf32" (CUDA, float32 only).
+        check: also check the result (opt-in; one pass over it): finite, symmetric when x2 is None, and a
+            non-negative diagonal (ntk_fast.guards.psd.check_ntk_result); ValueError otherwise.
+
+    Before allocating, the bytes of the result (when ``out`` is None), the features and the temporaries are
+    estimated (ntk_fast.guards.estimates) and compared with the free memory of the device; too many raise
+    ntk_fast.guards.MemoryBudgetError (a MemoryError) naming both numbers and the ways out (``out=`` a memmap
+    with ``block_size``, mode="trace", the distributed Gram).
 
     The NTK is taken at the model's current weights over every parameter with requires_grad=True.
     The cost of the structured path is 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (x2 given) or half
@@ -320,7 +330,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if use_structured and x1.dim() != 2:
         raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for the structured path, got {tuple(x1.shape)}")
     with torch.no_grad():
-        k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] > 0 else 1
+        probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
+                                                 torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
+                                                             device=x1.device))   # k also for empty inputs
+        k = model(probe).reshape(1, -1).shape[1]
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))
@@ -332,9 +345,18 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
             raise ValueError(f"empirical_ntk: out has dtype {out.dtype}, expected {x1.dtype}")
     if n1 == 0 or n2 == 0:
         return out if out is not None else torch.empty(expected, dtype=x1.dtype, device=x1.device)
+    need = empirical_ntk_bytes(model, n1, None if x2 is None else n2, k, mode, use_structured, block_size,
+                               out is not None, x1.element_size())
+    require_memory(need, f"empirical_ntk: the {mode} Gram of shape {expected} ({x1.dtype}) with its features",
+                   x1.device, NTK_WAY_OUT)
     if use_structured:
-        return _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
-    return _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+        res = _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
+    else:
+        res = _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+    if check:
+        from ntk_fast.guards.psd import check_ntk_result
+        check_ntk_result(res, x2 is None, mode)
+    return res
 
 
 def gram_flops(fans: List[Tuple[int, int]], n1: int, n2: Optional[int] = None) -> float:

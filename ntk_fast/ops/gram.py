@@ -8,6 +8,7 @@ Reference: :func:`ntk_fast.ops.reference.gram_reference`.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -52,6 +53,9 @@ def _check_list(name: str, ts, n_layers: Optional[int], rows: Optional[int], lik
             raise ValueError(f"gram: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
         if not compiling() and not all_finite(t):
             raise ValueError(f"gram: {name}[{l}] contains NaN or inf")
+        if l == 0:   # the layers of one list share dtype, device and points (a1[0] sets them for a1)
+            like = t if like is None else like
+            rows = t.shape[0] if rows is None else rows
     return list(ts)
 
 
@@ -93,7 +97,12 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
                 raise ValueError(f"gram: a2[{l}] has {a2[l].shape[1]} features, expected {a1[l].shape[1]} like a1[{l}]")
             if d2[l].shape[1] != d1[l].shape[1]:
                 raise ValueError(f"gram: d2[{l}] has {d2[l].shape[1]} features, expected {d1[l].shape[1]} like d1[{l}]")
-    scales = [1.0] * L if scales is None else [float(s) for s in scales]
+    try:
+        scales = [1.0] * L if scales is None else [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"gram: scales must be a list of numbers, got {scales!r}") from None
+    if not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"gram: scales must be finite, got {scales}")
     if len(scales) != L:
         raise ValueError(f"gram: scales must have {L} entries (one per layer), got {len(scales)}")
     if precision not in PRECISIONS:

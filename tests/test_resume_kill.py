@@ -1,0 +1,105 @@
+"""Issue 18, faults during long work: SIGKILL the trainer and the solver at seeded random moments, resume, and
+end with exactly (bit for bit) the result of an uninterrupted run; no checkpoint or result is left unreadable."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ntk_fast.dynamics.results import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r'''
+import os, sys
+import torch
+torch.set_num_threads(1)
+from ntk_fast import FCNet, kernel_flow, train
+from ntk_fast.dynamics.solver import KernelFlowResult
+out = globals().get("OUT") or sys.argv[1]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+y = torch.sign(x[:, 0] + 0.3 * x[:, 1]); y[y == 0] = 1
+net = FCNet(5, 32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+ck = os.path.join(out, "train_ckpt.pt")
+res = train(net, x, y, 3.0, max_steps=250, checkpoint=ck, checkpoint_every=0.0,
+            resume=ck if os.path.exists(ck) else None, progress=False, kernel_points=0)
+res.save(os.path.join(out, "train_result"))
+A = torch.randn(80, 200, generator=g, dtype=torch.float64)
+K = A @ A.t() / 200
+yk = torch.sign(A[:, 0]); yk[yk == 0] = 1
+ck2 = os.path.join(out, "flow_ckpt.pt")
+r2 = kernel_flow(K, yk, max_steps=1500, checkpoint=ck2, checkpoint_every_steps=3,
+                 resume=ck2 if os.path.exists(ck2) else None, progress=False)
+r2.save(os.path.join(out, "flow_result"))
+'''
+
+
+def _run(folder, kill_after=None, wait_for="train_ckpt.pt"):
+    """Run the worker in ``folder``; with kill_after, SIGKILL it that many seconds after ``wait_for`` appears.
+    Returns True when the process was killed while still running."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", WORKER, str(folder)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after is None:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        return False
+    deadline = time.time() + 120
+    while not os.path.exists(folder / wait_for) and p.poll() is None:
+        assert time.time() < deadline, "the worker wrote no checkpoint"
+        time.sleep(0.02)
+    time.sleep(kill_after)
+    alive = p.poll() is None
+    if alive:
+        p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    return alive
+
+
+def _check_readable(folder):
+    """Every checkpoint or result present loads (atomic writes: a kill leaves the old file or the new one)."""
+    for f, keys in (("train_ckpt.pt", ("engine", "host")), ("flow_ckpt.pt", ("F", "c")),
+                    ("train_result.pt", ("weights",)), ("flow_result.pt", ("F_train",))):
+        if os.path.exists(folder / f):
+            load_checkpoint(folder / f, "test", keys)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir()
+    run.mkdir()
+    threads = torch.get_num_threads()
+    try:                        # the uninterrupted reference, in this process (one thread, like the worker)
+        exec(compile(WORKER, "worker", "exec"), {"OUT": str(ref)})
+    finally:
+        torch.set_num_threads(threads)
+    rng = random.Random(18)
+    killed = 0
+    for phase in ("train_ckpt.pt", "flow_ckpt.pt"):   # once in the trainer, once in the solver
+        killed += _run(run, kill_after=rng.uniform(0.0, 0.5), wait_for=phase)
+        _check_readable(run)
+    assert killed >= 1, "no kill landed while the worker was running"
+    assert not os.path.exists(run / "flow_result.pt")  # the solver was interrupted before its result
+    _run(run)
+    _check_readable(run)
+    a = torch.load(ref / "train_result.pt", weights_only=False)
+    b = torch.load(run / "train_result.pt", weights_only=False)
+    assert a["summary"]["status"] == b["summary"]["status"] == "max_steps"
+    for wa, wb in zip(a["weights"][0], b["weights"][0]):
+        assert torch.equal(wa, wb)
+    for k in a["outputs"]:
+        assert torch.equal(a["outputs"][k], b["outputs"][k])
+    assert [r["step"] for r in a["history"]] == [r["step"] for r in b["history"]]
+    assert [r["t"] for r in a["history"]] == [r["t"] for r in b["history"]]
+    fa = torch.load(ref / "flow_result.pt", weights_only=False)
+    fb = torch.load(run / "flow_result.pt", weights_only=False)
+    assert fa["statuses"] == fb["statuses"]
+    for k in ("F_train", "c", "t", "steps", "attempts"):
+        assert torch.equal(fa[k], fb[k]), k
+    assert [r["step"] for r in fa["history"][0]] == [r["step"] for r in fb["history"][0]]
