@@ -210,7 +210,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="x_test"):
         train(net, x, y, 1.0, x_test=x, progress=False)
     with pytest.raises(ValueError, match="loss"):
-        train(net, x, y, 1.0, loss="mse", progress=False)
+        train(net, x, y, 1.0, loss="huber", progress=False)
     with pytest.raises(ValueError, match="max_dgrad"):
         train(net, x, y, 1.0, max_dgrad=0.0, progress=False)
     with pytest.raises(ValueError, match="ensemble"):

@@ -323,7 +323,7 @@ def test_bad_input_rejected():
     with pytest.raises(ValueError, match="K_test_train"):
         kernel_flow(K, y, K_test_train=Kt[:, :7], progress=False)
     with pytest.raises(ValueError, match="loss"):
-        kernel_flow(K, y, loss="hinge", progress=False)
+        kernel_flow(K, y, loss="huber", progress=False)
     with pytest.raises(ValueError, match="label vectors|kernels"):
         kernel_flow(torch.stack([K, K]), torch.stack([y, y, y]), progress=False)
     with pytest.raises(ValueError, match="square"):
