@@ -63,7 +63,7 @@ def train_bytes(K: int, P: int, n: int, h: int, L: int, tau: float, esize: int) 
 
 def kernel_flow_bytes(K_train: torch.Tensor, E: int, packed: bool, block: int) -> float:
     """Bytes of kernel_flow's copy of Theta and its per-problem vectors."""
-    from ntk_fast.ops.reference_kernel import packed_size
+    from ntk_fast.ops.packed import packed_size
     n = K_train.shape[-1]
     EK = K_train.shape[0] if K_train.dim() == 3 else 1
     if packed:
