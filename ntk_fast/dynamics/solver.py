@@ -480,7 +480,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         raise ValueError(f"kernel_flow: loss must be one of {LOSSES}, got {loss!r}")
     shared = dict(loss=loss, loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow, shrink=shrink,
                   grow_fraction=grow_fraction, record_rate=record_rate, record_spacing=record_spacing,
-                  max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
+                  max_time=max_time, max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps,
+                  max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
     shared.update(renamed_kwargs("kernel_flow", renamed, ("beta", "checkpoint_step", "checkpoint_rate")))
     try:
@@ -490,7 +491,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
     pb = _prepare(K_train, y, K_test_train, y_test, packed, block, validate, loss)
     config = {"n": pb.n, "E": pb.E, "loss": loss, "loss_beta": cfg.loss_beta, "max_dgrad": max_dgrad,
               "max_dout": max_dout, "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction,
-              "stop_margin": stop_margin, "max_steps": max_steps, "max_time": cfg.max_time, "max_wall": cfg.max_wall,
+              "stop_margin": stop_margin, "max_steps": cfg.max_steps, "max_time": cfg.max_time, "max_wall": cfg.max_wall,
               "record_rate": cfg.record_rate, "record_spacing": cfg.record_spacing, "packed": packed,
               "block": pb.block, "dtype": str(pb.Y.dtype), "shared_kernel": pb.EK == 1 and pb.E > 1,
               "fingerprint": _fingerprint(K_train)}

@@ -44,7 +44,7 @@ from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_valu
 from ntk_fast.dynamics.results import RESUMABLE, FlowResult, atomic_save, overall_status
 from ntk_fast.dynamics.state import NetState, checkpoint_blob, read_checkpoint
 from ntk_fast.dynamics.steprule import dgrad_from_norms
-from ntk_fast.guards import require_memory
+from ntk_fast.guards import DEFAULT_MAX_STEPS, require_memory
 from ntk_fast.guards.estimates import train_bytes
 from ntk_fast.models.fc import FCNet, fc_features
 
@@ -398,7 +398,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         raise ValueError(f"train: tau must be a finite number >= 0, got {tau}")
     shared = dict(loss=loss, loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow, shrink=shrink,
                   grow_fraction=grow_fraction, record_rate=record_rate, record_spacing=record_spacing,
-                  max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
+                  max_time=max_time, max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps,
+                  max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
     shared.update(renamed_kwargs("train", renamed, ("checkpoint_spacing", "checkpoint_rate")))
     try:
