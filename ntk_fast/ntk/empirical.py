@@ -26,6 +26,8 @@ from torch import nn
 from ntk_fast.ops import gram as _ops
 from ntk_fast.models.fc import FCNet
 from ntk_fast.ops.reference import per_sample_jacobian
+from ntk_fast.ntk import anymodel as _any
+from ntk_fast.ntk import capture as _capture
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
 MODES = ("full", "trace", "diagonal")
@@ -149,11 +151,11 @@ def _check_x(name: str, x, ref: torch.Tensor) -> None:
         raise ValueError(f"empirical_ntk: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"empirical_ntk: {name} must have a leading batch dimension, got shape {tuple(x.shape)}")
-    if x.dtype != ref.dtype:
+    if x.is_floating_point() and x.dtype != ref.dtype:     # integer inputs (token ids) are allowed
         raise ValueError(f"empirical_ntk: {name} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
     if x.device != ref.device:
         raise ValueError(f"empirical_ntk: {name} is on {x.device} but the model's parameters are on {ref.device}")
-    if not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"empirical_ntk: {name} contains NaN or inf")
 
 
@@ -314,13 +316,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                              f"expected {tuple(x1.shape[1:])} like x1")
     if mode == "diagonal" and x2 is not None:
         raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
-    structured = supports_structured(model)
-    if method == "structured" and not structured:
-        raise ValueError(f"empirical_ntk: method='structured' needs an FCNet or an nn.Sequential of nn.Linear and "
-                         f"elementwise activations; got {type(model).__name__} (use method='jacobian')")
-    use_structured = structured and method != "jacobian"
-    if use_structured and x1.dim() != 2:
-        raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for the structured path, got {tuple(x1.shape)}")
+    _capture.check_modes(model)
+    use_structured = supports_structured(model) and method != "jacobian" and x1.dim() == 2
     with torch.no_grad():
         k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] > 0 else 1
     n1 = x1.shape[0]
@@ -334,9 +331,20 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
             raise ValueError(f"empirical_ntk: out has dtype {out.dtype}, expected {x1.dtype}")
     if n1 == 0 or n2 == 0:
         return out if out is not None else torch.empty(expected, dtype=x1.dtype, device=x1.device)
+    if use_structured and mode == "full" and k > 1:    # A products shared across output pairs (anymodel.py)
+        A1, D1, _ = structured_features(model, x1, block_size)
+        P2 = None if x2 is None else _any.fc_pieces(*structured_features(model, x2, block_size)[:2])
+        return _any.assemble(_any.fc_pieces(A1, D1), P2, k, mode, out, block_size, progress, precision)
     if use_structured:
         return _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
-    return _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+    if method == "jacobian" or (method == "auto" and all_func(model, x1)):
+        return _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+    return _any.any_model_ntk(model, x1, x2, mode, method, block_size, out, progress, precision)
+
+
+def all_func(model: nn.Module, x1: torch.Tensor) -> bool:
+    """True when no trainable parameter can be captured by hooks (then the blocked torch.func path is used)."""
+    return not _capture.static_route(model)[0]
 
 
 def gram_flops(fans: List[Tuple[int, int]], n1: int, n2: Optional[int] = None) -> float:
