@@ -186,7 +186,13 @@ def func_grads(model: nn.Module, names: List[str], x: torch.Tensor) -> torch.Ten
     def f(p, xi):
         return functional_call(model, {**p, **fixed}, (xi.unsqueeze(0),)).reshape(-1)
 
-    jac = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
+    # functional_call may leave plain tensors behind in a module registered twice: restore every Parameter
+    saved = [(m, nm, p) for m in model.modules() for nm, p in m._parameters.items()]
+    try:
+        jac = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
+    finally:
+        for m, nm, p in saved:
+            m._parameters[nm] = p
     n = x.shape[0]
     return torch.cat([jac[nm].reshape(n, jac[nm].shape[1], -1) for nm in names], dim=2)
 
@@ -211,12 +217,16 @@ def _true_grads(model: nn.Module, x: torch.Tensor, params: List[torch.Tensor], k
 def verify(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, nn.Module]", k: int,
            feats: Features) -> Dict[str, str]:
     """{module name: reason} for hooked modules whose 2-point Gram differs from the true per-point gradients'."""
-    bad = {}
-    for nm, feat in feats.items():
-        m = hooked[nm]
-        params = [getattr(m, pn) for pn in layers.trainable(m)]
+    bad: Dict[str, str] = {}
+    if not feats:
+        return bad
+    params = {nm: [getattr(hooked[nm], pn) for pn in layers.trainable(hooked[nm])] for nm in feats}
+    flat = [p for ps in params.values() for p in ps]
+    true_all = _true_grads(model, x, flat, k)          # (m, k, P) for all hooked parameters at once
+    sizes = [sum(p.numel() for p in ps) for ps in params.values()]
+    for (nm, feat), true in zip(feats.items(), torch.split(true_all, sizes, dim=2)):
         ours = grads_of(feat).flatten(1)
-        true = _true_grads(model, x, params, k).flatten(1)
+        true = true.flatten(1)
         g_ours, g_true = ours @ ours.T, true @ true.T
         tol = 1e-9 if g_true.dtype == torch.float64 else 1e-4
         scale = g_true.abs().max().clamp_min(torch.finfo(g_true.dtype).tiny)

@@ -66,6 +66,11 @@ class Plan:
     def func_params(self) -> List[str]:
         return [p for e in self.entries if e.form == "jacobian" for p in e.params]
 
+    @property
+    def params(self) -> List[str]:
+        """Every parameter covered (each once): equals the model's trainable parameters."""
+        return [p for e in self.entries if e.group == 0 for p in e.params]
+
     def __str__(self) -> str:
         head = (f"NTK plan: n1={self.n1} n2={self.n2}{' (symmetric)' if self.symmetric else ''} k={self.k} "
                 f"mode={self.mode}; total {self.total_flops:.3e} flops")
@@ -153,7 +158,7 @@ def make_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = N
         P = sum(dict(model.named_parameters())[pn].numel() for pn in fn)
         entries.append(Entry("", "torch.func", fn, "jacobian", P=P,
                              flops=form_flops("grads", mode, n1, n2, sym, k, P=P)))
-    covered = sorted(pn for e in entries for pn in e.params)
+    covered = sorted(pn for e in entries if e.group == 0 for pn in e.params)   # groups share parameters
     covered_set = set(covered)
     if len(covered) != len(covered_set) or covered_set != set(names):
         raise RuntimeError(f"empirical_ntk: internal routing error: covered {covered}, trainable {sorted(names)}")
