@@ -317,6 +317,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if mode == "diagonal" and x2 is not None:
         raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
     _capture.check_modes(model)
+    if isinstance(model, FCNet) and x1.dim() != 2:
+        raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for an FCNet, got {tuple(x1.shape)}")
     use_structured = supports_structured(model) and method != "jacobian" and x1.dim() == 2
     with torch.no_grad():
         k = model(x1[:1]).reshape(1, -1).shape[1] if x1.shape[0] > 0 else 1
