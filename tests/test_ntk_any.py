@@ -255,3 +255,22 @@ def test_bad_input(gen):
         ntk_fast.empirical_ntk(net, x, torch.randn(3, 2, 6, 7, dtype=f64))
     with pytest.raises(ValueError, match="mode must be one of"):
         ntk_fast.ntk_plan(net, x, mode="diag")
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+    nn.Conv2d(3, 2, 3, padding="same", padding_mode="reflect", bias=False),
+    nn.Conv1d(4, 4, 3, stride=2, dilation=2, padding=2, groups=4),
+])
+def test_conv_grads_match_unfolded_pieces(conv, gen):
+    """layers.conv_grads (a convolution over points) equals sum_t D_t A_t^T from the unfolded patches."""
+    from ntk_fast.ntk import capture, layers
+    conv = conv.to(f64)
+    shape = (5, conv.in_channels, 9, 8) if isinstance(conv, nn.Conv2d) else (5, conv.in_channels, 11)
+    x = torch.randn(shape, generator=gen, dtype=f64)
+    y = conv(x)
+    D = torch.randn((5, 3) + tuple(y.shape[1:]), generator=gen, dtype=f64)
+    names = layers.trainable(conv)
+    direct = torch.cat(layers.conv_grads(conv, x, D, names), dim=2)
+    pieces = capture.grads_of(layers.token_pieces(conv, x, D, names))
+    assert rel(direct, pieces) <= 1e-13

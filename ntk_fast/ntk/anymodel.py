@@ -56,7 +56,8 @@ def _convert(form: str, A: torch.Tensor, D: torch.Tensor) -> Piece:
 
 
 def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
-    _, feats, bad = capture.hook_features(model, x, plan.hooked)
+    direct = {e.module for e in plan.entries if e.form == "grads" and e.kind in ("Conv1d", "Conv2d")}
+    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct)
     if bad:
         raise RuntimeError(f"empirical_ntk: hooks failed on a later block: {bad}")
     out = []
@@ -66,6 +67,8 @@ def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
                 out.append(Piece("grads", g=capture.func_grads(model, e.params, x)))
             elif isinstance(feats[e.module], torch.Tensor):
                 out.append(Piece("grads", g=feats[e.module]))
+            elif isinstance(feats[e.module][e.group], torch.Tensor):     # conv gradients formed directly
+                out.append(Piece("grads", g=feats[e.module][e.group]))
             else:
                 A, D = feats[e.module][e.group]
                 out.append(_convert(e.form, A, D))

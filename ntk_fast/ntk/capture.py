@@ -128,9 +128,13 @@ def _forward_with_probes(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict
     return out.reshape(n, -1), calls, bad
 
 
-def hook_features(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, nn.Module]"
-                  ) -> Tuple[int, Features, Dict[str, str]]:
-    """(k, features by module name, {module name: reason} of modules the hooks could not capture)."""
+def hook_features(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, nn.Module]",
+                  direct: Optional[set] = None) -> Tuple[int, Features, Dict[str, str]]:
+    """(k, features by module name, {module name: reason} of modules the hooks could not capture).
+
+    Convolutions named in ``direct`` give their per-sample gradients per group (``layers.conv_grads``,
+    summed over calls) instead of token pieces.
+    """
     out, calls, bad = _forward_with_probes(model, x, hooked)
     k = out.shape[1]
     good = [nm for nm in hooked if nm not in bad]
@@ -154,10 +158,14 @@ def hook_features(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, n
                 j += 1
                 if isinstance(m, layers.NORM_TYPES):
                     per_call.append(layers.norm_grads(m, xin, D, names))
+                elif direct and nm in direct:
+                    per_call.append(layers.conv_grads(m, xin, D, names))
                 else:
                     per_call.append(layers.token_pieces(m, xin, D, names))
             if isinstance(m, layers.NORM_TYPES):
                 feats[nm] = sum(per_call[1:], per_call[0])
+            elif direct and nm in direct:
+                feats[nm] = [sum(pc[g] for pc in per_call) for g in range(len(per_call[0]))]
             else:    # calls concatenated along the token axis, group by group
                 feats[nm] = [(torch.cat([pc[g][0] for pc in per_call], dim=1),
                               torch.cat([pc[g][1] for pc in per_call], dim=2)) for g in range(len(per_call[0]))]
