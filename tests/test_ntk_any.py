@@ -274,3 +274,20 @@ def test_conv_grads_match_unfolded_pieces(conv, gen):
     direct = torch.cat(layers.conv_grads(conv, x, D, names), dim=2)
     pieces = capture.grads_of(layers.token_pieces(conv, x, D, names))
     assert rel(direct, pieces) <= 1e-13
+
+
+def test_plan_table_flops_and_memory_guard(monkeypatch, gen):
+    from ntk_fast.ntk import anymodel
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(f64)
+    x = torch.randn(7, 5, generator=gen, dtype=f64)
+    plan = ntk_fast.ntk_plan(net, x, mode="full")
+    assert [e.form for e in plan.entries] == ["hadamard", "hadamard"]
+    S = 7 * 8 / 2                                   # symmetric pairs
+    assert plan.total_flops == pytest.approx(2 * S * ((6 + 16 * 6) + (7 + 16 * 4)))
+    text = str(plan)
+    assert "0.weight, 0.bias" in text and "hadamard" in text
+    jac = ntk_fast.ntk_plan(net, x, method="jacobian")
+    assert [e.form for e in jac.entries] == ["jacobian"] and len(jac.func_reasons) == 4
+    monkeypatch.setattr(anymodel.os, "sysconf", lambda name: 16)
+    with pytest.raises(ValueError, match="features need about"):
+        ntk_fast.empirical_ntk(ConvZoo().to(f64).eval(), torch.randn(3, 2, 7, 6, dtype=f64))

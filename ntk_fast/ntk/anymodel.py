@@ -20,6 +20,7 @@ Symmetric results (x2=None) in panels compute rows [r0, r1) against columns [r0,
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -118,25 +119,37 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
 
 
 def _full_block(P1: List[Piece], P2: List[Piece], k: int) -> torch.Tensor:
-    """Theta (r, c, k, k) for rows P1 and columns P2, the A products shared across output pairs."""
+    """Theta (r, c, k, k) for rows P1 and columns P2, the A products shared across output pairs.
+
+    The first piece writes the (r k, c k) buffer directly (mm into it, then an in-place scale by its A Gram);
+    later ones go through one reused scratch buffer, so no (r k, c k) matrix is allocated per piece.
+    """
     r = (P1[0].a if P1[0].a is not None else P1[0].g).shape[0]
     c = (P2[0].a if P2[0].a is not None else P2[0].g).shape[0]
-    ref = P1[0].a if P1[0].a is not None and P1[0].a.is_floating_point() else P1[0].d if P1[0].d is not None \
-        else P1[0].g
-    buf = torch.zeros(r * k, c * k, dtype=ref.dtype, device=ref.device)
+    ref = P1[0].d if P1[0].d is not None else P1[0].g
+    buf = torch.empty(r * k, c * k, dtype=ref.dtype, device=ref.device)
     view = buf.view(r, k, c, k)
-    for p, q in zip(P1, P2):
+    tmp = None
+    for i, (p, q) in enumerate(zip(P1, P2)):
         if p.form == "grads":
-            buf.addmm_(p.g.flatten(0, 1), q.g.flatten(0, 1).T)
+            g1, g2 = p.g.flatten(0, 1), q.g.flatten(0, 1)
+            torch.mm(g1, g2.T, out=buf) if i == 0 else buf.addmm_(g1, g2.T)
         elif p.form == "hadamard":
-            ka = p.a @ q.a.T                                                   # (r, c)
-            dd = (p.d.flatten(0, 1) @ q.d.flatten(0, 1).T).view(r, k, c, k)    # (r k, c k)
-            view.addcmul_(dd, ka[:, None, :, None])
+            ka = (p.a @ q.a.T)[:, None, :, None]                              # (r, 1, c, 1)
+            d1, d2 = p.d.flatten(0, 1), q.d.flatten(0, 1)
+            if i == 0:
+                torch.mm(d1, d2.T, out=buf)
+                view.mul_(ka)
+            else:
+                tmp = torch.empty_like(buf) if tmp is None else tmp
+                torch.mm(d1, d2.T, out=tmp)
+                view.addcmul_(tmp.view(r, k, c, k), ka)
         else:
             T = p.a.shape[1]
             ka = (p.a.flatten(0, 1) @ q.a.flatten(0, 1).T).view(r, T, c, T)
             dd = (p.d.flatten(0, 2) @ q.d.flatten(0, 2).T).view(r, k, T, c, k, T)
-            view += torch.einsum("itju,ictjdu->icjd", ka, dd)
+            term = torch.einsum("itju,ictjdu->icjd", ka, dd)
+            view.copy_(term) if i == 0 else view.add_(term)
     return view.permute(0, 2, 1, 3)
 
 
@@ -201,11 +214,37 @@ def default_block(model: nn.Module, x: torch.Tensor) -> int:
     return max(1, min(x.shape[0], 512))
 
 
+def feature_bytes(plan: Plan, n: int, esize: int) -> int:
+    """Memory of the features the plan keeps for n points (grads: n k P; hadamard / pair: n T (p + k q))."""
+    total = 0
+    for e in plan.entries:
+        if e.form in ("grads", "jacobian"):
+            total += n * plan.k * e.P * esize
+        else:
+            total += n * e.T * (e.p + plan.k * e.q) * esize
+    return total
+
+
+def _check_memory(plan: Plan, n: int, esize: int) -> None:
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    need = feature_bytes(plan, n, esize)
+    if need > 0.8 * avail:
+        big = max(plan.entries, key=lambda e: e.P if e.form in ("grads", "jacobian") else e.T * (e.p + e.q))
+        raise ValueError(f"empirical_ntk: the per-layer features need about {need / 2**30:.1f} GiB for {n} points, "
+                         f"more than 80% of the {avail / 2**30:.1f} GiB available (largest: "
+                         f"{big.module or 'torch.func'} {big.form}, P={big.P}); use fewer points per call")
+
+
 def any_model_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str, method: str,
                   block_size: Optional[int], out: Optional[torch.Tensor], progress: bool,
                   precision: str) -> torch.Tensor:
     """empirical_ntk for any model: plan, features of x1 (and x2), assembly (see the module docstring)."""
     plan = make_plan(model, x1, x2, mode, method)
+    esize = next(p for p in model.parameters() if p.requires_grad).element_size()
+    _check_memory(plan, x1.shape[0] + (0 if x2 is None else x2.shape[0]), esize)
     block = block_size or default_block(model, x1)
     P1 = features(model, x1, plan, block)
     P2 = None if x2 is None else features(model, x2, plan, block)
