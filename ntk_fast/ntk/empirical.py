@@ -9,7 +9,11 @@ Two paths:
   ``Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T)`` (DESIGN.md section 2).  Cost
   2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (half when x2 is None), about h/4 times fewer than a
   Jacobian contraction, and memory for the features plus the output only.
-* **jacobian** (any module): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of
+* **any model** (anymodel.py, issue 13): per-layer features of Linear (also on tokens), Conv1d/Conv2d,
+  Embedding and norm-layer affines captured by hooks, torch.func for every other parameter; formula per
+  layer by flop count (``ntk_fast.ntk_plan`` shows it).  Full mode with k > 1 of the FC models above uses its
+  shared-A assembly too.
+* **jacobian** (any module, ``method="jacobian"`` or nothing hookable): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of
   ``block_size`` points, contracted block by block; memory about 2 block_size k P elements.
 
 Modes: ``"full"`` gives (n1, n2) for one output and (n1, n2, k, k) for k > 1; ``"trace"`` gives
