@@ -83,6 +83,14 @@ def static_route(model: nn.Module) -> Tuple["OrderedDict[str, nn.Module]", Dict[
         if id(m) not in seen_mod:
             seen_mod[id(m)] = mname
             hooked[mname] = m
+    func_ids = {id(p) for nm, p in model.named_parameters() if nm in func}
+    for mname in list(hooked):       # a module whose weight is tied elsewhere goes to torch.func whole
+        m = hooked[mname]
+        if any(id(getattr(m, pn)) in func_ids for pn in layers.trainable(m)):
+            del hooked[mname]
+            for pn in layers.trainable(m):
+                cname = canonical[id(getattr(m, pn))]
+                func.setdefault(cname, "shares its module with a parameter sent to torch.func")
     return hooked, func
 
 
