@@ -225,10 +225,13 @@ def feature_bytes(plan: Plan, n: int, esize: int) -> int:
     return total
 
 
-def _check_memory(plan: Plan, n: int, esize: int) -> None:
+def _check_memory(plan: Plan, n: int, esize: int, device: torch.device) -> None:
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        if device.type == "cuda":
+            avail = torch.cuda.mem_get_info(device)[0]
+        else:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover - non-POSIX
         return
     need = feature_bytes(plan, n, esize)
     if need > 0.8 * avail:
@@ -243,8 +246,8 @@ def any_model_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                   precision: str) -> torch.Tensor:
     """empirical_ntk for any model: plan, features of x1 (and x2), assembly (see the module docstring)."""
     plan = make_plan(model, x1, x2, mode, method)
-    esize = next(p for p in model.parameters() if p.requires_grad).element_size()
-    _check_memory(plan, x1.shape[0] + (0 if x2 is None else x2.shape[0]), esize)
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+    _check_memory(plan, x1.shape[0] + (0 if x2 is None else x2.shape[0]), p0.element_size(), p0.device)
     block = block_size or default_block(model, x1)
     P1 = features(model, x1, plan, block)
     P2 = None if x2 is None else features(model, x2, plan, block)
