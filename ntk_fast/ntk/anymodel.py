@@ -8,8 +8,8 @@ each piece already in the form the plan chose:
 Assembly, per row panel of the result:
 
 * trace (and full with k = 1): one call of the fused C++ op ``ntk_fast.gram`` over all hadamard pieces
-  (A, D flattened to (n, k q)) and all grads pieces (A = G flattened, D = a ones column), plus one call per
-  pair piece on rows (point, token), summed over token pairs.
+  (A, D flattened to (n, k q)), plus one call per pair piece on rows (point, token), summed over token
+  pairs; grads pieces (G flattened to (n, k P)) by torch.mm on upper row panels, mirrored (``sym_gram``).
 * full (k > 1): the A products are shared across the k x k output pairs,
   Theta[i, j, c, c'] = sum_l (A_i . A_j) (D_ic . D_jc'): per piece one (r, c) A Gram and one (r k, c k) D Gram
   (torch.mm), combined by an in-place multiply-add; grads pieces are one (r k, c k) Gram of G.
@@ -88,22 +88,43 @@ def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[
 
 # ---------------------------------------------------------------------------------------------- blocks
 
-def _ones(t: torch.Tensor) -> torch.Tensor:
-    return torch.ones(t.shape[0], 1, dtype=t.dtype, device=t.device)
+def sym_gram(Xs: List[torch.Tensor], Ys: Optional[List[torch.Tensor]] = None, panels: int = 8) -> torch.Tensor:
+    """sum_l X_l Y_l^T (Y = X: symmetric) with torch.mm, X_l (n1, P_l), Y_l (n2, P_l).
+
+    Symmetric: row panels against the columns from their own start, accumulated in place (addmm_ on the
+    strided block, no copies), then mirrored: (panels + 1) / (2 panels) of the square's flops.  Used for
+    materialised gradients: for very wide X the fused Gram op (built for many layers of moderate width, with
+    a ones column as D) measured several times slower than torch.mm on this CPU.
+    """
+    X0 = Xs[0]
+    if Ys is not None:
+        out = torch.zeros(X0.shape[0], Ys[0].shape[0], dtype=X0.dtype, device=X0.device)
+        for X, Y in zip(Xs, Ys):
+            out.addmm_(X, Y.T)
+        return out
+    n = X0.shape[0]
+    out = torch.zeros(n, n, dtype=X0.dtype, device=X0.device)
+    b = max(128, math.ceil(n / panels))
+    for r0 in range(0, n, b):
+        r1 = min(n, r0 + b)
+        for X in Xs:
+            out[r0:r1, r0:].addmm_(X[r0:r1], X[r0:].T)
+        if r1 < n:
+            out[r1:, r0:r1] = out[r0:r1, r1:].T
+    return out
 
 
 def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> torch.Tensor:
     """sum over outputs c of Theta[i, j, c, c] for rows P1 and columns P2 (None: P1 with itself)."""
     sym = P2 is None
     P2 = P1 if sym else P2
-    a1, d1, a2, d2 = [], [], [], []
+    a1, d1, a2, d2, g1, g2 = [], [], [], [], [], []
     res = None
     for p, q in zip(P1, P2):
         if p.form == "hadamard":
             a1.append(p.a); d1.append(p.d.flatten(1)); a2.append(q.a); d2.append(q.d.flatten(1))
-        elif p.form == "grads":
-            g1, g2 = p.g.flatten(1), q.g.flatten(1)
-            a1.append(g1); d1.append(_ones(g1)); a2.append(g2); d2.append(_ones(g2))
+        elif p.form == "grads":     # torch.mm on the concatenated gradients (below)
+            g1.append(p.g.flatten(1)); g2.append(q.g.flatten(1))
         else:       # pair: rows are (point, token)
             r, T = p.a.shape[0], p.a.shape[1]
             c = q.a.shape[0]
@@ -114,6 +135,9 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
             res = blk if res is None else res + blk
     if a1:
         blk = _ops.gram(a1, d1, None if sym else a2, None if sym else d2, precision=precision)
+        res = blk if res is None else res + blk
+    if g1:
+        blk = sym_gram(g1, None if sym else g2)
         res = blk if res is None else res + blk
     return res
 
