@@ -176,6 +176,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="cnn,resmlp,full10,fc")
     ap.add_argument("--quick", action="store_true", help="small n (a smoke run, not recorded)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = dict(cnn=2000, resmlp=2000, full10=1500, fc=4000)
@@ -194,7 +195,7 @@ def main():
                 load_average=os.getloadavg(), python=platform.python_version(), quick=args.quick)
     if args.quick:
         return
-    out = os.path.join(os.path.dirname(__file__), "results", f"any-model-{meta['date']}")
+    out = os.path.join(os.path.dirname(__file__), "results", f"any-model-{meta['date']}{args.tag}")
     with open(out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     with open(out + ".md", "w") as f:
