@@ -9,9 +9,11 @@ from ntk_fast.ntk.stream import gram_streamed
 from ntk_fast.models.fc import FCNet, activation_normaliser
 from ntk_fast.dynamics.trainer import FlowResult, train
 from ntk_fast.dynamics.solver import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
+from ntk_fast.models.cnn import CV
+from ntk_fast.ntk.plan import Plan, ntk_plan
 from ntk_fast.ntk.empirical import empirical_ntk, structured_features, supports_structured
 
-__all__ = ["FCNet", "FlowResult", "KernelFlowResult", "activation_normaliser", "data", "empirical_ntk",
+__all__ = ["CV", "FCNet", "FlowResult", "KernelFlowResult", "Plan", "activation_normaliser", "data", "empirical_ntk",
            "extension_available", "frozen_kernel_run", "gram", "gram_streamed", "kernel_flow", "kernel_regression",
-           "mse_flow", "structured_features", "supports_structured", "train"]
+           "mse_flow", "ntk_plan", "structured_features", "supports_structured", "train"]
 __version__ = "0.1.0"

@@ -9,7 +9,11 @@ Two paths:
   ``Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T)`` (docs/design.md section 2).  Cost
   2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (half when x2 is None), about h/4 times fewer than a
   Jacobian contraction, and memory for the features plus the output only.
-* **jacobian** (any module): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of
+* **any model** (anymodel.py, issue 13): per-layer features of Linear (also on tokens), Conv1d/Conv2d,
+  Embedding and norm-layer affines captured by hooks, torch.func for every other parameter; formula per
+  layer by flop count (``ntk_fast.ntk_plan`` shows it).  Full mode with k > 1 of the FC models above uses its
+  shared-A assembly too.
+* **jacobian** (any module, ``method="jacobian"`` or nothing hookable): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of
   ``block_size`` points, contracted block by block; memory about 2 block_size k P elements.
 
 Modes: ``"full"`` gives (n1, n2) for one output and (n1, n2, k, k) for k > 1; ``"trace"`` gives
@@ -31,6 +35,8 @@ from ntk_fast.ops.reference import per_sample_jacobian
 from ntk_fast.progress import progress_bar
 from ntk_fast.guards.estimates import NTK_WAY_OUT, empirical_ntk_bytes
 from ntk_fast.guards.memory import require_memory
+from ntk_fast.ntk import anymodel as _any
+from ntk_fast.ntk import capture as _capture
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
 MODES = ("full", "trace", "diagonal")
@@ -154,11 +160,11 @@ def _check_x(name: str, x, ref: torch.Tensor) -> None:
         raise ValueError(f"empirical_ntk: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"empirical_ntk: {name} must have a leading batch dimension, got shape {tuple(x.shape)}")
-    if x.dtype != ref.dtype:
+    if x.is_floating_point() and x.dtype != ref.dtype:     # integer inputs (token ids) are allowed
         raise ValueError(f"empirical_ntk: {name} has dtype {x.dtype} but the model's parameters are {ref.dtype}")
     if x.device != ref.device:
         raise ValueError(f"empirical_ntk: {name} is on {x.device} but the model's parameters are on {ref.device}")
-    if not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"empirical_ntk: {name} contains NaN or inf")
 
 
@@ -322,13 +328,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                              f"expected {tuple(x1.shape[1:])} like x1")
     if mode == "diagonal" and x2 is not None:
         raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
-    structured = supports_structured(model)
-    if method == "structured" and not structured:
-        raise ValueError(f"empirical_ntk: method='structured' needs an FCNet or an nn.Sequential of nn.Linear and "
-                         f"elementwise activations; got {type(model).__name__} (use method='jacobian')")
-    use_structured = structured and method != "jacobian"
-    if use_structured and x1.dim() != 2:
-        raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for the structured path, got {tuple(x1.shape)}")
+    _capture.check_modes(model)
+    if isinstance(model, FCNet) and x1.dim() != 2:
+        raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for an FCNet, got {tuple(x1.shape)}")
+    use_structured = supports_structured(model) and method != "jacobian" and x1.dim() == 2
     with torch.no_grad():
         probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
                                                  torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
@@ -349,14 +352,29 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                                out is not None, x1.element_size())
     require_memory(need, f"empirical_ntk: the {mode} Gram of shape {expected} ({x1.dtype}) with its features",
                    x1.device, NTK_WAY_OUT)
-    if use_structured:
-        res = _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
-    else:
-        res = _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+    res = _dispatch(model, x1, x2, mode, method, k, use_structured, block_size, out, progress, precision)
     if check:
         from ntk_fast.guards.psd import check_ntk_result
         check_ntk_result(res, x2 is None, mode)
     return res
+
+
+def _dispatch(model, x1, x2, mode, method, k, use_structured, block_size, out, progress, precision):
+    """The path of empirical_ntk: FC fast path, any-model hooks, or blocked torch.func Jacobians."""
+    if use_structured and mode == "full" and k > 1:    # A products shared across output pairs (anymodel.py)
+        A1, D1, _ = structured_features(model, x1, block_size)
+        P2 = None if x2 is None else _any.fc_pieces(*structured_features(model, x2, block_size)[:2])
+        return _any.assemble(_any.fc_pieces(A1, D1), P2, k, mode, out, block_size, progress, precision)
+    if use_structured:
+        return _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)
+    if method == "jacobian" or (method == "auto" and all_func(model, x1)):
+        return _jacobian_ntk(model, x1, x2, mode, block_size, out, progress)
+    return _any.any_model_ntk(model, x1, x2, mode, method, block_size, out, progress, precision)
+
+
+def all_func(model: nn.Module, x1: torch.Tensor) -> bool:
+    """True when no trainable parameter can be captured by hooks (then the blocked torch.func path is used)."""
+    return not _capture.static_route(model)[0]
 
 
 def gram_flops(fans: List[Tuple[int, int]], n1: int, n2: Optional[int] = None) -> float:

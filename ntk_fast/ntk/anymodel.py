@@ -1,0 +1,283 @@
+"""The empirical NTK of any nn.Module from per-layer features (see plan.py for the formulas and their cost).
+
+Features are captured in blocks of points (hooks + k backward passes per block, torch.func for the rest),
+each piece already in the form the plan chose:
+
+* hadamard: a (n, p), d (n, k, q);  pair: a (n, T, p), d (n, k, T, q);  grads: g (n, k, P).
+
+Assembly, per row panel of the result:
+
+* trace (and full with k = 1): one call of the fused C++ op ``ntk_fast.gram`` over all hadamard pieces
+  (A, D flattened to (n, k q)), plus one call per pair piece on rows (point, token), summed over token
+  pairs; grads pieces (G flattened to (n, k P)) by torch.mm on upper row panels, mirrored (``sym_gram``).
+* full (k > 1): the A products are shared across the k x k output pairs,
+  Theta[i, j, c, c'] = sum_l (A_i . A_j) (D_ic . D_jc'): per piece one (r, c) A Gram and one (r k, c k) D Gram
+  (torch.mm), combined by an in-place multiply-add; grads pieces are one (r k, c k) Gram of G.
+  Cost n^2 sum_l (p_l + k^2 q_l) for the symmetric half instead of (n k)^2 sum_l (p_l + q_l).
+
+Symmetric results (x2=None) in panels compute rows [r0, r1) against columns [r0, n) only and mirror.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ntk_fast.ops import gram as _ops
+from ntk_fast.ntk import capture
+from ntk_fast.ntk.plan import Plan, make_plan
+
+
+@dataclass
+class Piece:
+    form: str                             # "hadamard" | "pair" | "grads"
+    a: Optional[torch.Tensor] = None
+    d: Optional[torch.Tensor] = None
+    g: Optional[torch.Tensor] = None
+
+    def rows(self, r0: int, r1: int) -> "Piece":
+        s = slice(r0, r1)
+        return Piece(self.form, None if self.a is None else self.a[s], None if self.d is None else self.d[s],
+                     None if self.g is None else self.g[s])
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+def _convert(form: str, A: torch.Tensor, D: torch.Tensor) -> Piece:
+    if form == "hadamard":
+        return Piece(form, a=A[:, 0], d=D[:, :, 0])
+    if form == "pair":
+        return Piece(form, a=A, d=D)
+    # G[i, c] = sum_t D[i, c, t]^T A[i, t]: (n, k, q, T) @ (n, 1, T, p)
+    return Piece("grads", g=torch.matmul(D.transpose(2, 3), A.unsqueeze(1)).flatten(2))
+
+
+def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
+    direct = {e.module for e in plan.entries if e.form == "grads" and e.kind in ("Conv1d", "Conv2d")}
+    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct)
+    if bad:
+        raise RuntimeError(f"empirical_ntk: hooks failed on a later block: {bad}")
+    out = []
+    with torch.no_grad():
+        for e in plan.entries:
+            if e.form == "jacobian":
+                out.append(Piece("grads", g=capture.func_grads(model, e.params, x)))
+            elif isinstance(feats[e.module], torch.Tensor):
+                out.append(Piece("grads", g=feats[e.module]))
+            elif isinstance(feats[e.module][e.group], torch.Tensor):     # conv gradients formed directly
+                out.append(Piece("grads", g=feats[e.module][e.group]))
+            else:
+                A, D = feats[e.module][e.group]
+                out.append(_convert(e.form, A, D))
+    return out
+
+
+def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[Piece]:
+    """Pieces of every plan entry for all points of x, captured ``block`` points at a time."""
+    parts = [_block_pieces(model, x[i:i + block], plan) for i in range(0, x.shape[0], block)]
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)
+    return [Piece(ps[0].form, cat([p.a for p in ps]), cat([p.d for p in ps]), cat([p.g for p in ps]))
+            for ps in zip(*parts)]
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+def sym_gram(Xs: List[torch.Tensor], Ys: Optional[List[torch.Tensor]] = None, panels: int = 8) -> torch.Tensor:
+    """sum_l X_l Y_l^T (Y = X: symmetric) with torch.mm, X_l (n1, P_l), Y_l (n2, P_l).
+
+    Symmetric: row panels against the columns from their own start, accumulated in place (addmm_ on the
+    strided block, no copies), then mirrored: (panels + 1) / (2 panels) of the square's flops.  Used for
+    materialised gradients: for very wide X the fused Gram op (built for many layers of moderate width, with
+    a ones column as D) measured several times slower than torch.mm on this CPU.
+    """
+    X0 = Xs[0]
+    if Ys is not None:
+        out = torch.zeros(X0.shape[0], Ys[0].shape[0], dtype=X0.dtype, device=X0.device)
+        for X, Y in zip(Xs, Ys):
+            out.addmm_(X, Y.T)
+        return out
+    n = X0.shape[0]
+    out = torch.zeros(n, n, dtype=X0.dtype, device=X0.device)
+    b = max(128, math.ceil(n / panels))
+    for r0 in range(0, n, b):
+        r1 = min(n, r0 + b)
+        for X in Xs:
+            out[r0:r1, r0:].addmm_(X[r0:r1], X[r0:].T)
+        if r1 < n:
+            out[r1:, r0:r1] = out[r0:r1, r1:].T
+    return out
+
+
+def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> torch.Tensor:
+    """sum over outputs c of Theta[i, j, c, c] for rows P1 and columns P2 (None: P1 with itself)."""
+    sym = P2 is None
+    P2 = P1 if sym else P2
+    a1, d1, a2, d2, g1, g2 = [], [], [], [], [], []
+    res = None
+    for p, q in zip(P1, P2):
+        if p.form == "hadamard":
+            a1.append(p.a); d1.append(p.d.flatten(1)); a2.append(q.a); d2.append(q.d.flatten(1))
+        elif p.form == "grads":     # torch.mm on the concatenated gradients (below)
+            g1.append(p.g.flatten(1)); g2.append(q.g.flatten(1))
+        else:       # pair: rows are (point, token)
+            r, T = p.a.shape[0], p.a.shape[1]
+            c = q.a.shape[0]
+            fl = lambda u: (u.a.flatten(0, 1), u.d.transpose(1, 2).flatten(2).flatten(0, 1))
+            (pa, pd), (qa, qd) = fl(p), fl(q)
+            blk = _ops.gram([pa], [pd], None if sym else [qa], None if sym else [qd], precision=precision)
+            blk = blk.view(r, T, c, T).sum(dim=(1, 3))
+            res = blk if res is None else res + blk
+    if a1:
+        blk = _ops.gram(a1, d1, None if sym else a2, None if sym else d2, precision=precision)
+        res = blk if res is None else res + blk
+    if g1:
+        blk = sym_gram(g1, None if sym else g2)
+        res = blk if res is None else res + blk
+    return res
+
+
+def _full_block(P1: List[Piece], P2: List[Piece], k: int) -> torch.Tensor:
+    """Theta (r, c, k, k) for rows P1 and columns P2, the A products shared across output pairs.
+
+    The first piece writes the (r k, c k) buffer directly (mm into it, then an in-place scale by its A Gram);
+    later ones go through one reused scratch buffer, so no (r k, c k) matrix is allocated per piece.
+    """
+    r = (P1[0].a if P1[0].a is not None else P1[0].g).shape[0]
+    c = (P2[0].a if P2[0].a is not None else P2[0].g).shape[0]
+    ref = P1[0].d if P1[0].d is not None else P1[0].g
+    buf = torch.empty(r * k, c * k, dtype=ref.dtype, device=ref.device)
+    view = buf.view(r, k, c, k)
+    tmp = None
+    for i, (p, q) in enumerate(zip(P1, P2)):
+        if p.form == "grads":
+            g1, g2 = p.g.flatten(0, 1), q.g.flatten(0, 1)
+            torch.mm(g1, g2.T, out=buf) if i == 0 else buf.addmm_(g1, g2.T)
+        elif p.form == "hadamard":
+            ka = (p.a @ q.a.T)[:, None, :, None]                              # (r, 1, c, 1)
+            d1, d2 = p.d.flatten(0, 1), q.d.flatten(0, 1)
+            if i == 0:
+                torch.mm(d1, d2.T, out=buf)
+                view.mul_(ka)
+            else:
+                tmp = torch.empty_like(buf) if tmp is None else tmp
+                torch.mm(d1, d2.T, out=tmp)
+                view.addcmul_(tmp.view(r, k, c, k), ka)
+        else:
+            T = p.a.shape[1]
+            ka = (p.a.flatten(0, 1) @ q.a.flatten(0, 1).T).view(r, T, c, T)
+            dd = (p.d.flatten(0, 2) @ q.d.flatten(0, 2).T).view(r, k, T, c, k, T)
+            term = torch.einsum("itju,ictjdu->icjd", ka, dd)
+            view.copy_(term) if i == 0 else view.add_(term)
+    return view.permute(0, 2, 1, 3)
+
+
+def _diagonal(P1: List[Piece]) -> torch.Tensor:
+    """Theta(x_i, x_i) summed over outputs, (n,)."""
+    res = 0
+    for p in P1:
+        if p.form == "grads":
+            res = res + (p.g * p.g).sum(dim=(1, 2))
+        elif p.form == "hadamard":
+            res = res + (p.a * p.a).sum(1) * (p.d * p.d).sum(dim=(1, 2))
+        else:
+            ka = p.a @ p.a.transpose(1, 2)                                    # (n, T, T)
+            dd = torch.einsum("nktq,nkuq->ntu", p.d, p.d)
+            res = res + (ka * dd).sum(dim=(1, 2))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+def assemble(P1: List[Piece], P2: Optional[List[Piece]], k: int, mode: str, out: Optional[torch.Tensor],
+             panel: Optional[int], progress: bool, precision: str) -> torch.Tensor:
+    """Write the NTK in ``mode`` into out (or a new tensor), by row panels when ``panel`` is set."""
+    sym = P2 is None
+    Pc = P1 if sym else P2
+    first = P1[0].a if P1[0].a is not None and P1[0].a.is_floating_point() else (
+        P1[0].d if P1[0].d is not None else P1[0].g)
+    n1 = (P1[0].a if P1[0].a is not None else P1[0].g).shape[0]
+    n2 = (Pc[0].a if Pc[0].a is not None else Pc[0].g).shape[0]
+    if mode == "diagonal":
+        diag = _diagonal(P1)
+        return diag if out is None else out.copy_(diag)
+    full = mode == "full" and k > 1
+    shape = (n1, n2, k, k) if full else (n1, n2)
+    res = out if out is not None else torch.empty(shape, dtype=first.dtype, device=first.device)
+    if panel is None and not full:
+        blk = _trace_block(P1, P2, precision)
+        return blk if out is None else res.copy_(blk)
+    if panel is None:
+        panel = n1 if not sym else max(64, math.ceil(n1 / 8))
+    starts = range(0, n1, panel)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="ntk", unit="panel")
+    for r0 in starts:
+        r1 = min(n1, r0 + panel)
+        c0 = r0 if sym else 0
+        rows = [p.rows(r0, r1) for p in P1]
+        cols = [p.rows(c0, n2) for p in Pc]
+        blk = _full_block(rows, cols, k) if full else _trace_block(rows, cols, precision)
+        res[r0:r1, c0:] = blk
+        if sym:
+            d = res[r0:r1, r0:r1]
+            d.copy_((d + (d.permute(1, 0, 3, 2) if full else d.T)) / 2)
+            if r1 < n1:
+                res[r1:, r0:r1] = res[r0:r1, r1:].permute(1, 0, 3, 2) if full else res[r0:r1, r1:].T
+    return res
+
+
+def default_block(model: nn.Module, x: torch.Tensor) -> int:
+    """Points per feature block: bounded so the captured activations stay moderate (about 512 points)."""
+    return max(1, min(x.shape[0], 512))
+
+
+def feature_bytes(plan: Plan, n: int, esize: int) -> int:
+    """Memory of the features the plan keeps for n points (grads: n k P; hadamard / pair: n T (p + k q))."""
+    total = 0
+    for e in plan.entries:
+        if e.form in ("grads", "jacobian"):
+            total += n * plan.k * e.P * esize
+        else:
+            total += n * e.T * (e.p + plan.k * e.q) * esize
+    return total
+
+
+def _check_memory(plan: Plan, n: int, esize: int, device: torch.device) -> None:
+    try:
+        if device.type == "cuda":
+            avail = torch.cuda.mem_get_info(device)[0]
+        else:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover - non-POSIX
+        return
+    need = feature_bytes(plan, n, esize)
+    if need > 0.8 * avail:
+        big = max(plan.entries, key=lambda e: e.P if e.form in ("grads", "jacobian") else e.T * (e.p + e.q))
+        raise ValueError(f"empirical_ntk: the per-layer features need about {need / 2**30:.1f} GiB for {n} points, "
+                         f"more than 80% of the {avail / 2**30:.1f} GiB available (largest: "
+                         f"{big.module or 'torch.func'} {big.form}, P={big.P}); use fewer points per call")
+
+
+def any_model_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str, method: str,
+                  block_size: Optional[int], out: Optional[torch.Tensor], progress: bool,
+                  precision: str) -> torch.Tensor:
+    """empirical_ntk for any model: plan, features of x1 (and x2), assembly (see the module docstring)."""
+    plan = make_plan(model, x1, x2, mode, method)
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+    _check_memory(plan, x1.shape[0] + (0 if x2 is None else x2.shape[0]), p0.element_size(), p0.device)
+    block = block_size or default_block(model, x1)
+    P1 = features(model, x1, plan, block)
+    P2 = None if x2 is None else features(model, x2, plan, block)
+    return assemble(P1, P2, plan.k, mode, out, block_size, progress, precision)
+
+
+def fc_pieces(A: List[torch.Tensor], D: List[torch.Tensor]) -> List[Piece]:
+    """Hadamard pieces from the structured features of an FCNet / Sequential (A (n, p), D (n, k, q))."""
+    return [Piece("hadamard", a=a, d=d) for a, d in zip(A, D)]
