@@ -80,6 +80,12 @@ def _check_nets(net: Union[FCNet, Sequence[FCNet]]) -> List[FCNet]:
     return nets
 
 
+def _fused_ok(net: Any) -> bool:
+    """The fused path takes bias-free scalar FCNets; anything else is for the generic trainer."""
+    nets = [net] if isinstance(net, FCNet) else list(net) if isinstance(net, (list, tuple)) else [net]
+    return all(isinstance(m, FCNet) and m.k == 1 and m.biases is None for m in nets)
+
+
 def _check_data(x: Any, y: Any, d: int, like: torch.Tensor, xname: str, yname: str):
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != d:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -437,8 +443,11 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
           checkpoint: Optional[str] = None, checkpoint_every: float = 600.0, resume: Optional[str] = None,
           progress: bool = True, t1_fraction: float = 0.5, grow_factor: float = 1.0,
           checkpoint_rate: float = 0.01, checkpoint_spacing: int = 100, max_rejections: int = 40,
-          use_cuda_graph: bool = True) -> FlowResult:
+          use_cuda_graph: bool = True, dynamics: str = "flow", **generic: Any) -> FlowResult:
     """Train ``net`` (an FCNet, or a list of K FCNets: an ensemble) by the paper's adaptive gradient flow.
+
+    Any other module (or an FCNet with biases), ``dynamics="adam"|"sgd"``, or options of the generic trainer
+    (``generic``) go to :func:`ntk_fast.dynamics.generic.train_any` (docs/training.md).
 
     Args (article notation, see the module docstring):
         x (n, d), y (n,) in {-1, +1}: training set.  alpha > 0: the output scale of F = alpha (f - f0).
@@ -461,6 +470,13 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
     Returns a :class:`FlowResult`.
     Cost per attempt: one forward and one backward pass, ~6 n P flops for P = d h + (L-1) h^2 + h weights per net.
     """
+    if dynamics != "flow" or generic or not _fused_ok(net):
+        from ntk_fast.dynamics.generic import train_any
+        return train_any(net, x, y, alpha, dynamics=dynamics, x_test=x_test, y_test=y_test, loss=loss,
+                         loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, tau=tau, max_time=max_time,
+                         max_wall=max_wall, max_steps=max_steps, kernel_every=kernel_every,
+                         kernel_points=kernel_points, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                         resume=resume, progress=progress, t1_fraction=t1_fraction, **generic)
     nets = _check_nets(net)
     a = nets[0]
     like = a.weights[0]

@@ -1,6 +1,8 @@
 """Shared state of a generic run: data and model checks, the alpha-scaled loss, records, checkpoints, result.
 
-Records (``history``, one dict per checkpoint and model, key ``net`` = model index) hold the fields of the fused
+Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "checkpoint" on the
+schedule, "converged" where the margin is met, "stop" where a budget stops a model off the schedule, "final" at
+the end of the call; a resumed run drops the "stop" and "final" records of the file it resumes) hold the fields of the fused
 trainer's records that make sense for any model: step, t, wall, train_loss (L), train_mean_l (mean l), train_err,
 train_nd (points with y F < 1), train_rms_F, dw (|w - w0| per parameter tensor), dw_total, w0_norm, and with a
 test set test_loss, test_err, test_nd, test_rms_F; optionally kernel_change.  The flow adds attempts, dt,
@@ -155,7 +157,7 @@ class Run:
                                  f"but this call has {key}={v!r}")
         self.W0.copy_(blob["W0"])
         self.f0.copy_(blob["f0"])
-        self.history = [r for r in blob["history"] if r["event"] != "final"]
+        self.history = [r for r in blob["history"] if r["event"] not in ("final", "stop")]
         self.wall_before = blob["wall"]
         for k, s in enumerate(blob["host"]["status"]):
             if s in RESUMABLE:

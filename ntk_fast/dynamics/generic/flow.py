@@ -66,7 +66,8 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         extra = dict(step=S["step"][k], attempts=S["attempts"][k], t=S["t"][k], dt=dt_, next_dt=S["dt"][k],
                      dgrad=dg, dout=do, grad_norm=math.sqrt(S["gsq"][k]))
         run.record(k, W, F[k], extra, event, S["n_ckpt"][k])
-        S["n_ckpt"][k] += 1
+        if event == "checkpoint":
+            S["n_ckpt"][k] += 1
 
     def limit(k):
         if S["t"][k] >= max_time:
@@ -140,10 +141,11 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
                 if math.isnan(S["t1"][k]) and st["mean_l"] <= t1_fraction * S["l0"][k]:
                     S["t1"][k] = S["t"][k]
                 stop = "converged" if (run.margin_stop and st["nd"] == 0) else limit(k)
-                if S["step"][k] >= S["next_ckpt"][k] or stop is not None:
-                    if S["step"][k] >= S["next_ckpt"][k]:
+                scheduled = S["step"][k] >= S["next_ckpt"][k]
+                if scheduled or stop is not None:
+                    if scheduled:
                         S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
-                    record(k, "converged" if stop == "converged" else "checkpoint")
+                    record(k, "converged" if stop == "converged" else "checkpoint" if scheduled else "stop")
                 if stop is not None:
                     S["status"][k] = stop
             if bar is not None:

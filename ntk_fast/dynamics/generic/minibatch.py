@@ -54,7 +54,8 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
         st = S["step"][k]
         extra = dict(step=st, t=lr * st, epoch=st * batch_size / n, batch_loss=S["batch_loss"][k], dt=lr)
         rec = run.record(k, W, Fk, extra, event, S["n_ckpt"][k])
-        S["n_ckpt"][k] += 1
+        if event == "checkpoint":
+            S["n_ckpt"][k] += 1
         if S["l0"][k] is None:
             S["l0"][k] = rec["train_mean_l"]
         if math.isnan(S["t1"][k]) and rec["train_mean_l"] <= t1_fraction * S["l0"][k]:
@@ -77,10 +78,12 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
             return
         F = run.train_outputs(W)
         for k in ks:
-            rec = record(k, "final" if final else "checkpoint", F[k])
+            scheduled = S["step"][k] >= S["next_ckpt"][k]
+            rec = record(k, "final" if final else "checkpoint" if scheduled else "stop", F[k])
             if final:
                 continue
-            S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
+            if scheduled:
+                S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
             if run.margin_stop and rec["train_nd"] == 0:
                 S["status"][k] = "converged"
                 rec["event"] = "converged"
