@@ -152,7 +152,7 @@ def test_margin_stop_and_status(gen):
     assert res.status == "converged"
     last = res.history[-1]
     assert last["train_nd"] == 0 and last["train_err"] == 0.0
-    flow = train_any(_mlp(), x, y, 10.0, max_steps=5000)
+    flow = train_any(_mlp(), x, y, 10.0, max_steps=3000, max_dgrad=1e-2)
     assert flow.status == "converged" and flow.history[-1]["train_nd"] == 0
 
 

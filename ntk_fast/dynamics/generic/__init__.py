@@ -43,7 +43,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
               checkpoint: Optional[str] = None, checkpoint_every: float = 600.0, resume: Optional[str] = None,
               progress: bool = False, t1_fraction: float = 0.5, checkpoint_rate: Optional[float] = None,
               checkpoint_spacing: Optional[int] = None, max_rejections: int = 40, batched: Optional[bool] = None,
-              chunk: Optional[int] = None) -> GenericResult:
+              chunk: Optional[int] = None, test_every: int = 1) -> GenericResult:
     """Train a module (or K modules of one architecture: an ensemble) on (x, y) in the alpha-scaled setting.
 
     Args:
@@ -65,7 +65,8 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
             state and minibatch generators included).
         checkpoint_rate, checkpoint_spacing: record schedule (flow default 0.01, 100; ADAM/SGD 0.1, 1000).
         batched: vmap over the K models (None: when the model allows it), False: loop.  chunk: points per
-            forward call when evaluating full sets (memory).
+            forward call when evaluating full sets (memory).  test_every: test observables at every
+            test_every-th scheduled checkpoint (and at every other record).
     Returns a :class:`GenericResult` (a FlowResult: status, statuses, history, nets, final, ensemble, outputs, config).
     """
     if dynamics not in DYNAMICS:
@@ -87,6 +88,9 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
                          "alone may never be met")
     run = Run(models, x, y, alpha, spec, c, float(loss_beta), x_test, y_test, batched, chunk, kernel_points,
               kernel_every)
+    if not isinstance(test_every, int) or test_every < 1:
+        raise ValueError(f"train: test_every must be a positive int, got {test_every!r}")
+    run.test_every = test_every
     if dynamics == "flow":
         if max_epochs is not None:
             raise ValueError("train: max_epochs is for dynamics 'adam'/'sgd' (the flow is full batch: use max_steps)")

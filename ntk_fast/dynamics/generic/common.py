@@ -95,6 +95,7 @@ class Run:
     # --------------------------------------------------------------------------------------------- kernel
     def _setup_kernel(self, kernel_points, kernel_every: int) -> None:
         self.kernel_every = int(kernel_every)
+        self.test_every = 1
         self.xk = None
         if isinstance(kernel_points, torch.Tensor):
             self.xk = kernel_points.to(self.ens.dtype).to(self.ens.device)
@@ -119,7 +120,7 @@ class Run:
         rec = dict(net=int(k), event=event, **extra, wall=self.wall())
         rec.update({f"train_{kk}": v for kk, v in self.stats(F, self.y).items()})
         rec.update(dw=dw, dw_total=math.sqrt(sum(v * v for v in dw)), w0_norm=self.w0_norm[k])
-        if self.x_test is not None:
+        if self.x_test is not None and (event != "checkpoint" or n_ckpt % self.test_every == 0):
             Ft = self.test_outputs(W[k:k + 1], [k])[0]
             rec.update({f"test_{kk}": v for kk, v in self.stats(Ft, self.y_test).items()})
         if self.theta0 is not None and (event == "final" or (self.kernel_every > 0 and n_ckpt % self.kernel_every == 0)):
