@@ -20,7 +20,7 @@ row is float64 as the paper).  ``--paper`` sets the paper's sizes
 The CNN here is a local copy of the paper's ``CV`` (reference code article:archi.py) with a 1/sqrt(h) readout;
 ntk_fast.models.cnn (being written in parallel) is its package home.
 
-Writes ``table1.json`` (arguments, every run, the summary) and ``table1.md`` (mean +- std over seeds) under ``--out``.
+Writes ``<tag>.json`` (arguments, every run, the summary) and ``<tag>.md`` (mean +- std over seeds) under ``--out``.
 """
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="of the ADAM rows")
     ap.add_argument("--paper", action="store_true", help="the paper's sizes (GPU)")
+    ap.add_argument("--tag", default="table1", help="file stem of the outputs")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.paper:
@@ -154,10 +155,10 @@ def main(argv=None):
                 runs.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     summary = summarise(runs, args.rows, args.alphas)
-    with open(os.path.join(args.out, "table1.json"), "w") as fh:
+    with open(os.path.join(args.out, args.tag + ".json"), "w") as fh:
         json.dump(dict(args=vars(args), runs=runs, summary=summary), fh, indent=1)
     md = markdown(summary, args.alphas, args)
-    with open(os.path.join(args.out, "table1.md"), "w") as fh:
+    with open(os.path.join(args.out, args.tag + ".md"), "w") as fh:
         fh.write(md)
     print(md)
 

@@ -1,9 +1,9 @@
 """Shared state of a generic run: data and model checks, the alpha-scaled loss, records, checkpoints, result.
 
-Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "checkpoint" on the
-schedule, "converged" where the margin is met, "stop" where a budget stops a model off the schedule, "final" at
-the end of the call; a resumed run drops the "stop" and "final" records of the file it resumes) hold the fields of the fused
-trainer's records that make sense for any model: step, t, wall, train_loss (L), train_mean_l (mean l), train_err,
+Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "checkpoint" on
+the schedule, "converged" where the margin is met, "stop" where a budget stops a model off the schedule,
+"final" at the end of the call; a resumed run drops the "stop" and "final" records of the file it resumes)
+hold the fields of the fused trainer's records that make sense for any model: step, t, wall, train_loss (L), train_mean_l (mean l), train_err,
 train_nd (points with y F < 1), train_rms_F, dw (|w - w0| per parameter tensor), dw_total, w0_norm, and with a
 test set test_loss, test_err, test_nd, test_rms_F; optionally kernel_change.  The flow adds attempts, dt,
 next_dt, dgrad, dout, grad_norm; ADAM/SGD add epoch and batch_loss.

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
 from ntk_fast.dynamics import observables as obs
@@ -107,29 +106,7 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
             dts = torch.tensor([S["dt"][k] if k in active else 0.0 for k in range(K)], dtype=dtype, device=dev)
             Wt, Vt = _trial(W, G, V, dts, tau)
             lt, Gt, Ft = vg(Wt)
-            gpsq = (Gt.double() ** 2).sum(1).tolist()
-            diffsq = ((G.double() - Gt.double()) ** 2).sum(1).tolist()
-            douts = (Ft - F).abs().amax(1).tolist()
-            finite = torch.isfinite(Ft).all(1).tolist()
-            acc = []
-            for k in active:
-                S["attempts"][k] += 1
-                dout = douts[k] if finite[k] else math.nan
-                dgrad = dgrad_from_norms(S["gsq"][k], gpsq[k], diffsq[k]) if math.isfinite(gpsq[k] + diffsq[k]) \
-                    else math.nan
-                ok, new_dt = rule.decide(dgrad, dout, S["dt"][k])
-                if ok:
-                    acc.append(k)
-                    S["t"][k] += S["dt"][k]
-                    S["step"][k] += 1
-                    S["last"][k] = (S["dt"][k], dgrad, float(dout))
-                    S["gsq"][k] = gpsq[k]
-                    S["rejections"][k] = 0
-                else:
-                    S["rejections"][k] += 1
-                    if S["rejections"][k] >= max_rejections:
-                        S["status"][k] = "stalled" if finite[k] and math.isfinite(lt[k]) else "nonfinite"
-                S["dt"][k] = new_dt
+            acc = _decide(S, active, rule, G, Gt, F, Ft, lt, max_rejections)
             if acc:
                 idx = torch.tensor(acc, device=dev)
                 W[idx], G[idx], F[idx] = Wt[idx], Gt[idx], Ft[idx]
@@ -160,6 +137,34 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         record(k, "final")
     save()
     return run.result(W, S, config)
+
+
+def _decide(S, active, rule: StepRule, G, Gt, F, Ft, lt, max_rejections: int):
+    """Apply the step rule to the trial of every active model: update the host state S (t, step, dt, last
+    (dt, dgrad, dout), |g|^2, rejections, status on too many rejections) and return the accepted models."""
+    gpsq = (Gt.double() ** 2).sum(1).tolist()
+    diffsq = ((G.double() - Gt.double()) ** 2).sum(1).tolist()
+    douts = (Ft - F).abs().amax(1).tolist()
+    finite = torch.isfinite(Ft).all(1).tolist()
+    acc = []
+    for k in active:
+        S["attempts"][k] += 1
+        dout = douts[k] if finite[k] else math.nan
+        dgrad = dgrad_from_norms(S["gsq"][k], gpsq[k], diffsq[k]) if math.isfinite(gpsq[k] + diffsq[k]) else math.nan
+        ok, new_dt = rule.decide(dgrad, dout, S["dt"][k])
+        if ok:
+            acc.append(k)
+            S["t"][k] += S["dt"][k]
+            S["step"][k] += 1
+            S["last"][k] = (S["dt"][k], dgrad, float(dout))
+            S["gsq"][k] = gpsq[k]
+            S["rejections"][k] = 0
+        else:
+            S["rejections"][k] += 1
+            if S["rejections"][k] >= max_rejections:
+                S["status"][k] = "stalled" if finite[k] and math.isfinite(lt[k]) else "nonfinite"
+        S["dt"][k] = new_dt
+    return acc
 
 
 def _bar(progress: bool, desc: str):

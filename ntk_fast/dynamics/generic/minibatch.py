@@ -110,23 +110,7 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
                 for k in active:
                     S["status"][k] = "max_wall"
                 break
-            idx = torch.stack([torch.randperm(n, generator=gens[k])[:batch_size] if k in active
-                               else torch.arange(batch_size) for k in range(K)]).to(dev)
-            lv, G, _ = run.ens.value_and_grad(W, run.x[idx], run.y[idx], torch.gather(run.f0, 1, idx),
-                                              run.loss_fn, shared=False)
-            opt.step(W, G, active)
-            due = []
-            for k in active:
-                S["step"][k] += 1
-                S["batch_loss"][k] = float(lv[k])
-                if not (math.isfinite(S["batch_loss"][k]) and bool(torch.isfinite(W[k]).all())):
-                    S["status"][k] = "nonfinite"
-                    continue
-                stop = limit(k)
-                if S["step"][k] >= S["next_ckpt"][k] or stop is not None:
-                    due.append(k)
-                if stop is not None:
-                    S["status"][k] = stop
+            due = _step(run, W, opt, gens, S, active, batch_size, limit)
             checkpoint_models(due)
             if bar is not None:
                 bar.update(1)
@@ -139,3 +123,27 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
     checkpoint_models(list(range(K)), final=True)
     save()
     return run.result(W, S, config)
+
+
+def _step(run: Run, W, opt, gens, S, active, batch_size: int, limit):
+    """One minibatch step of the active models (each its own minibatch); returns the models due for a record
+    (on the checkpoint schedule or stopped by a budget)."""
+    n, K = run.n, run.K
+    idx = torch.stack([torch.randperm(n, generator=gens[k])[:batch_size] if k in active
+                       else torch.arange(batch_size) for k in range(K)]).to(run.ens.device)
+    lv, G, _ = run.ens.value_and_grad(W, run.x[idx], run.y[idx], torch.gather(run.f0, 1, idx), run.loss_fn,
+                                      shared=False)
+    opt.step(W, G, active)
+    due = []
+    for k in active:
+        S["step"][k] += 1
+        S["batch_loss"][k] = float(lv[k])
+        if not (math.isfinite(S["batch_loss"][k]) and bool(torch.isfinite(W[k]).all())):
+            S["status"][k] = "nonfinite"
+            continue
+        stop = limit(k)
+        if S["step"][k] >= S["next_ckpt"][k] or stop is not None:
+            due.append(k)
+        if stop is not None:
+            S["status"][k] = stop
+    return due
