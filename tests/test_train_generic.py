@@ -202,3 +202,13 @@ def test_resnet_preactivations_order_one_and_trains(gen):
     assert res.final[0]["step"] == 2 and math.isfinite(res.final[0]["train_loss"])
     with pytest.raises(ValueError, match="depth"):
         WideResNet(12)
+
+
+def test_cnn_kernel_change_falls_like_one_over_alpha(gen):
+    """Lazy regime: trained to the margin, the CNN's weights move by O(1/alpha), so does its NTK."""
+    x, y = _data(gen, n=10, d=36)
+    kc = [train_any(_CV(3, 0), x, y, a, max_steps=3000, max_dgrad=1e-2, kernel_points=x[:6]).final[0]
+          for a in (100.0, 1000.0)]
+    assert all(f["status"] == "converged" for f in kc)
+    ratio = kc[0]["kernel_change"] / kc[1]["kernel_change"]
+    assert 7.0 < ratio < 14.0, ratio
