@@ -52,8 +52,8 @@ def test_generic_flow_equals_fused_fc(gen):
     x, y = _data(gen, n=21, d=6)
     nets = [FCNet(6, 9, 2, dtype=DT, generator=gen) for _ in range(2)]
     for alpha in (0.3, 30.0):
-        a = train(nets, x, y, alpha, max_steps=40, progress=False, kernel_points=0)
-        b = train_any(nets, x, y, alpha, max_steps=40)
+        a = train(nets, x, y, alpha, max_steps=25, progress=False, kernel_points=0)
+        b = train_any(nets, x, y, alpha, max_steps=25)
         assert a.statuses == b.statuses
         for k in range(2):
             ha, hb = _hist(a, k), _hist(b, k)

@@ -68,7 +68,9 @@ class FlatEnsemble:
 
     # --------------------------------------------------------------------------------------------- layout
     def views(self, row: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {n: row[o:o + s].view(sh) for n, o, s, sh in zip(self.names, self.offsets, self.sizes, self.shapes)}
+        # split (not slicing): its backward concatenates the parameter gradients once, where slices would
+        # scatter each of them into a zero buffer of size P
+        return {n: t.view(sh) for n, t, sh in zip(self.names, row.split(self.sizes), self.shapes)}
 
     def param_rows(self, W: torch.Tensor) -> List[torch.Tensor]:
         """Per-parameter (K, size) slices of W (for per-tensor norms)."""
@@ -132,6 +134,14 @@ class FlatEnsemble:
         with torch.no_grad():
             return torch.cat([self._f(row, self._fixed_row(k), x[i:i + chunk]) for i in range(0, n, chunk)])
 
+    def _vg_autograd(self, row, fixed, xx, yy, ff0, loss_fn):
+        with torch.enable_grad():
+            r = row.detach().requires_grad_(True)
+            f = self._f(r, fixed, xx)
+            loss = loss_fn(f, yy, ff0)
+            g, = torch.autograd.grad(loss, r)
+        return g, (loss.detach(), f.detach())
+
     def value_and_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                        shared: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,25 +152,17 @@ class FlatEnsemble:
         """
         def fn(row, fixed, xx, yy, ff0):
             f = self._f(row, fixed, xx)
-            return loss_fn(f, yy, ff0), f
+            loss = loss_fn(f, yy, ff0)
+            return loss, (loss, f)
 
-        g_fn = grad(fn, has_aux=True)
-
-        def vg(row, fixed, xx, yy, ff0):
-            g, f = g_fn(row, fixed, xx, yy, ff0)
-            return g, f
-
+        vg = grad(fn, has_aux=True)                 # row -> (gradient, (loss, f))
         if self._decide_batched(x if shared else x[0]):
             dims = (0, 0, None, None, 0) if shared else (0, 0, 0, 0, 0)
-            g, f = vmap(vg, in_dims=dims)(W, self.fixed, x, y, f0)
-        else:
-            gs, fs = [], []
-            for k in range(self.K):
-                xx, yy = (x, y) if shared else (x[k], y[k])
-                gk, fk = vg(W[k], self._fixed_row(k), xx, yy, f0[k])
-                gs.append(gk)
-                fs.append(fk)
-            g, f = torch.stack(gs), torch.stack(fs)
-        with torch.no_grad():
-            lv = torch.stack([loss_fn(f[k], y if shared else y[k], f0[k]) for k in range(self.K)])
+            g, (lv, f) = vmap(vg, in_dims=dims)(W, self.fixed, x, y, f0)
+        else:   # plain autograd per model (no functorch wrappers: less overhead per op on small batches)
+            out = [self._vg_autograd(W[k], self._fixed_row(k), *((x, y) if shared else (x[k], y[k])), f0[k], loss_fn)
+                   for k in range(self.K)]
+            g = torch.stack([o[0] for o in out])
+            lv = torch.stack([o[1][0] for o in out])
+            f = torch.stack([o[1][1] for o in out])
         return lv.detach(), g.detach(), f.detach()
