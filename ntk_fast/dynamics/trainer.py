@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ntk_fast.dynamics import observables as obs
-from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, renamed_kwargs
+from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, progress_enabled, renamed_kwargs
 from ntk_fast.dynamics.engine import AttemptStats, FlowEngine
 from ntk_fast.dynamics.ensemble import EnsembleTracker
 from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_value
@@ -70,6 +70,12 @@ def _check_nets(net: Union[FCNet, Sequence[FCNet]]) -> List[FCNet]:
         if w.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"train: weights must be float32 or float64, got {w.dtype}")
     return nets
+
+
+def _fused_ok(net: Any) -> bool:
+    """The fused path takes bias-free scalar FCNets; anything else is for the generic trainer."""
+    nets = [net] if isinstance(net, FCNet) else list(net) if isinstance(net, (list, tuple)) else [net]
+    return all(isinstance(m, FCNet) and m.k == 1 and m.biases is None for m in nets)
 
 
 def _check_data(x: Any, y: Any, d: int, like: torch.Tensor, xname: str, yname: str, loss: str):
@@ -356,8 +362,11 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
           checkpoint: Optional[PathLike] = None, checkpoint_every: float = 600.0, resume: Optional[PathLike] = None,
           progress: Optional[bool] = None, tau: float = 0.0, kernel_every: int = 0,
           kernel_points: Union[int, torch.Tensor, None] = 256, t1_fraction: float = 0.5, grow_factor: float = 1.0,
-          max_rejections: int = 40, use_cuda_graph: bool = True, **renamed: Any) -> FlowResult:
+          max_rejections: int = 40, use_cuda_graph: bool = True, dynamics: str = "flow", **kw: Any) -> FlowResult:
     """Train ``net`` (an FCNet, or a list of K FCNets: an ensemble) by the paper's adaptive gradient flow.
+
+    Any other module (or an FCNet with biases), ``dynamics="adam"|"sgd"``, or options of the generic trainer
+    (``generic``) go to :func:`ntk_fast.dynamics.generic.train_any` (docs/training.md).
 
     Args (article notation, see the module docstring):
         x (n, d), y (n,) in {-1, +1}: training set.  alpha > 0: the output scale of F = alpha (f - f0).
@@ -383,6 +392,18 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
     estimated (ntk_fast.guards.estimates.train_bytes): a MemoryBudgetError when they exceed the free memory.
     Cost per attempt: one forward and one backward pass, ~6 n P flops for P = d h + (L-1) h^2 + h weights per net.
     """
+    renamed = {k: kw.pop(k) for k in ("checkpoint_spacing", "checkpoint_rate") if k in kw}
+    if dynamics != "flow" or kw or not _fused_ok(net):
+        from ntk_fast.dynamics.generic import train_any
+        inf = lambda v: math.inf if v is None else v  # noqa: E731  (the generic trainer's "no limit")
+        return train_any(net, x, y, alpha, dynamics=dynamics, x_test=x_test, y_test=y_test, loss=loss,
+                         loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, tau=tau,
+                         max_time=inf(max_time), max_wall=inf(max_wall),
+                         max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps, kernel_every=kernel_every,
+                         kernel_points=kernel_points, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                         resume=resume, progress=progress_enabled(progress), t1_fraction=t1_fraction,
+                         checkpoint_rate=renamed.get("checkpoint_rate", record_rate),
+                         checkpoint_spacing=renamed.get("checkpoint_spacing", record_spacing), **kw)
     nets = _check_nets(net)
     a = nets[0]
     like = a.weights[0]

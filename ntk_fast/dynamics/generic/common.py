@@ -1,0 +1,216 @@
+"""Shared state of a generic run: data and model checks, the alpha-scaled loss, records, checkpoints, result.
+
+Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "checkpoint" on
+the schedule, "converged" where the margin is met, "stop" where a budget stops a model off the schedule,
+"final" at the end of the call; a resumed run drops the "stop" and "final" records of the file it resumes)
+hold the fields of the fused trainer's records that make sense for any model: step, t, wall, train_loss (L), train_mean_l (mean l), train_err,
+train_nd (points with y F < 1), train_rms_F, dw (|w - w0| per parameter tensor), dw_total, w0_norm, and with a
+test set test_loss, test_err, test_nd, test_rms_F; optionally kernel_change.  The flow adds attempts, dt,
+next_dt, dgrad, dout, grad_norm; ADAM/SGD add epoch and batch_loss.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ntk_fast.dynamics import observables as obs
+from ntk_fast.dynamics.generic.functional import FlatEnsemble
+from ntk_fast.dynamics.generic.losses import LossSpec, check_labels, is_pm1
+from ntk_fast.dynamics.results import atomic_save, atomic_write_json, load_checkpoint, stem_of
+from ntk_fast.dynamics.trainer import FlowResult
+
+CKPT_VERSION = 1
+# budget stops that a resumed run re-decides with its own limits
+RESUMABLE = ("running", "max_time", "max_steps", "max_epochs", "max_wall")
+
+
+def check_data(x: Any, y: Any, spec: LossSpec, dtype: torch.dtype, device: torch.device, xname: str, yname: str):
+    """x (n, ...) finite, y (n,) finite (+-1 for margin losses); returned in the model's dtype and device."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"train: {xname} must be a tensor with points along dim 0, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"train: {yname} must be a tensor of shape ({x.shape[0]},) matching {xname}, got {shape}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"train: {xname} contains NaN or infinite values")
+    check_labels(spec, y, yname)
+    return x.to(dtype=dtype, device=device).contiguous(), y.to(dtype=dtype, device=device).contiguous()
+
+
+def digest(*ts: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in ts:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Run:
+    """Everything a dynamics loop needs besides its own update: the models, data, loss and bookkeeping."""
+
+    def __init__(self, models: List[nn.Module], x, y, alpha: float, spec: LossSpec, c: float, loss_beta: float,
+                 x_test, y_test, batched: Optional[bool], chunk: Optional[int], kernel_points, kernel_every: int):
+        self.models = models
+        self.ens = FlatEnsemble(models, batched)
+        self.K, self.P = self.ens.K, self.ens.P
+        dt, dev = self.ens.dtype, self.ens.device
+        self.x, self.y = check_data(x, y, spec, dt, dev, "x", "y")
+        self.x_test = self.y_test = None
+        if (x_test is None) != (y_test is None):
+            raise ValueError("train: give both x_test and y_test, or neither")
+        if x_test is not None:
+            self.x_test, self.y_test = check_data(x_test, y_test, spec, dt, dev, "x_test", "y_test")
+        self.n = self.x.shape[0]
+        self.alpha, self.spec, self.c, self.beta, self.chunk = alpha, spec, c, loss_beta, chunk
+        self.margin_stop = is_pm1(self.y)
+        self.W0 = self.ens.W.clone()
+        self.f0 = self.ens.forward(self.W0, self.x, chunk)
+        self.f0_test = self.ens.forward(self.W0, self.x_test, chunk) if self.x_test is not None else None
+        self.w0_norm = torch.linalg.norm(self.W0.double(), dim=1).tolist()
+        self.history: List[Dict[str, Any]] = []
+        self.wall0, self.wall_before = time.perf_counter(), 0.0
+        self._setup_kernel(kernel_points, kernel_every)
+
+    # --------------------------------------------------------------------------------------------- loss
+    def loss_fn(self, f: torch.Tensor, y: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+        """L = c(alpha) mean_i l(F_i, y_i),  F = alpha (f - f0)."""
+        return self.c * self.spec.per_point(self.alpha * (f - f0), y, self.beta).mean()
+
+    def stats(self, F: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        """loss, mean l, error, nd, rms F of one model's outputs F (n,) on labels y."""
+        lmean = float(self.spec.per_point(F, y, self.beta).double().mean())
+        return dict(loss=self.c * lmean, mean_l=lmean, err=float(obs.error(F, y)), nd=int(obs.under_margin(F, y)),
+                    rms_F=float(obs.rms(F)))
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall0
+
+    # --------------------------------------------------------------------------------------------- kernel
+    def _setup_kernel(self, kernel_points, kernel_every: int) -> None:
+        self.kernel_every = int(kernel_every)
+        self.test_every = 1
+        self.xk = None
+        if isinstance(kernel_points, torch.Tensor):
+            self.xk = kernel_points.to(self.ens.dtype).to(self.ens.device)
+        elif kernel_points:
+            src = self.x_test if self.x_test is not None else self.x
+            self.xk = src[:int(kernel_points)]
+        self.theta0 = None
+        if self.xk is not None:
+            self._work = [copy.deepcopy(m) for m in self.models]
+            self.theta0 = [self.theta(k, self.W0[k]) for k in range(self.K)]
+
+    def theta(self, k: int, row: torch.Tensor) -> torch.Tensor:
+        from ntk_fast.ntk.empirical import empirical_ntk
+        return empirical_ntk(self.ens.load_into(self._work[k], row), self.xk)
+
+    # --------------------------------------------------------------------------------------------- records
+    def record(self, k: int, W: torch.Tensor, F: torch.Tensor, extra: Dict[str, Any], event: str, n_ckpt: int
+               ) -> Dict[str, Any]:
+        """Append the record of model k (weights row W[k], train outputs F (n,) = alpha (f - f0))."""
+        dw = [float(torch.linalg.norm((a[k] - b[k]).double())) for a, b in
+              zip(self.ens.param_rows(W), self.ens.param_rows(self.W0))]
+        rec = dict(net=int(k), event=event, **extra, wall=self.wall())
+        rec.update({f"train_{kk}": v for kk, v in self.stats(F, self.y).items()})
+        rec.update(dw=dw, dw_total=math.sqrt(sum(v * v for v in dw)), w0_norm=self.w0_norm[k])
+        if self.x_test is not None and (event != "checkpoint" or n_ckpt % self.test_every == 0):
+            Ft = self.test_outputs(W[k:k + 1], [k])[0]
+            rec.update({f"test_{kk}": v for kk, v in self.stats(Ft, self.y_test).items()})
+        if self.theta0 is not None and (event == "final" or (self.kernel_every > 0 and n_ckpt % self.kernel_every == 0)):
+            rec["kernel_change"] = obs.kernel_change(self.theta(k, W[k]), self.theta0[k])
+        self.history.append(rec)
+        return rec
+
+    def test_outputs(self, Wsub: torch.Tensor, ks: List[int]) -> torch.Tensor:
+        """alpha (f - f0) on the test set for the models ks whose rows are Wsub."""
+        f = torch.stack([self.ens.forward_row(Wsub[i], k, self.x_test, self.chunk) for i, k in enumerate(ks)])
+        return self.alpha * (f - self.f0_test[ks])
+
+    def train_outputs(self, W: torch.Tensor) -> torch.Tensor:
+        return self.alpha * (self.ens.forward(W, self.x, self.chunk) - self.f0)
+
+    # --------------------------------------------------------------------------------------------- files
+    def config(self, dynamics: str, **more) -> Dict[str, Any]:
+        return dict(dynamics=dynamics, alpha=self.alpha, loss=self.spec.name, loss_prefactor=self.c,
+                    loss_beta=self.beta, K=self.K, n=self.n, P=self.P, dtype=str(self.ens.dtype),
+                    model=type(self.models[0]).__name__, data=digest(self.x, self.y), **more)
+
+    def save(self, path: Optional[str], config: Dict[str, Any], state: Dict[str, Any], S: Dict[str, Any]) -> None:
+        if path is None:
+            return
+        atomic_save(dict(version=CKPT_VERSION, kind="generic", config=config, state=state, host=copy.deepcopy(S),
+                         history=list(self.history), wall=self.wall(), W0=self.W0.cpu(), f0=self.f0.cpu()), path)
+
+    def load(self, path: str, config: Dict[str, Any]) -> Dict[str, Any]:
+        blob = load_checkpoint(path, "train(resume=...)", ("version", "kind", "config", "state", "host", "history"))
+        if blob["kind"] != "generic" or blob["version"] != CKPT_VERSION:
+            raise ValueError(f"train: {path} is not a generic-trainer checkpoint of version {CKPT_VERSION}")
+        for key, v in config.items():
+            if key != "checkpoint_rate" and blob["config"].get(key) != v:
+                raise ValueError(f"train: resume={path} was written with {key}={blob['config'].get(key)!r}, "
+                                 f"but this call has {key}={v!r}")
+        self.W0.copy_(blob["W0"])
+        self.f0.copy_(blob["f0"])
+        self.history = [r for r in blob["history"] if r["event"] not in ("final", "stop")]
+        self.wall_before = blob["wall"]
+        for k, s in enumerate(blob["host"]["status"]):
+            if s in RESUMABLE:
+                blob["host"]["status"][k] = "running"
+        return blob
+
+    # --------------------------------------------------------------------------------------------- result
+    def result(self, W: torch.Tensor, S: Dict[str, Any], config: Dict[str, Any]) -> "GenericResult":
+        from ntk_fast.dynamics.results import overall_status
+        F = self.train_outputs(W)
+        outputs = {"train": F, "f0_train": self.f0.clone()}
+        ens = None
+        if self.x_test is not None:
+            Ft = self.test_outputs(W, list(range(self.K)))
+            outputs.update(test=Ft, f0_test=self.f0_test.clone())
+            if self.K > 1:
+                ens = obs.ensemble_stats(Ft, self.y_test)
+        finals = []
+        for k in range(self.K):
+            last = [r for r in self.history if r["net"] == k][-1]
+            fin = {kk: v for kk, v in last.items() if kk != "event"}
+            fin.update(status=S["status"][k], t1=S["t1"][k], weight_change=last["dw_total"] / last["w0_norm"])
+            finals.append(fin)
+        nets = [self.ens.load_into(copy.deepcopy(m), W[k]) for k, m in enumerate(self.models)]
+        statuses = list(S["status"])
+        return GenericResult(overall_status(statuses), statuses, self.history, nets, finals, ens, outputs, config)
+
+
+@dataclass
+class GenericResult(FlowResult):
+    """:class:`~ntk_fast.dynamics.trainer.FlowResult` of the generic trainer: same fields; ``nets`` are copies of the
+    given modules holding the trained parameters.  ``save`` writes the state dicts (load them back with
+    ``GenericResult.load(path, models)``, ``models`` being modules of the same architecture)."""
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        stem = stem_of(path)
+        atomic_save({"summary": self.summary(), "history": self.history, "kind": "generic",
+                     "state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.nets],
+                     "outputs": {k: v.cpu() for k, v in self.outputs.items()}}, stem + ".pt")
+        atomic_write_json({**self.summary(), "history": self.history}, stem + ".json")
+
+    @classmethod
+    def load(cls, path: str, models: Optional[List[nn.Module]] = None) -> "GenericResult":
+        blob = load_checkpoint(stem_of(path) + ".pt", "GenericResult.load", ("summary", "state_dicts", "history"))
+        s = blob["summary"]
+        nets = []
+        if models is not None:
+            if len(models) != len(blob["state_dicts"]):
+                raise ValueError(f"GenericResult.load: {len(blob['state_dicts'])} models saved, {len(models)} given")
+            for m, sd in zip(models, blob["state_dicts"]):
+                m.load_state_dict(sd)
+                nets.append(m)
+        return cls(s["status"], s["statuses"], blob["history"], nets, s["final"], s["ensemble"], blob["outputs"],
+                   s["config"])

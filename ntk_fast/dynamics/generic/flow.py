@@ -1,0 +1,174 @@
+"""Adaptive-step gradient flow of any model (the fused FC trainer's dynamics and step rule, generic path).
+
+    trial:  w' = w - dt g                                   (tau = 0)
+            v' = x v - (1 - x) g,  w' = w + dt v',  x = exp(-dt/tau)   (tau > 0)
+    accept  iff dgrad = |g - g'|^2/(|g||g'|) < max_dgrad and dout = max_i |F'_i - F_i| < max_dout
+            (:class:`ntk_fast.dynamics.steprule.StepRule`; dt *= 1.1 below half the bounds, /= 10 on rejection)
+
+One forward and one backward pass (torch.func.grad of the full-batch loss) per attempt; an accepted trial's
+(F', g') become the state.  ``t`` is the sum of the accepted dt, as in the fused trainer, so the same FC
+weights give the same trajectory (to float64 rounding).  Checkpoints: accepted-step numbers of
+``observables.next_checkpoint(step, checkpoint_rate, checkpoint_spacing)`` (default 0.01, 100).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+
+from ntk_fast.dynamics import observables as obs
+from ntk_fast.dynamics.generic.common import Run
+from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+
+
+def _trial(W, G, V, dts, tau):
+    h = dts[:, None]
+    if tau > 0:
+        xx = torch.exp(-h / tau)
+        Vt = xx * V - (1 - xx) * G
+        return W + h * Vt, Vt
+    return W - h * G, None
+
+
+def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: Optional[int], max_wall: float,
+             checkpoint: Optional[str], checkpoint_every: float, resume: Optional[str], progress: bool,
+             t1_fraction: float, ckpt_rate: float, ckpt_spacing: int, max_rejections: int):
+    K, alpha = run.K, run.alpha
+    dev, dtype = run.ens.device, run.ens.dtype
+    config = run.config("flow", max_dgrad=rule.max_dgrad, max_dout=rule.max_dout, tau=tau)
+
+    def vg(W):
+        lv, G, f = run.ens.value_and_grad(W, run.x, run.y, run.f0, run.loss_fn, shared=True)
+        return lv, G, alpha * (f - run.f0)
+
+    if resume is not None:
+        blob = run.load(resume, config)
+        st = blob["state"]
+        W, G, F = (st[k].to(dev) for k in ("W", "G", "F"))
+        V = st["V"].to(dev) if tau > 0 else None
+        S = blob["host"]
+    else:
+        W = run.ens.W.clone()
+        lv, G, F = vg(W)
+        V = torch.zeros_like(W) if tau > 0 else None
+        gsq = (G.double() ** 2).sum(1).tolist()
+        nd = [int(obs.under_margin(F[k], run.y)) for k in range(K)]
+        S = dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K, gsq=gsq,
+                 l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_ckpt=[0] * K, n_ckpt=[0] * K,
+                 last=[(0.0, 0.0, 0.0)] * K, t1=[math.nan] * K, nd=nd,
+                 status=["running" if math.isfinite(lv[k]) else "nonfinite" for k in range(K)])
+
+    def record(k, event):
+        dt_, dg, do = S["last"][k]
+        extra = dict(step=S["step"][k], attempts=S["attempts"][k], t=S["t"][k], dt=dt_, next_dt=S["dt"][k],
+                     dgrad=dg, dout=do, grad_norm=math.sqrt(S["gsq"][k]))
+        run.record(k, W, F[k], extra, event, S["n_ckpt"][k])
+        if event == "checkpoint":
+            S["n_ckpt"][k] += 1
+
+    def limit(k):
+        if S["t"][k] >= max_time:
+            return "max_time"
+        if max_steps is not None and S["step"][k] >= max_steps:
+            return "max_steps"
+        return None
+
+    if resume is None:
+        for k in range(K):
+            if S["status"][k] == "running":
+                record(k, "checkpoint")
+                S["next_ckpt"][k] = obs.next_checkpoint(0, ckpt_rate, ckpt_spacing)
+                if run.margin_stop and S["nd"][k] == 0:
+                    S["status"][k] = "converged"
+    for k in range(K):
+        if S["status"][k] == "running" and limit(k):
+            S["status"][k] = limit(k)
+
+    def save():
+        state = dict(W=W.cpu().clone(), G=G.cpu().clone(), F=F.cpu().clone())
+        if V is not None:
+            state["V"] = V.cpu().clone()
+        run.save(checkpoint, config, state, S)
+
+    bar = _bar(progress, f"flow K={K} alpha={alpha:g}")
+    t_wall, last_save = time.perf_counter(), time.perf_counter()
+    try:
+        while True:
+            active = [k for k in range(K) if S["status"][k] == "running"]
+            if not active:
+                break
+            if time.perf_counter() - t_wall >= max_wall:
+                for k in active:
+                    S["status"][k] = "max_wall"
+                break
+            dts = torch.tensor([S["dt"][k] if k in active else 0.0 for k in range(K)], dtype=dtype, device=dev)
+            Wt, Vt = _trial(W, G, V, dts, tau)
+            lt, Gt, Ft = vg(Wt)
+            acc = _decide(S, active, rule, G, Gt, F, Ft, lt, max_rejections)
+            if acc:
+                idx = torch.tensor(acc, device=dev)
+                W[idx], G[idx], F[idx] = Wt[idx], Gt[idx], Ft[idx]
+                if V is not None:
+                    V[idx] = Vt[idx]
+            for k in acc:
+                st = run.stats(F[k], run.y)
+                S["nd"][k] = st["nd"]
+                if math.isnan(S["t1"][k]) and st["mean_l"] <= t1_fraction * S["l0"][k]:
+                    S["t1"][k] = S["t"][k]
+                stop = "converged" if (run.margin_stop and st["nd"] == 0) else limit(k)
+                scheduled = S["step"][k] >= S["next_ckpt"][k]
+                if scheduled or stop is not None:
+                    if scheduled:
+                        S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
+                    record(k, "converged" if stop == "converged" else "checkpoint" if scheduled else "stop")
+                if stop is not None:
+                    S["status"][k] = stop
+            if bar is not None:
+                bar.update(len(acc))
+            if checkpoint is not None and time.perf_counter() - last_save >= checkpoint_every:
+                save()
+                last_save = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+    for k in range(K):
+        record(k, "final")
+    save()
+    return run.result(W, S, config)
+
+
+def _decide(S, active, rule: StepRule, G, Gt, F, Ft, lt, max_rejections: int):
+    """Apply the step rule to the trial of every active model: update the host state S (t, step, dt, last
+    (dt, dgrad, dout), |g|^2, rejections, status on too many rejections) and return the accepted models."""
+    gpsq = (Gt.double() ** 2).sum(1).tolist()
+    diffsq = ((G.double() - Gt.double()) ** 2).sum(1).tolist()
+    douts = (Ft - F).abs().amax(1).tolist()
+    finite = torch.isfinite(Ft).all(1).tolist()
+    acc = []
+    for k in active:
+        S["attempts"][k] += 1
+        dout = douts[k] if finite[k] else math.nan
+        dgrad = dgrad_from_norms(S["gsq"][k], gpsq[k], diffsq[k]) if math.isfinite(gpsq[k] + diffsq[k]) else math.nan
+        ok, new_dt = rule.decide(dgrad, dout, S["dt"][k])
+        if ok:
+            acc.append(k)
+            S["t"][k] += S["dt"][k]
+            S["step"][k] += 1
+            S["last"][k] = (S["dt"][k], dgrad, float(dout))
+            S["gsq"][k] = gpsq[k]
+            S["rejections"][k] = 0
+        else:
+            S["rejections"][k] += 1
+            if S["rejections"][k] >= max_rejections:
+                S["status"][k] = "stalled" if finite[k] and math.isfinite(lt[k]) else "nonfinite"
+        S["dt"][k] = new_dt
+    return acc
+
+
+def _bar(progress: bool, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(desc=desc, unit="step", dynamic_ncols=True)

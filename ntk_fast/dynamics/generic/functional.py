@@ -1,0 +1,168 @@
+"""K copies of one architecture as a flat (K, P) parameter buffer, evaluated with torch.func.
+
+Model k is ``template`` with its trainable parameters taken from row k of ``W`` (views, no copies):
+
+    f_k(x) = functional_call(template, ({name: W[k, o:o+s].view(shape)}, buffers_k), (x,))      (n,) or (n, 1) -> (n,)
+
+For K > 1 the rows are evaluated in one call by ``torch.func.vmap`` over the stacked rows and buffers
+(``torch.func.stack_module_state``) when the model allows it (``batched=None`` tries it once on two points
+and falls back to a loop over the rows when vmap raises); ``batched=False`` forces the loop.  Gradients come
+from ``torch.func.grad`` of the scalar loss with respect to the flat row, so a step is one forward and one
+backward pass per model and never copies the module.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+def check_models(models: Sequence[nn.Module]) -> None:
+    """Same structure, float32/float64 parameters on one device, no train-mode BatchNorm or Dropout."""
+    a = models[0]
+    names = [(n, tuple(p.shape), p.dtype, p.device) for n, p in a.named_parameters()]
+    if not any(p.requires_grad for p in a.parameters()):
+        raise ValueError("train: the model has no parameter with requires_grad=True")
+    for m in models:
+        for sub in m.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:
+                raise ValueError(f"train: {type(sub).__name__} in train mode uses batch statistics (F would depend "
+                                 f"on the batch and its running stats would change); call model.eval() or remove it")
+            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+                raise ValueError(f"train: {type(sub).__name__} in train mode is random; call model.eval()")
+        if [(n, tuple(p.shape), p.dtype, p.device) for n, p in m.named_parameters()] != names:
+            raise ValueError("train: all models of an ensemble must have the same parameters (names, shapes, "
+                             "dtypes, devices)")
+        if [p.requires_grad for p in m.parameters()] != [p.requires_grad for p in a.parameters()]:
+            raise ValueError("train: all models of an ensemble must train the same parameters")
+    dtypes = {p.dtype for p in a.parameters()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
+        raise ValueError(f"train: parameters must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+
+
+class FlatEnsemble:
+    """The flat buffer, its layout and the batched forward / value-and-gradient of K models."""
+
+    def __init__(self, models: Sequence[nn.Module], batched: Optional[bool] = None):
+        models = list(models)
+        check_models(models)
+        self.K = len(models)
+        self.template = copy.deepcopy(models[0]).to("meta")
+        named = list(models[0].named_parameters())
+        self.names = [n for n, p in named if p.requires_grad]
+        self.shapes = [tuple(p.shape) for n, p in named if p.requires_grad]
+        self.sizes = [p.numel() for n, p in named if p.requires_grad]
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.P = self.offsets[-1]
+        p0 = named[0][1]
+        self.dtype, self.device = p0.dtype, p0.device
+        params, bufs = stack_module_state(models)          # every tensor stacked (K, ...)
+        self.fixed = {n: t.detach() for n, t in bufs.items()}
+        self.fixed.update({n: t.detach() for n, t in params.items() if n not in self.names})
+        self.W = torch.cat([params[n].detach().reshape(self.K, -1) for n in self.names], 1).contiguous()
+        self.batched = batched
+
+    # --------------------------------------------------------------------------------------------- layout
+    def views(self, row: torch.Tensor) -> Dict[str, torch.Tensor]:
+        # split (not slicing): its backward concatenates the parameter gradients once, where slices would
+        # scatter each of them into a zero buffer of size P
+        return {n: t.view(sh) for n, t, sh in zip(self.names, row.split(self.sizes), self.shapes)}
+
+    def param_rows(self, W: torch.Tensor) -> List[torch.Tensor]:
+        """Per-parameter (K, size) slices of W (for per-tensor norms)."""
+        return [W[:, o:o + s] for o, s in zip(self.offsets, self.sizes)]
+
+    def load_into(self, model: nn.Module, row: torch.Tensor) -> nn.Module:
+        """Copy row (P,) into the trainable parameters of ``model`` (in place) and return it."""
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in self.views(row).items():
+                own[n].copy_(v)
+        return model
+
+    # --------------------------------------------------------------------------------------------- calls
+    def _f(self, row: torch.Tensor, fixed: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.template, {**self.views(row), **fixed}, (x,))
+        n = x.shape[0]
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) not in ((n,), (n, 1)):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"train: the model's output must have shape (n,) or (n, 1) for n = {n} inputs, "
+                             f"got {shape} (one scalar output per point)")
+        return out.reshape(n)
+
+    def _fixed_row(self, k: int) -> Dict[str, torch.Tensor]:
+        return {n: t[k] for n, t in self.fixed.items()}
+
+    def _decide_batched(self, x: torch.Tensor) -> bool:
+        if self.batched is None:
+            if self.K == 1:
+                self.batched = False
+            else:
+                try:
+                    with torch.no_grad():
+                        vmap(self._f, in_dims=(0, 0, None))(self.W[:, :], self.fixed, x[:2])
+                    self.batched = True
+                except ValueError:
+                    raise
+                except Exception:  # vmap cannot batch some op of this model: loop over the rows
+                    self.batched = False
+        return self.batched
+
+    def forward(self, W: torch.Tensor, x: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """f of the K models on x (shared): (K, n).  ``chunk``: points per call (memory)."""
+        n = x.shape[0]
+        chunk = chunk or n
+        outs = []
+        batched = self._decide_batched(x)
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                xb = x[i:i + chunk]
+                if batched:
+                    outs.append(vmap(self._f, in_dims=(0, 0, None))(W, self.fixed, xb))
+                else:
+                    outs.append(torch.stack([self._f(W[k], self._fixed_row(k), xb) for k in range(self.K)]))
+        return torch.cat(outs, 1)
+
+    def forward_row(self, row: torch.Tensor, k: int, x: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """f of model k with weights ``row`` (P,) on x: (n,)."""
+        n = x.shape[0]
+        chunk = chunk or n
+        with torch.no_grad():
+            return torch.cat([self._f(row, self._fixed_row(k), x[i:i + chunk]) for i in range(0, n, chunk)])
+
+    def _vg_autograd(self, row, fixed, xx, yy, ff0, loss_fn):
+        with torch.enable_grad():
+            r = row.detach().requires_grad_(True)
+            f = self._f(r, fixed, xx)
+            loss = loss_fn(f, yy, ff0)
+            g, = torch.autograd.grad(loss, r)
+        return g, (loss.detach(), f.detach())
+
+    def value_and_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                       shared: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss (K,), gradient (K, P), f (K, n)) of ``loss_fn(f, y, f0)`` for each model.
+
+        shared=True: x (n, ...), y (n,), f0 (K, n) are the same points for every model (full batch);
+        shared=False: x (K, b, ...), y (K, b), f0 (K, b), one minibatch per model.
+        """
+        def fn(row, fixed, xx, yy, ff0):
+            f = self._f(row, fixed, xx)
+            loss = loss_fn(f, yy, ff0)
+            return loss, (loss, f)
+
+        vg = grad(fn, has_aux=True)                 # row -> (gradient, (loss, f))
+        if self._decide_batched(x if shared else x[0]):
+            dims = (0, 0, None, None, 0) if shared else (0, 0, 0, 0, 0)
+            g, (lv, f) = vmap(vg, in_dims=dims)(W, self.fixed, x, y, f0)
+        else:   # plain autograd per model (no functorch wrappers: less overhead per op on small batches)
+            out = [self._vg_autograd(W[k], self._fixed_row(k), *((x, y) if shared else (x[k], y[k])), f0[k], loss_fn)
+                   for k in range(self.K)]
+            g = torch.stack([o[0] for o in out])
+            lv = torch.stack([o[1][0] for o in out])
+            f = torch.stack([o[1][1] for o in out])
+        return lv.detach(), g.detach(), f.detach()

@@ -1,0 +1,214 @@
+"""The generic trainer (ntk_fast.dynamics.generic): any module by gradient flow, ADAM and SGD."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ntk_fast.dynamics.generic import train_any
+from ntk_fast.dynamics.trainer import train
+from ntk_fast.models.fc import FCNet, activation_and_derivative
+from ntk_fast.models.resnet import WideResNet
+
+DT = torch.float64
+
+
+def _data(gen, n=19, d=5, real=False):
+    x = torch.randn(n, d, dtype=DT, generator=gen)
+    y = torch.randn(n, dtype=DT, generator=gen)
+    return x, (y if real else torch.where(y >= 0, 1.0, -1.0).to(DT))
+
+
+def _mlp(d=5, h=11, seed=0):
+    """A plain nn.Module (biases on), not an FCNet."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, h), nn.Softplus(beta=5.0), nn.Linear(h, h), nn.Tanh(),
+                         nn.Linear(h, 1)).to(DT)
+
+
+class _CV(nn.Module):
+    """Minimal local copy of the paper's CNN (blocks of convs, 1/sqrt(C_in k^2) filters, global average pool,
+    readout over sqrt(h)) for these tests; the package's CV (ntk_fast.models.cnn) is written in parallel."""
+
+    def __init__(self, h=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(h, c, 3, 3, dtype=DT, generator=g)) for c in (1, h)])
+        self.w = nn.Parameter(torch.randn(h, dtype=DT, generator=g))
+        self.sigma = activation_and_derivative("softplus", 5.0)[0]
+
+    def forward(self, x):
+        a = x.view(x.shape[0], 1, 6, 6)
+        for i, w in enumerate(self.ws):
+            a = self.sigma(nn.functional.conv2d(a, w / math.sqrt(w[0].numel()), stride=1 + i, padding=1))
+        return a.mean((2, 3)) @ self.w / math.sqrt(self.w.numel())
+
+
+def _hist(res, k=0):
+    return [(r["step"], r["t"]) for r in res.history_of(k)]
+
+
+def test_generic_flow_equals_fused_fc(gen):
+    x, y = _data(gen, n=21, d=6)
+    nets = [FCNet(6, 9, 2, dtype=DT, generator=gen) for _ in range(2)]
+    for alpha in (0.3, 30.0):
+        a = train(nets, x, y, alpha, max_steps=25, progress=False, kernel_points=0)
+        b = train_any(nets, x, y, alpha, max_steps=25)
+        assert a.statuses == b.statuses
+        for k in range(2):
+            ha, hb = _hist(a, k), _hist(b, k)
+            assert [s for s, _ in ha] == [s for s, _ in hb]
+            assert max(abs(u[1] - v[1]) for u, v in zip(ha, hb)) <= 1e-10
+        assert torch.allclose(a.outputs["train"], b.outputs["train"], atol=1e-10, rtol=0)
+        for na, nb in zip(a.nets, b.nets):
+            for wa, wb in zip(na.weights, nb.weights):
+                assert torch.allclose(wa, wb, atol=1e-10, rtol=0)
+
+
+def _ref_minibatch_loop(model, x, y, alpha, steps, bs, seed, make_opt, loss):
+    """The reference code's recipe written plainly: f0 once, torch.manual_seed, randperm(n)[:bs], optimizer step."""
+    with torch.no_grad():
+        f0 = model(x).reshape(-1)
+    opt = make_opt(model.parameters())
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(len(x))[:bs]
+        F = alpha * (model(x[idx]).reshape(-1) - f0[idx])
+        opt.zero_grad()
+        loss(F, y[idx]).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_adam_matches_torch_adam_step_for_step(gen):
+    x, y = _data(gen, n=29)
+    alpha, seed = 3.0, int(torch.randint(0, 1000, (), generator=gen))
+    model = _mlp()
+    res = train_any(model, x, y, alpha, dynamics="adam", lr=1e-2, batch_size=7, seed=seed, max_steps=25)
+    ref = _ref_minibatch_loop(_mlp(), x, y, alpha, 25, 7, seed, lambda p: torch.optim.Adam(p, lr=1e-2),
+                              lambda F, yy: torch.relu(1 - F * yy).mean() / alpha)
+    got = torch.cat([p.detach().reshape(-1) for p in res.net.parameters()])
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-13)
+    assert res.status == "max_steps" and res.final[0]["step"] == 25
+    assert res.final[0]["t"] == pytest.approx(25 * 1e-2) and res.final[0]["epoch"] == pytest.approx(25 * 7 / 29)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_matches_torch_sgd(gen, nesterov):
+    x, y = _data(gen, n=17, real=True)
+    alpha = 0.7
+    res = train_any(_mlp(), x, y, alpha, dynamics="sgd", loss="mse", lr=0.05, momentum=0.9, nesterov=nesterov,
+                    batch_size=5, seed=3, max_steps=20)
+    ref = _ref_minibatch_loop(_mlp(), x, y, alpha, 20, 5, 3,
+                              lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=nesterov),
+                              lambda F, yy: (0.5 * (F - yy) ** 2).mean() / alpha ** 2)
+    got = torch.cat([p.detach().reshape(-1) for p in res.net.parameters()])
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-13)
+    assert res.status == "max_steps"          # real targets: no margin stop
+
+
+@pytest.mark.parametrize("dynamics", ["flow", "adam", "sgd"])
+def test_resume_is_bit_exact(gen, tmp_path, dynamics):
+    x, y = _data(gen, n=15)
+    models = [_mlp(seed=s) for s in (0, 1)]
+    kw = dict(dynamics=dynamics, lr=1e-2, batch_size=4, momentum=0.5, x_test=x[:5], y_test=y[:5])
+    full = train_any(models, x, y, 2.0, max_steps=30, **kw)
+    ck = str(tmp_path / "run.ckpt")
+    part = train_any(models, x, y, 2.0, max_steps=12, checkpoint=ck, **kw)
+    assert part.statuses == ["max_steps"] * 2
+    rest = train_any(models, x, y, 2.0, max_steps=30, resume=ck, **kw)
+    assert rest.statuses == full.statuses
+    for a, b in zip(full.nets, rest.nets):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    strip = lambda h: [{k: ("nan" if v != v else v) for k, v in r.items() if k != "wall"} for r in h]  # noqa: E731
+    assert strip(full.history) == strip(rest.history)
+    with pytest.raises(ValueError, match="alpha"):
+        train_any(models, x, y, 3.0, max_steps=30, resume=ck, **kw)
+
+
+@pytest.mark.parametrize("dynamics", ["flow", "adam"])
+def test_ensemble_vmap_equals_loop(gen, dynamics):
+    x, y = _data(gen, n=36, d=36)
+    for make in (lambda s: _mlp(36, 7, s), lambda s: _CV(3, s)):
+        models = [make(s) for s in range(3)]
+        kw = dict(dynamics=dynamics, batch_size=6, lr=1e-2, max_steps=15)
+        a = train_any(models, x, y, 1.0, batched=True, **kw)
+        b = train_any(models, x, y, 1.0, batched=False, **kw)
+        assert torch.allclose(a.outputs["train"], b.outputs["train"], atol=1e-11, rtol=0)
+        for k in range(3):
+            ha, hb = _hist(a, k), _hist(b, k)
+            assert [u[0] for u in ha] == [v[0] for v in hb]
+            assert max(abs(u[1] - v[1]) for u, v in zip(ha, hb)) < 1e-9
+        # each ensemble member equals its own single run
+        c = train_any(models[1], x, y, 1.0, seed=1, **kw)
+        assert torch.allclose(a.outputs["train"][1], c.outputs["train"][0], atol=1e-11, rtol=0)
+
+
+def test_margin_stop_and_status(gen):
+    x, y = _data(gen, n=12)
+    res = train_any(_mlp(), x, y, 10.0, dynamics="adam", lr=3e-2, batch_size=12, max_steps=3000,
+                    checkpoint_rate=0.1, checkpoint_spacing=10)
+    assert res.status == "converged"
+    last = res.history[-1]
+    assert last["train_nd"] == 0 and last["train_err"] == 0.0
+    flow = train_any(_mlp(), x, y, 10.0, max_steps=3000, max_dgrad=1e-2)
+    assert flow.status == "converged" and flow.history[-1]["train_nd"] == 0
+
+
+def test_train_dispatches_other_models(gen):
+    x, y = _data(gen, n=10)
+    res = train(_mlp(), x, y, 1.0, dynamics="adam", max_steps=3, batch_size=4, progress=False, kernel_points=4)
+    assert res.final[0]["step"] == 3 and "kernel_change" in res.final[0]
+    biased = FCNet(5, 6, 1, bias=0.1, dtype=DT, generator=gen)
+    assert train(biased, x, y, 1.0, max_steps=3, progress=False).final[0]["step"] == 3
+
+
+def test_bad_input(gen):
+    x, y = _data(gen, n=8)
+    two = nn.Sequential(nn.Linear(5, 2)).to(DT)
+    with pytest.raises(ValueError, match=r"\(n,\) or \(n, 1\)"):
+        train_any(two, x, y, 1.0, max_steps=2)
+    with pytest.raises(ValueError, match="labels y"):
+        train_any(_mlp(), x, (y + 1) / 2, 1.0, dynamics="adam", max_steps=2)
+    with pytest.raises(ValueError, match="BatchNorm1d in train mode"):
+        train_any(nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).to(DT), x, y, 1.0, max_steps=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_any(_mlp(), x, y, 1.0, dynamics="sgd", batch_size=9, max_steps=2)
+    xb = x.clone()
+    xb[0, 0] = math.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        train_any(_mlp(), xb, y, 1.0, max_steps=2)
+    with pytest.raises(ValueError, match="budget"):
+        train_any(_mlp(), x, y, 1.0)
+    with pytest.raises(ValueError, match="dynamics"):
+        train_any(_mlp(), x, y, 1.0, dynamics="lbfgs", max_steps=2)
+    with pytest.raises(ValueError, match="same parameters"):
+        train_any([_mlp(), _mlp(5, 4)], x, y, 1.0, max_steps=2)
+    bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).to(DT).eval()
+    assert train_any(bn, x, y, 1.0, max_steps=2).final[0]["step"] == 2     # eval-mode BN: fixed affine map
+
+
+def test_resnet_preactivations_order_one_and_trains(gen):
+    x = torch.randn(8, 1, 28, 28, dtype=DT, generator=gen)
+    m = WideResNet(10, 1, 1, dtype=DT, generator=gen)
+    with torch.no_grad():
+        ms = [float(z.pow(2).mean()) for z in m.preactivations(x)]
+        f = m(x.flatten(1))
+    assert all(0.2 < v < 3.0 for v in ms), ms
+    assert f.shape == (8,) and 0.01 < float(f.pow(2).mean()) < 10
+    y = torch.where(torch.randn(8, generator=gen) > 0, 1.0, -1.0).to(DT)
+    res = train_any(m, x, y, 1.0, dynamics="adam", batch_size=4, max_steps=2)
+    assert res.final[0]["step"] == 2 and math.isfinite(res.final[0]["train_loss"])
+    with pytest.raises(ValueError, match="depth"):
+        WideResNet(12)
+
+
+def test_cnn_kernel_change_falls_like_one_over_alpha(gen):
+    """Lazy regime: trained to the margin, the CNN's weights move by O(1/alpha), so does its NTK."""
+    x, y = _data(gen, n=10, d=36)
+    kc = [train_any(_CV(3, 0), x, y, a, max_steps=3000, max_dgrad=1e-2, kernel_points=x[:6]).final[0]
+          for a in (100.0, 1000.0)]
+    assert all(f["status"] == "converged" for f in kc)
+    ratio = kc[0]["kernel_change"] / kc[1]["kernel_change"]
+    assert 7.0 < ratio < 14.0, ratio
