@@ -53,8 +53,8 @@ def slow_pair(x, y, L, act, bias, m=220):
 @pytest.mark.parametrize("activation,L,bias", [("softplus", 1, 0.0), ("softplus", 2, 0.5), ("tanh", 3, 0.3)])
 def test_matches_slow_recursion(activation, L, bias):
     x1, x2 = points(4, 11, 0), points(3, 11, 1) * 1.3
-    S, T = ntk_fast.limit_kernels(x1, x2, L=L, activation=activation, bias=bias, quad_tol=1e-10)
-    Ss, Ts = ntk_fast.limit_kernels(x1, L=L, activation=activation, bias=bias, quad_tol=1e-10)
+    S, T = ntk_fast.limit_kernels(x1, x2, L=L, activation=activation, bias=bias, quad_tol=1e-9)
+    Ss, Ts = ntk_fast.limit_kernels(x1, L=L, activation=activation, bias=bias, quad_tol=1e-9)
     act = resolve_activation(activation, 5.0)
     tol = 1e-8      # (ReLU is checked against its closed form below: a grid is only O(step) across the kink)
     for i in range(4):
@@ -109,9 +109,9 @@ def test_expectations_vs_monte_carlo(activation):
 def test_quadrature_rules_agree():
     act = resolve_activation("softplus", 5.0)
     q = torch.tensor([1.0, 0.8], dtype=D)
-    rho = torch.tensor([0.999, -0.4], dtype=D)
+    rho = torch.tensor([0.9, -0.4], dtype=D)
     a = bivariate_expectations(act, q, q, rho, *normal_rule(150, "trapezoid"))
-    b = bivariate_expectations(act, q, q, rho, *normal_rule(450, "hermite"))
+    b = bivariate_expectations(act, q, q, rho, *normal_rule(320, "hermite"))
     for u, v in zip(a, b):
         assert torch.allclose(u, v, rtol=0, atol=1e-9)
 
@@ -138,7 +138,7 @@ def test_tabulated_matches_exact(activation):
     x[1] = x[0] + 1e-7 * x[2]                          # a near-duplicate: correlation 1 - O(1e-14)
     x[1] = x[1] / x[1].norm() * math.sqrt(6)
     a = ntk_fast.limit_kernels(x, L=3, activation=activation, method="tabulated", bias=0.2)
-    b = ntk_fast.limit_kernels(x, L=3, activation=activation, method="exact", quad_tol=1e-11, bias=0.2)
+    b = ntk_fast.limit_kernels(x, L=3, activation=activation, method="exact", quad_tol=1e-9, bias=0.2)
     for u, v in zip(a, b):
         # ReLU near-duplicates: the exact map itself moves by ~sqrt(rounding of rho) = 1e-8 there.
         assert (u - v).abs().max() <= 1e-7 * v.abs().max()

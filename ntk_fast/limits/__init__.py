@@ -51,7 +51,7 @@ def _equal_norms(q0: torch.Tensor) -> bool:
 def limit_kernels(x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, L: int,
                   activation: Union[str, Callable, Tuple[Callable, Callable]] = "softplus", beta: float = 5.0,
                   bias: Union[bool, float] = False, method: str = "auto", quad_tol: float = 1e-8,
-                  table_tol: float = 1e-11, rule: str = "trapezoid", table_size: int = 1024,
+                  table_tol: float = 1e-10, rule: str = "trapezoid", table_size: int = 256,
                   block: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Infinite-width kernels (nngp, ntk) of ``FCNet(d, h, L, activation=..., beta=..., bias=...)`` as h -> inf.
 
