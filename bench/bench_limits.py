@@ -80,6 +80,10 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def offdiag(a):
+    return a[~np.eye(a.shape[0], dtype=bool)]
+
+
 def side_by_side(n, d, L, nt_python, rows):
     cases = [("relu", "general", "relu", "exact"), ("relu", "sphere", "relu", "exact"),
              ("relu", "sphere", "relu", "tabulated"), ("erf", "sphere", torch.erf, "tabulated"),
@@ -103,7 +107,8 @@ def side_by_side(n, d, L, nt_python, rows):
                 else:
                     nngp, ntk, info = res
                     row.update(nt_first_s=round(info["first_s"], 3), nt_best_s=round(info["best_s"], 3),
-                               rel_diff_nngp=rel(S.numpy(), nngp), rel_diff_ntk=rel(T.numpy(), ntk))
+                               rel_diff_nngp=rel(S.numpy(), nngp), rel_diff_ntk=rel(T.numpy(), ntk),
+                               rel_diff_ntk_offdiag=rel(offdiag(T.numpy()), offdiag(ntk)))
             elif name in ("relu", "erf"):
                 row["nt"] = "skipped: neural_tangents not importable"
             rows.append(row)
@@ -165,7 +170,7 @@ def main() -> int:
         f.write(f"torch {meta['torch']}, {meta['threads']} threads, load average at the end {meta['load_average_at_end']}"
                 " (the machine is shared: times vary with the load)\n\n")
         keys = ["n", "activation", "inputs", "method", "ours_s", "nt_first_s", "nt_best_s", "rel_diff_nngp",
-                "rel_diff_ntk", "plain_gram_x_xT_s", "extrapolated_n10000_s"]
+                "rel_diff_ntk", "rel_diff_ntk_offdiag", "plain_gram_x_xT_s", "extrapolated_n10000_s"]
         f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |\n")

@@ -27,7 +27,7 @@ def points(n, d, seed, sphere=False):
 
 # ------------------------------------------------------------------ slow independent reference
 
-def slow_pair(x, y, L, act, bias, m=220):
+def slow_pair(x, y, L, act, bias, m=160):
     """Propagate the full 2 x 2 covariance of (z(x), z(y)) and the 2 x 2 NTK through the layers; expectations
     over the 2-D Gaussian by a dense tensor-product trapezoid grid through the covariance's symmetric square
     root (independent of the library's parametrisation)."""
@@ -53,17 +53,18 @@ def slow_pair(x, y, L, act, bias, m=220):
 @pytest.mark.parametrize("activation,L,bias", [("softplus", 1, 0.0), ("softplus", 2, 0.5), ("tanh", 3, 0.3)])
 def test_matches_slow_recursion(activation, L, bias):
     x1, x2 = points(4, 11, 0), points(3, 11, 1) * 1.3
-    S, T = ntk_fast.limit_kernels(x1, x2, L=L, activation=activation, bias=bias, quad_tol=1e-9)
-    Ss, Ts = ntk_fast.limit_kernels(x1, L=L, activation=activation, bias=bias, quad_tol=1e-9)
+    X = torch.cat([x1, x2])
+    S, T = ntk_fast.limit_kernels(X, L=L, activation=activation, bias=bias, quad_tol=1e-9)
+    Sx, Tx = ntk_fast.limit_kernels(x1, x2, L=L, activation=activation, bias=bias, quad_tol=1e-9)
     act = resolve_activation(activation, 5.0)
     tol = 1e-8      # (ReLU is checked against its closed form below: a grid is only O(step) across the kink)
     for i in range(4):
         for j in range(3):
-            s, t, _ = slow_pair(x1[i], x2[j], L, act, bias)
-            assert abs(S[i, j].item() - s) < tol * (1 + abs(s)) and abs(T[i, j].item() - t) < tol * (1 + abs(t))
-        _, _, tii = slow_pair(x1[i], x1[i], L, act, bias)
-        assert abs(Ts[i, i].item() - tii) < tol * (1 + tii)
-    assert torch.equal(Ss, Ss.t()) and torch.equal(Ts, Ts.t())
+            s, t, tii = slow_pair(x1[i], x2[j], L, act, bias)
+            for a, b in ((S[i, 4 + j], s), (Sx[i, j], s), (T[i, 4 + j], t), (Tx[i, j], t)):
+                assert abs(a.item() - b) < tol * (1 + abs(b))
+        assert abs(T[i, i].item() - tii) < tol * (1 + tii)
+    assert torch.equal(S, S.t()) and torch.equal(T, T.t())
 
 
 def test_relu_closed_form():
@@ -87,8 +88,8 @@ def test_relu_closed_form():
 
 @pytest.mark.parametrize("activation", ["softplus", "tanh"])
 def test_expectations_vs_monte_carlo(activation):
-    """E[sigma(u) sigma(v)] and E[sigma'(u) sigma'(v)] by quadrature against 2e6 Monte-Carlo samples:
-    within 5 standard errors (about 5e-3 relative)."""
+    """E[sigma(u) sigma(v)] and E[sigma'(u) sigma'(v)] by quadrature against 4e5 Monte-Carlo samples:
+    within 5 standard errors (about 1e-2 relative)."""
     act = resolve_activation(activation, 5.0)
     g = torch.Generator().manual_seed(3)
     q1 = torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=D)
@@ -96,7 +97,7 @@ def test_expectations_vs_monte_carlo(activation):
     rho = torch.tensor([0.3, -0.6, 0.95, 1.0], dtype=D)
     x, w = normal_rule(120, "trapezoid")
     e, ed = bivariate_expectations(act, q1, q2, rho, x, w)
-    N = 2_000_000
+    N = 400_000
     for k in range(4):
         z1, z2 = torch.randn(N, generator=g, dtype=D), torch.randn(N, generator=g, dtype=D)
         u = q1[k].sqrt() * z1
@@ -204,9 +205,8 @@ def test_op_matches_reference(mode, symmetric, dtype):
 
 
 @needs_op
-@pytest.mark.parametrize("mode", ["relu", "table"])
-def test_opcheck(mode):
-    torch.library.opcheck(torch.ops.ntk_fast.limit_kernels.default, op_args(mode, False, D),
+def test_opcheck():
+    torch.library.opcheck(torch.ops.ntk_fast.limit_kernels.default, op_args("table", False, D),
                           test_utils=("test_schema", "test_faketensor"))
 
 

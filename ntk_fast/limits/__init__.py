@@ -91,7 +91,7 @@ def limit_kernels(x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, L: int
                          "|x|); use method='exact'")
     tabulate = method == "tabulated" or (method == "auto" and equal and act.name != "relu")
     tol = table_tol if tabulate else quad_tol
-    probe = [float(q01.min()), float(q01.max()), float(q02.min()), float(q02.max()), 1.0]
+    probe = [min(float(q01.min()), float(q02.min())), max(float(q01.max()), float(q02.max()))]
     if act.name == "relu":
         nodes = weights = torch.empty(0, dtype=torch.float64)
     else:

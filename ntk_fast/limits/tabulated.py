@@ -15,8 +15,13 @@ Cost: 2 (K + 1) expectations per distinct q_l, once (m^2 evaluations each), then
 """
 from __future__ import annotations
 
+import math
+from typing import Tuple
+
 import torch
 
+from ntk_fast.ops._loader import native
+from ntk_fast.ops.limits import OP
 from ntk_fast.limits.quadrature import Activation, bivariate_expectations
 from ntk_fast.ops.reference_limits import relu_maps
 
@@ -25,6 +30,23 @@ def table_grid(K: int) -> torch.Tensor:
     """(2, K + 1) correlations of the table rows: rho = 1 - t^2 and rho = s^2 - 1 for t, s = j / K."""
     g = torch.arange(K + 1, dtype=torch.float64) / K
     return torch.stack([1.0 - g * g, g * g - 1.0])
+
+
+def _expectations_by_op(act: Activation, q: float, rho: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(E, Edot) at correlations rho and variance q through the compiled op's quadrature (C++, parallel).
+
+    One op call with L = 1 between x = sqrt(2 q) (1, 0) and y_k = sqrt(2 q) (rho_k, sqrt(1 - rho_k^2)) (d = 2, so
+    Sigma_0 = q rho_k) and bias b^2 = 2 q + 1: nngp = E, ntk = E + b^2 + Edot (q rho + b^2), whence Edot with a
+    divisor q rho + b^2 >= q + 1 (no cancellation near rho = 0 or -1)."""
+    r, b2 = math.sqrt(2.0 * q), 2.0 * q + 1.0
+    x = torch.tensor([[r, 0.0]], dtype=torch.float64)
+    y = torch.stack([r * rho, r * (1.0 - rho * rho).clamp_min(0.0).sqrt()], dim=1)
+    qa = torch.full((1, 1), q, dtype=torch.float64)
+    qb = torch.full((1, rho.numel()), q, dtype=torch.float64)
+    e, t = torch.ops.ntk_fast.limit_kernels(x, y, qa, qb, torch.empty(0, dtype=torch.float64), nodes, weights,
+                                            False, 1, act.name, act.beta, act.c, math.sqrt(b2), 0)
+    return e[0], (t[0] - e[0] - b2) / (q * rho + b2)
 
 
 def build_tables(act: Activation, q_layers: torch.Tensor, K: int, nodes: torch.Tensor, weights: torch.Tensor
@@ -46,6 +68,8 @@ def build_tables(act: Activation, q_layers: torch.Tensor, K: int, nodes: torch.T
         q = torch.full_like(rho, key)
         if act.name == "relu":
             e, ed = relu_maps(q, q, rho, act.c)
+        elif act.native and native(OP):
+            e, ed = _expectations_by_op(act, key, rho, nodes, weights)
         else:
             e, ed = bivariate_expectations(act, q, q, rho, nodes, weights)
         e, ed = e.reshape(2, K + 1), ed.reshape(2, K + 1)
