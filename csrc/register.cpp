@@ -37,4 +37,8 @@ TORCH_LIBRARY(ntk_fast, m) {
   // packed_block = T > 0, tile-packed upper triangle (P,) / (E, P) (csrc/common/packed.h).  loss: as flow_loss.  Inactive problems (active[e] = False) pass through unchanged with zero stats.
   // block: tile edge for full storage (0 = automatic).
   m.def("kernel_flow_step(Tensor theta, Tensor y, Tensor f, Tensor g, Tensor r, Tensor c, Tensor dt, Tensor active, str loss, float beta, int packed_block=0, int block=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // limit_kernels: infinite-width (nngp, ntk) of FCNet, each (n1, n2) in x1's dtype (ntk_fast/ops/reference_limits.py).
+  // q1 (L, n1), q2 (L, n2): per-layer variances; table (L, 4, K+1) equal-norm correlation maps or empty; nodes,
+  // weights (m,) quadrature rule for softplus/tanh; symmetric: x2, q2 ignored, upper tiles mirrored.
+  m.def("limit_kernels(Tensor x1, Tensor x2, Tensor q1, Tensor q2, Tensor table, Tensor nodes, Tensor weights, bool symmetric, int L, str activation, float beta, float c, float bias, int block=0) -> (Tensor, Tensor)");
 }
