@@ -25,6 +25,7 @@ from torch import nn
 
 from ntk_fast.ops import gram as _ops
 from ntk_fast.models.fc import FCNet
+from ntk_fast.ntk.padding import pad_features
 from ntk_fast.ops.reference import per_sample_jacobian
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
@@ -256,6 +257,9 @@ def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress: 
     Symmetric: panel rows [r0, r1) against columns [r0, n), then the part right of the diagonal block is
     mirrored into rows [r1, n) of columns [r0, r1): the strictly lower blocks are never computed.
     """
+    # Pad once (CUDA features whose width is not a multiple of 16 bytes), not in every op call on a panel.
+    A1, D1 = pad_features(A1), pad_features(D1)
+    A2, D2 = (A1, D1) if sym else (pad_features(A2), pad_features(D2))
     m1 = A1[0].shape[0]
     starts = range(0, m1, panel)
     if progress:

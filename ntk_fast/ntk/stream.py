@@ -35,6 +35,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ntk_fast.ntk.padding import pad_features
+
 __all__ = ["gram_streamed", "default_panel_rows"]
 
 _TILE = 128  # the CUDA tile edge; panels are multiples of it
@@ -179,6 +181,8 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     panel_rows = int(panel_rows)
     if panel_rows < 1:
         raise ValueError(f"gram_streamed: panel_rows must be >= 1, got {panel_rows}")
+    # Pad once here (CUDA features whose width is not a multiple of 16 bytes), not in every op call on a panel.
+    a1, d1, a2, d2 = (pad_features(x) for x in (a1, d1, a2, d2))
     panels = [(r0, min(n1, r0 + panel_rows)) for r0 in range(0, n1, panel_rows)]
     plan = [(r0, r1, r0 if symmetric else 0) for r0, r1 in panels]
 
