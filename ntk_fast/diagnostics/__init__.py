@@ -1,0 +1,1 @@
+"""Diagnostics of the installation (``python -m ntk_fast doctor``)."""
