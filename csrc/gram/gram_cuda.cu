@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -419,9 +420,15 @@ void launch(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1
   }
 }
 
+// The device's opt-in shared memory per block, lowered to NTK_FAST_GRAM_SMEM_LIMIT (bytes) when that is set:
+// lets one large GPU run (and test) the configurations chosen for GPUs with less shared memory.
 int smem_optin(c10::DeviceIndex device) {
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (const char* env = std::getenv("NTK_FAST_GRAM_SMEM_LIMIT")) {
+    const long long lim = std::atoll(env);
+    if (lim > 0 && lim < v) v = static_cast<int>(lim);
+  }
   return v;
 }
 
