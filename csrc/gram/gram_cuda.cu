@@ -15,6 +15,9 @@
 //                                 128 x 128 tile, 8 warps of 64 x 32;
 //   float64 (either precision):   FP64 tensor cores (WMMA m8n8k4 double = DMMA, IEEE fp64 FMA),
 //                                 64 x 64 tile, 4 warps of 32 x 32.
+// Each variant has configurations with fewer stages or 64 x 64 tiles (float32: 64 threads; tf32: 4 warps of
+// 32 x 32) for GPUs with less shared memory per block; the op picks the first that fits the device's
+// cudaDevAttrMaxSharedMemoryPerBlockOptin (table and choice in gram_plan.h).
 //
 // Shared memory layout per stage: the BM rows of the left matrix then the BM rows of the right matrix,
 // each row BK elements of K padded to LDK, chosen so that the fragment / float4 reads are free of bank
