@@ -278,7 +278,7 @@ def test_opcheck_full(dtype, precision):
 
 # Shared-memory limits of the GPU classes (bytes, opt-in per block); NTK_FAST_GRAM_SMEM_LIMIT makes a large GPU
 # run the configurations chosen for the smaller ones (csrc/gram/gram_plan.h, docs/cuda.md).
-SMEM_LIMITS = {"a100": 163 * 1024, "rtx-l4": 99 * 1024, "f64-2stage": 80 * 1024}
+SMEM_LIMITS = {"a100": 163 * 1024, "rtx-l4": 99 * 1024, "f64-2stage": 80 * 1024}  # each config once
 
 
 @pytest.mark.parametrize("limit", sorted(SMEM_LIMITS))

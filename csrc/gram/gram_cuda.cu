@@ -93,9 +93,6 @@ struct Cfg {
   using T = typename std::conditional<P.variant == gram_plan::kF64, double, float>::type;
   static constexpr int BM = P.bm, BK = P.bk, NT = P.nt, STAGES = P.stages, MINB = P.minb;
   static constexpr int LDK = P.ldk, LDC = P.ldc;
-  // WMMA variants: warps tile the block as WARPS_M x WARPS_N; fragment shapes m16n16k8 (tf32) / m8n8k4 (f64).
-  static constexpr int WARPS_M = 2, WARPS_N = NT / 64;
-  static constexpr int FM = P.variant == gram_plan::kF64 ? 8 : 16, FN = FM, FK = P.variant == gram_plan::kF64 ? 4 : 8;
 
   static_assert(sizeof(T) == P.itemsize, "table itemsize must match the element type");
   static_assert(STAGES >= 2, "the pipeline needs at least two stages");
@@ -106,10 +103,6 @@ struct Cfg {
   static_assert((2 * BM * LDK * sizeof(T)) % 32 == 0, "stage offsets 32-byte aligned (WMMA pointers)");
   static_assert(P.variant != gram_plan::kF32 || (BM % 8 == 0 && (BM / 8) * (BM / 8) == NT),
                 "SIMT: one thread per 8 x 8 outputs");
-  static_assert(P.variant == gram_plan::kF32 ||
-                    ((FM * LDK * sizeof(T)) % 32 == 0 && (FK * sizeof(T)) % 32 == 0 &&
-                     (FM * LDC * sizeof(T)) % 32 == 0 && (FN * sizeof(T)) % 32 == 0),
-                "WMMA fragment pointers must be 32-byte aligned");
 };
 
 template <class C>
@@ -214,11 +207,18 @@ template <class Cfg>
 struct WmmaCompute {
   using C = Cfg;
   using T = typename C::T;
+  // Warps tile the block as WARPS_M x WARPS_N; fragment shapes m16n16k8 (tf32) / m8n8k4 (double).
+  static constexpr bool F64 = std::is_same<T, double>::value;
+  static constexpr int WARPS_M = 2, WARPS_N = C::NT / 64;
+  static constexpr int FM = F64 ? 8 : 16, FN = FM, FK = F64 ? 4 : 8;
+  static_assert((FM * C::LDK * sizeof(T)) % 32 == 0 && (FK * sizeof(T)) % 32 == 0 &&
+                    (FM * C::LDC * sizeof(T)) % 32 == 0 && (FN * sizeof(T)) % 32 == 0,
+                "WMMA fragment pointers must be 32-byte aligned");
   using TI = typename std::conditional<std::is_same<T, float>::value, wmma::precision::tf32, double>::type;
-  static constexpr int WM = C::BM / C::WARPS_M, WN = C::BM / C::WARPS_N;
-  static constexpr int NFM = WM / C::FM, NFN = WN / C::FN;
-  static_assert(C::WARPS_M * C::WARPS_N * 32 == C::NT, "warps must tile the block");
-  using Acc = wmma::fragment<wmma::accumulator, C::FM, C::FN, C::FK, T>;
+  static constexpr int WM = C::BM / WARPS_M, WN = C::BM / WARPS_N;
+  static constexpr int NFM = WM / FM, NFN = WN / FN;
+  static_assert(WARPS_M * WARPS_N * 32 == C::NT, "warps must tile the block");
+  using Acc = wmma::fragment<wmma::accumulator, FM, FN, FK, T>;
   using Frag = Acc[NFM][NFN];
 
   static __device__ __forceinline__ void zero(Frag& g) {
@@ -230,17 +230,17 @@ struct WmmaCompute {
 
   static __device__ __forceinline__ void mma(Frag& g, const T* stage) {
     const int warp = threadIdx.x / 32;
-    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const T* X1 = stage + (wm * WM) * C::LDK;
     const T* X2 = stage + (C::BM + wn * WN) * C::LDK;
 #pragma unroll
-    for (int kk = 0; kk < C::BK; kk += C::FK) {
+    for (int kk = 0; kk < C::BK; kk += FK) {
       // All right fragments first, then one left fragment at a time (fewer live registers).
-      wmma::fragment<wmma::matrix_b, C::FM, C::FN, C::FK, TI, wmma::col_major> b[NFN];
+      wmma::fragment<wmma::matrix_b, FM, FN, FK, TI, wmma::col_major> b[NFN];
 #pragma unroll
       for (int j = 0; j < NFN; ++j) {
         // The right panel holds rows of X2, i.e. X2^T in column-major order.
-        wmma::load_matrix_sync(b[j], X2 + j * C::FN * C::LDK + kk, C::LDK);
+        wmma::load_matrix_sync(b[j], X2 + j * FN * C::LDK + kk, C::LDK);
         if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
           for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
@@ -248,8 +248,8 @@ struct WmmaCompute {
       }
 #pragma unroll
       for (int i = 0; i < NFM; ++i) {
-        wmma::fragment<wmma::matrix_a, C::FM, C::FN, C::FK, TI, wmma::row_major> a;
-        wmma::load_matrix_sync(a, X1 + i * C::FM * C::LDK + kk, C::LDK);
+        wmma::fragment<wmma::matrix_a, FM, FN, FK, TI, wmma::row_major> a;
+        wmma::load_matrix_sync(a, X1 + i * FM * C::LDK + kk, C::LDK);
         if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
           for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
@@ -264,12 +264,12 @@ struct WmmaCompute {
   // on x[]; each warp reads and writes only its own WM x WN region of the shared accumulator.
   static __device__ __forceinline__ void hadamard(T* acc, T s, const Frag& ga, const Frag& gd) {
     const int warp = threadIdx.x / 32;
-    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
 #pragma unroll
     for (int i = 0; i < NFM; ++i)
 #pragma unroll
       for (int j = 0; j < NFN; ++j) {
-        T* ptr = acc + (wm * WM + i * C::FM) * C::LDC + wn * WN + j * C::FN;
+        T* ptr = acc + (wm * WM + i * FM) * C::LDC + wn * WN + j * FN;
         Acc t;
         wmma::load_matrix_sync(t, ptr, C::LDC, wmma::mem_row_major);
 #pragma unroll
@@ -456,7 +456,7 @@ void launch_index(const std::vector<at::Tensor>& A1, const std::vector<at::Tenso
 void launch_config(int cfg, const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1,
                    const std::vector<at::Tensor>& A2, const std::vector<at::Tensor>& D2, at::ArrayRef<double> scales,
                    bool symmetric, int64_t n1, int64_t n2, at::Tensor& out, cudaStream_t stream) {
-  static_assert(gram_plan::kNumConfigs == 7, "one case per configuration");
+  static_assert(gram_plan::kNumConfigs == 6, "one case per configuration");
   switch (cfg) {
     case 0: return launch_index<0>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 1: return launch_index<1>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
@@ -464,7 +464,6 @@ void launch_config(int cfg, const std::vector<at::Tensor>& A1, const std::vector
     case 3: return launch_index<3>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 4: return launch_index<4>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 5: return launch_index<5>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
-    case 6: return launch_index<6>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     default: TORCH_CHECK(false, "gram: internal error: configuration ", cfg);
   }
 }

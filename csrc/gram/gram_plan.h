@@ -45,16 +45,17 @@ constexpr size_t smem_bytes(const TileCfg& c) {
 //   0      f32     128  16 256  3       132 KiB   H100/H200 (227 KiB), A100 (163 KiB)
 //   1      f32      64  16  64  3        48 KiB   every sm_80+ GPU (RTX 30xx/40xx, L4, L40: 99 KiB)
 //   2      tf32    128  32 256  3       174 KiB   H100/H200
-//   3      tf32    128  32 256  2       138 KiB   A100
-//   4      tf32     64  32 128  3        71 KiB   every sm_80+ GPU
-//   5      f64      64  16 128  3        93 KiB   every sm_80+ GPU
-//   6      f64      64  16 128  2        73 KiB   (smaller limits)
-constexpr int kNumConfigs = 7;
+//   3      tf32     64  32 128  3        71 KiB   every sm_80+ GPU (A100 included)
+//   4      f64      64  16 128  3        93 KiB   every sm_80+ GPU
+//   5      f64      64  16 128  2        73 KiB   (smaller limits)
+// (A 128 x 128 tf32 tile with 2 stages, 138 KiB, would fit the A100 but spills 4 bytes of registers with
+// ptxas 13.0 for sm_90, which CI refuses; a 128 x 128 one with BK = 16 and 3 stages, 126 KiB, is a candidate
+// to try where compiling is fast.)
+constexpr int kNumConfigs = 6;
 constexpr TileCfg kConfigs[kNumConfigs] = {
     {kF32, 128, 16, 256, 1, 3, 16 + 4, 128 + 16, 4},
     {kF32, 64, 16, 64, 4, 3, 16 + 4, 64 + 8, 4},
     {kTf32, 128, 32, 256, 1, 3, 32 + 4, 128 + 4, 4},
-    {kTf32, 128, 32, 256, 1, 2, 32 + 4, 128 + 4, 4},
     {kTf32, 64, 32, 128, 2, 3, 32 + 4, 64 + 4, 4},
     {kF64, 64, 16, 128, 2, 3, 16 + 4, 64 + 2, 8},
     {kF64, 64, 16, 128, 2, 2, 16 + 4, 64 + 2, 8},
