@@ -34,6 +34,13 @@ def cxx_std() -> str:
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+# GPU architectures compiled for users when TORCH_CUDA_ARCH_LIST is not set: A100 (8.0), RTX 30xx / A10 /
+# A40 (8.6), RTX 40xx / L4 / L40 (8.9), H100 / H200 (9.0), and PTX of 9.0 that the driver compiles for newer
+# GPUs (Blackwell).  cp.async and the tf32 / fp64 tensor cores need sm_80 or newer.  CI compiles 9.0 only
+# (.ci/compile_cuda.sh).
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
 def extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -42,7 +49,12 @@ def extension():
     if want_cuda():
         if torch.version.cuda is None:
             raise RuntimeError("NTK_FAST_CUDA=1 but the installed torch is a CPU-only build")
-        nvcc = ["-O3", cxx_std(), "--use_fast_math", "-lineinfo", "-DNTK_FAST_WITH_CUDA"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        # No --use_fast_math: it would flush float32 subnormals and approximate division and exp in every
+        # kernel (the "highest" Gram, the flow and solver kernels).  The one kernel meant to be fast-math,
+        # softplus_act in float32 (csrc/flow/act_cuda.cu), calls the intrinsics __expf / __fdividef itself.
+        nvcc = ["-O3", cxx_std(), "-lineinfo", "-DNTK_FAST_WITH_CUDA"]
         # Extra nvcc flags, e.g. NTK_FAST_NVCC_FLAGS="-Xptxas=-v" for the register/spill report.
         nvcc += os.environ.get("NTK_FAST_NVCC_FLAGS", "").split()
         return CUDAExtension("ntk_fast._C", cpp + cu, py_limited_api=True,

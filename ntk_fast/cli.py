@@ -1,8 +1,8 @@
 """Command line: ``python -m ntk_fast <subcommand> ...`` (``--help`` on each).
 
 Subcommands: gram (NTK Gram timing, the README's main job), train (gradient flow of the alpha-scaled net),
-kernel (frozen-kernel dynamics), sweep (grid over alpha, h and seeds), bench (the benchmark runner) and
-demo (a tiny end-to-end example on scikit-learn's digits).  Article notation: last layer over sqrt(h),
+kernel (frozen-kernel dynamics), sweep (grid over alpha, h and seeds), bench (the benchmark runner),
+demo (a tiny end-to-end example on scikit-learn's digits) and doctor (self-check of the compiled ops).  Article notation: last layer over sqrt(h),
 F = alpha (f - f0); the reference code's alpha is alpha sqrt(h) (``--alpha-sqrt-h``).
 """
 from __future__ import annotations
@@ -261,6 +261,13 @@ def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: on only when stderr is a terminal)")
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Run each compiled op on small edge-case inputs on the CPU and every GPU against its torch reference;
+    print a table (op, device, precision, max error, pass) and disable failing ops (ntk_fast/diagnostics/doctor.py)."""
+    from ntk_fast.diagnostics import doctor
+    return doctor.main(args.device or None, args.op or None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ntk_fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.set_defaults(func=cmd_demo)
+
+    dr = sub.add_parser("doctor", help="self-check of the compiled ops on this machine's CPU and GPUs",
+                        description=cmd_doctor.__doc__)
+    dr.add_argument("--device", action="append", help="device to check (repeatable; default: cpu and every GPU)")
+    dr.add_argument("--op", action="append", help="op to check (repeatable; default: all)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

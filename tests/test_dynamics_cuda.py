@@ -134,3 +134,51 @@ def test_solver_on_gpu_matches_cpu(packed):
                       block=64 if packed else None)
     assert gpu.statuses == cpu.statuses and int(gpu.steps[0]) == int(cpu.steps[0])
     torch.testing.assert_close(gpu.F_train.cpu(), cpu.F_train, rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------------------------------ issue 17: device ties and argument checks
+@pytest.mark.skipif(DEV != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_trainer_graph_on_second_device():
+    """Nets on cuda:1 while cuda:0 is current, after a graph run on cuda:0 in the same process: the captured
+    attempt must be the one of cuda:1's engine (same trajectory as without the graph)."""
+    x, y = _problem()
+    torch.cuda.set_device(0)
+
+    def run(dev, graph):
+        net = FCNet(10, 16, 2, dtype=D, device=dev, generator=torch.Generator().manual_seed(7))
+        return train(net, x.to(dev), y.to(dev), 1.0, max_steps=30, progress=False, kernel_points=0,
+                     use_cuda_graph=graph)
+    run("cuda:0", True)
+    with_graph, without = run("cuda:1", True), run("cuda:1", False)
+    assert torch.cuda.current_device() == 0
+    assert with_graph.final[0]["attempts"] == without.final[0]["attempts"]
+    for a, b in zip(with_graph.nets[0].weights, without.nets[0].weights):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA kernel argument checks")
+def test_cuda_kernels_reject_host_tensors():
+    """A raw op call with CPU tensors and one (empty) CUDA tensor reaches the CUDA kernel: it must refuse."""
+    w, g = rnd(2, 5, seed=1), rnd(2, 5, seed=2)
+    dt = torch.ones(2, dtype=D)
+    with pytest.raises(RuntimeError, match="w must be on a CUDA device"):
+        torch.ops.ntk_fast.flow_step(w, g, torch.empty(0, dtype=D, device="cuda"), dt, 0.0,
+                                     torch.empty_like(w), torch.empty(0, dtype=D, device="cuda"))
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA kernel argument checks")
+def test_kernel_flow_step_cuda_block_and_float32_loss_mean():
+    n = 130
+    th = rnd(n, n, seed=1)
+    th = (th @ th.T / n).float()
+    y = torch.where(rnd(1, n, seed=2) > 0, 1.0, -1.0).float()
+    f, g, r, c = (rnd(1, n, seed=s).float() for s in (3, 4, 5, 6))
+    dt, active = torch.full((1,), 0.1), torch.ones(1, dtype=torch.bool)
+    args = [t.to(DEV) for t in (th, y, f, g, r, c, dt, active)]
+    with pytest.raises(RuntimeError, match="block must be >= 0"):
+        torch.ops.ntk_fast.kernel_flow_step(*args, "softhinge", 20.0, 0, -1)
+    got = torch.ops.ntk_fast.kernel_flow_step(*args, "softhinge", 20.0, 0, 0)[4].cpu()
+    want = torch.ops.ntk_fast.kernel_flow_step(th, y, f, g, r, c, dt, active, "softhinge", 20.0, 0, 0)[4]
+    # stats[5] = mean l(u'): evaluated and summed in float64 on both devices from the same float32 u'.
+    torch.testing.assert_close(got[:, 5], want[:, 5], rtol=1e-6, atol=0.0)

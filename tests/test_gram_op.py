@@ -434,3 +434,51 @@ def test_fakes_registered_at_import():
             "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,precision", MODES, ids=MODE_IDS)
+def test_contiguous_but_misaligned_inputs(device, dtype, precision):
+    """Contiguous tensors whose data pointer is not 16-byte aligned (``buf[1:].view(n, 48)``): .contiguous()
+    hands them back as they are, so only the kernel's alignment check stands between them and a misaligned
+    16-byte cp.async (the test above never reaches it: its tensors are copied by .contiguous())."""
+    n, k = 150, 48
+    g = torch.Generator(device="cpu").manual_seed(6)
+    bufs = [torch.randn(n * k + 1, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(4)]
+    A = [bufs[0][1:].view(n, k), bufs[1][1:].view(n, k)]
+    D = [bufs[2][1:].view(n, k), bufs[3][1:1 + n].view(n, 1)]
+    for t in A + D:
+        assert t.is_contiguous() and t.data_ptr() % 16 != 0
+    scales = [1.0, 0.5]
+    ref = _reference(A, D, A, D, scales)
+    for symmetric in (True, False):
+        out = _gram(A, D, A, D, scales, symmetric, precision)
+        assert _rel_err(out, ref) <= tol(dtype, precision, device)
+
+
+# Shared-memory limits of the GPU classes (bytes, opt-in per block); NTK_FAST_GRAM_SMEM_LIMIT makes a large GPU
+# run the configurations chosen for the smaller ones (csrc/gram/gram_plan.h, docs/cuda.md).
+SMEM_LIMITS = {"a100": 163 * 1024, "rtx-l4": 99 * 1024, "f64-2stage": 80 * 1024}  # each config once
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("limit", sorted(SMEM_LIMITS))
+@pytest.mark.parametrize("dtype,precision", MODES, ids=MODE_IDS)
+def test_smaller_shared_memory_configurations(monkeypatch, limit, dtype, precision):
+    monkeypatch.setenv("NTK_FAST_GRAM_SMEM_LIMIT", str(SMEM_LIMITS[limit]))
+    A1, D1 = _features(300, [33, 64], [64, 1], dtype, seed=11, device="cuda")
+    A2, D2 = _features(141, [33, 64], [64, 1], dtype, seed=12, device="cuda")
+    scales = [1.0, 2.0]
+    out = _gram(A1, D1, [], [], scales, True, precision)
+    assert _rel_err(out, _reference(A1, D1, A1, D1, scales)) <= tol(dtype, precision, "cuda")
+    assert torch.equal(out, out.T)
+    out = _gram(A1, D1, A2, D2, scales, False, precision)
+    assert _rel_err(out, _reference(A1, D1, A2, D2, scales)) <= tol(dtype, precision, "cuda")
+
+
+@pytest.mark.cuda
+def test_no_configuration_fits(monkeypatch):
+    monkeypatch.setenv("NTK_FAST_GRAM_SMEM_LIMIT", str(32 * 1024))
+    A, D = _features(10, [4], [4], torch.float32, seed=13, device="cuda")
+    with pytest.raises(RuntimeError, match="no tile configuration"):
+        _gram(A, D, [], [], [1.0], True, "highest")

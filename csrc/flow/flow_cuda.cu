@@ -40,8 +40,17 @@ __global__ void step_kernel(const scalar_t* __restrict__ w, const scalar_t* __re
   }
 }
 
+// The CUDA kernels read raw device pointers: every tensor they touch must be on a CUDA device (a raw op
+// call with CPU tensors reaches this file as soon as one argument, e.g. an empty v, is on CUDA).  The shared
+// checks (flow_common.h) then tie every tensor to the first one's device.
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, " (CUDA kernel): ", name, " must be on a CUDA device, got ", t.device(),
+              "; all tensors of one call must be on the same device");
+}
+
 void flow_step_cuda(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v, const at::Tensor& dt, double tau,
                     at::Tensor w_out, at::Tensor v_out) {
+  check_cuda(w, "flow_step", "w");
   const bool momentum = check_step_args(w, g, v, dt, tau, w_out, v_out);
   const int64_t K = w.size(0), P = w.size(1);
   if (K == 0 || P == 0) return;
@@ -122,6 +131,7 @@ __global__ void stats_final(const double* part, double* out, int64_t nb) {
 }
 
 at::Tensor flow_grad_stats_cuda(const at::Tensor& g, const at::Tensor& gp) {
+  check_cuda(g, "flow_grad_stats", "g");
   check_stats_args(g, gp);
   const int64_t K = g.size(0), P = g.size(1);
   at::Tensor out = at::zeros({K, 2}, g.options().dtype(at::kDouble));
@@ -278,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_loss
     const at::Tensor& f, const at::Tensor& f0, const at::Tensor& y, const at::Tensor& F_prev, double alpha,
     double beta, c10::string_view loss_name) {
   const Loss kind = parse_loss(loss_name, "flow_loss");
+  check_cuda(f, "flow_loss", "f");
   check_loss_args(f, f0, y, F_prev, alpha, beta, kind);
   const int64_t K = f.size(0), n = f.size(1);
   TORCH_CHECK(n > 0, "flow_loss: needs at least one point");

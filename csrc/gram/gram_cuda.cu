@@ -1,4 +1,4 @@
-// CUDA kernel of ntk_fast::gram (and gram_out): a fused dual GEMM with a Hadamard epilogue.
+// CUDA kernel of ntk_fast::gram (and gram.out): a fused dual GEMM with a Hadamard epilogue.
 //
 //   out[i, j] = sum_l s_l * (D1_l[i] . D2_l[j]) * (A1_l[i] . A2_l[j])
 //
@@ -15,6 +15,9 @@
 //                                 128 x 128 tile, 8 warps of 64 x 32;
 //   float64 (either precision):   FP64 tensor cores (WMMA m8n8k4 double = DMMA, IEEE fp64 FMA),
 //                                 64 x 64 tile, 4 warps of 32 x 32.
+// Each variant has configurations with fewer stages or 64 x 64 tiles (float32: 64 threads; tf32: 4 warps of
+// 32 x 32) for GPUs with less shared memory per block; the op picks the first that fits the device's
+// cudaDevAttrMaxSharedMemoryPerBlockOptin (table and choice in gram_plan.h).
 //
 // Shared memory layout per stage: the BM rows of the left matrix then the BM rows of the right matrix,
 // each row BK elements of K padded to LDK, chosen so that the fragment / float4 reads are free of bank
@@ -40,12 +43,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "gram_common.h"
+#include "gram_plan.h"
 
 namespace ntk_fast {
 namespace {
@@ -53,7 +58,7 @@ namespace {
 using namespace nvcuda;
 
 constexpr int kMaxLayers = 16;  // layers per launch; more layers are done by further launches that accumulate
-constexpr int kGroup = 8;       // super tile edge, in tiles
+using gram_plan::kGroup;
 
 template <typename T>
 struct GramParams {
@@ -70,40 +75,42 @@ struct GramParams {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// Configurations.
-struct CfgF32 {  // SIMT float32
-  using T = float;
-  static constexpr int BM = 128, BK = 16, NT = 256, STAGES = 3, MINB = 1;
-  // Thread (ty, tx) = (tid / 16, tid % 16) reads rows tx + 16 j of the right panel as float4 at a fixed k:
-  // within an 8-thread phase the row offsets tx * 20 words fall in distinct 4-bank groups.
-  static constexpr int LDK = BK + 4;
-  // Accumulator: thread rows ty + 16 i, cols tx + 16 j; LDC = 144 = 16 mod 32 keeps a warp's two ty rows
-  // on disjoint banks.
-  static constexpr int LDC = BM + 16;
-};
+// Configurations: the constants of gram_plan::kConfigs[I] (the table, its shared-memory sizes and the choice
+// per device live in gram_plan.h, checked on the CPU by tests/test_gram_plan.py).
+//
+// SIMT float32 (kF32): thread (ty, tx) = (tid / TD, tid % TD), TD = BM / 8, owns the 8 x 8 outputs
+//   rows ty + TD i, cols tx + TD j.  It reads rows tx + TD j of the right panel as float4 at a fixed k:
+//   within an 8-thread phase the row offsets tx * LDK = tx * 20 words fall in distinct 4-bank groups.  The
+//   accumulator stride LDC = BM + TD (144 = 16 mod 32 for BM 128, 72 = 8 mod 32 for BM 64) puts the
+//   32 / TD values of ty in a warp on disjoint banks.
+// WMMA tf32 (kTf32): fragment loads read (row g, col t) with g = lane / 4, t = lane % 4: LDK = 36,
+//   36 g mod 32 = 4 g, conflict-free; LDC a multiple of 4 floats (16 bytes), as WMMA requires.
+// WMMA double (kF64, DMMA): 8-byte accesses are served per half warp (rows 0..3, cols 0..3): LDK = 20
+//   doubles = 4 mod 16 8-byte slots, conflict-free; LDC a multiple of 2 doubles (16 bytes).
+template <int I>
+struct Cfg {
+  static constexpr gram_plan::TileCfg P = gram_plan::kConfigs[I];
+  using T = typename std::conditional<P.variant == gram_plan::kF64, double, float>::type;
+  static constexpr int BM = P.bm, BK = P.bk, NT = P.nt, STAGES = P.stages, MINB = P.minb;
+  static constexpr int LDK = P.ldk, LDC = P.ldc;
 
-struct CfgTf32 {  // WMMA tf32
-  using T = float;
-  static constexpr int BM = 128, BK = 32, NT = 256, STAGES = 3, MINB = 1;
-  // Fragment loads read (row g, col t) with g = lane / 4, t = lane % 4: 36 g mod 32 = 4 g, conflict-free.
-  static constexpr int LDK = BK + 4;
-  static constexpr int LDC = BM + 4;  // multiple of 4 floats (16 bytes), as WMMA requires
-  static constexpr int WARPS_M = 2, WARPS_N = 4, FM = 16, FN = 16, FK = 8;
-};
-
-struct CfgF64 {  // WMMA double (DMMA)
-  using T = double;
-  static constexpr int BM = 64, BK = 16, NT = 128, STAGES = 3, MINB = 2;
-  // 8-byte accesses are served per half warp (rows 0..3, cols 0..3): row stride 20 doubles = 4 mod 16
-  // 8-byte slots, conflict-free.
-  static constexpr int LDK = BK + 4;
-  static constexpr int LDC = BM + 2;  // multiple of 2 doubles (16 bytes)
-  static constexpr int WARPS_M = 2, WARPS_N = 2, FM = 8, FN = 8, FK = 4;
+  static_assert(sizeof(T) == P.itemsize, "table itemsize must match the element type");
+  static_assert(STAGES >= 2, "the pipeline needs at least two stages");
+  static_assert(gram_plan::smem_bytes(P) <= size_t(gram_plan::kMaxOptinBytes), "shared memory above any GPU's limit");
+  static_assert((LDK * sizeof(T)) % 16 == 0 && (BK * sizeof(T)) % 16 == 0, "16-byte cp.async rows");
+  static_assert((LDC * sizeof(T)) % 16 == 0, "accumulator rows must be 16-byte aligned (WMMA ldm)");
+  static_assert((size_t(STAGES) * 2 * BM * LDK * sizeof(T)) % 128 == 0, "accumulator offset 128-byte aligned");
+  static_assert((2 * BM * LDK * sizeof(T)) % 32 == 0, "stage offsets 32-byte aligned (WMMA pointers)");
+  static_assert(P.variant != gram_plan::kF32 || (BM % 8 == 0 && (BM / 8) * (BM / 8) == NT),
+                "SIMT: one thread per 8 x 8 outputs");
 };
 
 template <class C>
 constexpr size_t smem_bytes() {
-  return (size_t(C::STAGES) * 2 * C::BM * C::LDK + size_t(C::BM) * C::LDC) * sizeof(typename C::T);
+  static_assert(gram_plan::smem_bytes(C::P) ==
+                    (size_t(C::STAGES) * 2 * C::BM * C::LDK + size_t(C::BM) * C::LDC) * sizeof(typename C::T),
+                "");
+  return gram_plan::smem_bytes(C::P);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -144,61 +151,13 @@ __device__ __forceinline__ void load_chunk(typename C::T* stage, const typename 
   }
 }
 
-// Walks the flattened chunk sequence: layer l, part (0: A, 1: D), chunk kc of nk.
-struct ChunkIter {
-  int l, part, kc, nk;
-};
-template <class C, typename P>
-__device__ __forceinline__ void iter_init(ChunkIter& it, const P& p) {
-  it.l = 0;
-  it.part = 0;
-  it.kc = 0;
-  it.nk = (p.k[0][0] + C::BK - 1) / C::BK;
-}
-template <class C, typename P>
-__device__ __forceinline__ void iter_next(ChunkIter& it, const P& p) {
-  if (++it.kc == it.nk) {
-    it.kc = 0;
-    if (it.part == 0) {
-      it.part = 1;
-    } else {
-      it.part = 0;
-      ++it.l;
-    }
-    if (it.l < p.L) it.nk = (p.k[it.l][it.part] + C::BK - 1) / C::BK;
-  }
-}
-
-// Block -> output tile (bi, bj); false for blocks with nothing to do.
-template <typename P>
-__device__ __forceinline__ bool map_tile(const P& p, int& bi, int& bj) {
-  const long long b = blockIdx.x;
-  const long long s = b / (kGroup * kGroup);
-  const int local = static_cast<int>(b - s * (kGroup * kGroup));
-  long long R, Cc;
-  if (p.symmetric) {
-    // s enumerates the super tiles (Cc <= R) row by row of the lower triangle; (Cc, R) is upper.
-    long long r = static_cast<long long>((sqrt(8.0 * static_cast<double>(s) + 1.0) - 1.0) * 0.5);
-    while (r > 0 && r * (r + 1) / 2 > s) --r;
-    while ((r + 1) * (r + 2) / 2 <= s) ++r;
-    R = r;
-    Cc = s - r * (r + 1) / 2;
-    bi = static_cast<int>(Cc * kGroup + local / kGroup);
-    bj = static_cast<int>(R * kGroup + local % kGroup);
-    return bj < p.tiles2 && bi <= bj;
-  }
-  R = s / p.supers2;
-  Cc = s - R * p.supers2;
-  bi = static_cast<int>(R * kGroup + local / kGroup);
-  bj = static_cast<int>(Cc * kGroup + local % kGroup);
-  return bi < p.tiles1 && bj < p.tiles2;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Tile products.
+template <class Cfg>
 struct SimtCompute {
-  using C = CfgF32;
-  using Frag = float[8][8];  // thread rows ty + 16 i, cols tx + 16 j
+  using C = Cfg;
+  static constexpr int TD = C::BM / 8;  // threads per tile edge
+  using Frag = float[8][8];             // thread rows ty + TD i, cols tx + TD j
 
   static __device__ __forceinline__ void zero(Frag& g) {
 #pragma unroll
@@ -208,17 +167,17 @@ struct SimtCompute {
   }
 
   static __device__ __forceinline__ void mma(Frag& g, const float* stage) {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int ty = threadIdx.x / TD, tx = threadIdx.x % TD;
     const float* X1 = stage + ty * C::LDK;
     const float* X2 = stage + (C::BM + tx) * C::LDK;
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 4) {
       float4 b[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = *reinterpret_cast<const float4*>(X2 + 16 * j * C::LDK + kk);
+      for (int j = 0; j < 8; ++j) b[j] = *reinterpret_cast<const float4*>(X2 + TD * j * C::LDK + kk);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const float4 a = *reinterpret_cast<const float4*>(X1 + 16 * i * C::LDK + kk);
+        const float4 a = *reinterpret_cast<const float4*>(X1 + TD * i * C::LDK + kk);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           float v = g[i][j];
@@ -233,12 +192,12 @@ struct SimtCompute {
   }
 
   static __device__ __forceinline__ void hadamard(float* acc, float s, const Frag& ga, const Frag& gd) {
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int ty = threadIdx.x / TD, tx = threadIdx.x % TD;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        float& a = acc[(ty + 16 * i) * C::LDC + tx + 16 * j];
+        float& a = acc[(ty + TD * i) * C::LDC + tx + TD * j];
         a = fmaf(s * ga[i][j], gd[i][j], a);
       }
   }
@@ -248,11 +207,18 @@ template <class Cfg>
 struct WmmaCompute {
   using C = Cfg;
   using T = typename C::T;
+  // Warps tile the block as WARPS_M x WARPS_N; fragment shapes m16n16k8 (tf32) / m8n8k4 (double).
+  static constexpr bool F64 = std::is_same<T, double>::value;
+  static constexpr int WARPS_M = 2, WARPS_N = C::NT / 64;
+  static constexpr int FM = F64 ? 8 : 16, FN = FM, FK = F64 ? 4 : 8;
+  static_assert((FM * C::LDK * sizeof(T)) % 32 == 0 && (FK * sizeof(T)) % 32 == 0 &&
+                    (FM * C::LDC * sizeof(T)) % 32 == 0 && (FN * sizeof(T)) % 32 == 0,
+                "WMMA fragment pointers must be 32-byte aligned");
   using TI = typename std::conditional<std::is_same<T, float>::value, wmma::precision::tf32, double>::type;
-  static constexpr int WM = C::BM / C::WARPS_M, WN = C::BM / C::WARPS_N;
-  static constexpr int NFM = WM / C::FM, NFN = WN / C::FN;
-  static_assert(C::WARPS_M * C::WARPS_N * 32 == C::NT, "warps must tile the block");
-  using Acc = wmma::fragment<wmma::accumulator, C::FM, C::FN, C::FK, T>;
+  static constexpr int WM = C::BM / WARPS_M, WN = C::BM / WARPS_N;
+  static constexpr int NFM = WM / FM, NFN = WN / FN;
+  static_assert(WARPS_M * WARPS_N * 32 == C::NT, "warps must tile the block");
+  using Acc = wmma::fragment<wmma::accumulator, FM, FN, FK, T>;
   using Frag = Acc[NFM][NFN];
 
   static __device__ __forceinline__ void zero(Frag& g) {
@@ -264,17 +230,17 @@ struct WmmaCompute {
 
   static __device__ __forceinline__ void mma(Frag& g, const T* stage) {
     const int warp = threadIdx.x / 32;
-    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const T* X1 = stage + (wm * WM) * C::LDK;
     const T* X2 = stage + (C::BM + wn * WN) * C::LDK;
 #pragma unroll
-    for (int kk = 0; kk < C::BK; kk += C::FK) {
+    for (int kk = 0; kk < C::BK; kk += FK) {
       // All right fragments first, then one left fragment at a time (fewer live registers).
-      wmma::fragment<wmma::matrix_b, C::FM, C::FN, C::FK, TI, wmma::col_major> b[NFN];
+      wmma::fragment<wmma::matrix_b, FM, FN, FK, TI, wmma::col_major> b[NFN];
 #pragma unroll
       for (int j = 0; j < NFN; ++j) {
         // The right panel holds rows of X2, i.e. X2^T in column-major order.
-        wmma::load_matrix_sync(b[j], X2 + j * C::FN * C::LDK + kk, C::LDK);
+        wmma::load_matrix_sync(b[j], X2 + j * FN * C::LDK + kk, C::LDK);
         if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
           for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
@@ -282,8 +248,8 @@ struct WmmaCompute {
       }
 #pragma unroll
       for (int i = 0; i < NFM; ++i) {
-        wmma::fragment<wmma::matrix_a, C::FM, C::FN, C::FK, TI, wmma::row_major> a;
-        wmma::load_matrix_sync(a, X1 + i * C::FM * C::LDK + kk, C::LDK);
+        wmma::fragment<wmma::matrix_a, FM, FN, FK, TI, wmma::row_major> a;
+        wmma::load_matrix_sync(a, X1 + i * FM * C::LDK + kk, C::LDK);
         if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
           for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
@@ -298,12 +264,12 @@ struct WmmaCompute {
   // on x[]; each warp reads and writes only its own WM x WN region of the shared accumulator.
   static __device__ __forceinline__ void hadamard(T* acc, T s, const Frag& ga, const Frag& gd) {
     const int warp = threadIdx.x / 32;
-    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
 #pragma unroll
     for (int i = 0; i < NFM; ++i)
 #pragma unroll
       for (int j = 0; j < NFN; ++j) {
-        T* ptr = acc + (wm * WM + i * C::FM) * C::LDC + wn * WN + j * C::FN;
+        T* ptr = acc + (wm * WM + i * FM) * C::LDC + wn * WN + j * FN;
         Acc t;
         wmma::load_matrix_sync(t, ptr, C::LDC, wmma::mem_row_major);
 #pragma unroll
@@ -324,7 +290,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) gram_kernel(const __grid_const
   constexpr int STAGE = 2 * C::BM * C::LDK;
 
   int bi, bj;
-  if (!map_tile(p, bi, bj)) return;
+  if (!gram_plan::map_tile(blockIdx.x, p.symmetric != 0, p.tiles1, p.tiles2, p.supers2, bi, bj)) return;
   const int row1 = bi * C::BM, row2 = bj * C::BM;
   const bool diag = p.symmetric && bi == bj;
   T* __restrict__ out = p.out;
@@ -338,18 +304,17 @@ __global__ void __launch_bounds__(C::NT, C::MINB) gram_kernel(const __grid_const
     acc[r * C::LDC + c] = v;
   }
 
-  int total = 0;
-  for (int l = 0; l < p.L; ++l) total += (p.k[l][0] + C::BK - 1) / C::BK + (p.k[l][1] + C::BK - 1) / C::BK;
+  const int total = gram_plan::total_chunks(p.k, p.L, C::BK);
 
-  ChunkIter ld, cp;
-  iter_init<C>(ld, p);
-  iter_init<C>(cp, p);
+  gram_plan::ChunkIter ld, cp;
+  gram_plan::iter_init(ld, p.k, C::BK);
+  gram_plan::iter_init(cp, p.k, C::BK);
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
     if (s < total) {
       load_chunk<C>(stages + s * STAGE, p.x1[ld.l][ld.part], p.x2[ld.l][ld.part], p.k[ld.l][ld.part],
                     ld.kc * C::BK, row1, p.n1, row2, p.n2);
-      iter_next<C>(ld, p);
+      gram_plan::iter_next(ld, p.k, p.L, C::BK);
     }
     cp_async_commit();
   }
@@ -362,7 +327,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) gram_kernel(const __grid_const
     if (nc < total) {
       load_chunk<C>(stages + (nc % C::STAGES) * STAGE, p.x1[ld.l][ld.part], p.x2[ld.l][ld.part],
                     p.k[ld.l][ld.part], ld.kc * C::BK, row1, p.n1, row2, p.n2);
-      iter_next<C>(ld, p);
+      gram_plan::iter_next(ld, p.k, p.L, C::BK);
     }
     cp_async_commit();
     const T* st = stages + (c % C::STAGES) * STAGE;
@@ -374,7 +339,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) gram_kernel(const __grid_const
       Compute::mma(gd, st);
       if (cp.kc == cp.nk - 1) Compute::hadamard(acc, static_cast<T>(p.scale[cp.l]), ga, gd);
     }
-    iter_next<C>(cp, p);
+    gram_plan::iter_next(cp, p.k, p.L, C::BK);
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -399,16 +364,18 @@ __global__ void __launch_bounds__(C::NT, C::MINB) gram_kernel(const __grid_const
 
 // ---------------------------------------------------------------------------------------------------
 // Host side.
-// Contiguous, 16-byte aligned, width a positive multiple of 16 bytes (zero columns appended if needed).
+// Contiguous, 16-byte aligned, width a positive multiple of 16 bytes (gram_plan::padded_width; zero columns
+// appended).  Returns t itself when it already is all that, else one copy (from any strides).  Callers that
+// call the op many times on row slices of the same features (panels: ntk_fast/ntk/stream.py, the panels of
+// ntk_fast/ntk/empirical.py) pad once beforehand with ntk_fast.ntk.padding.pad_features, so that every slice
+// passes through here without a copy.
 at::Tensor prepare(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  const int64_t vec = 16 / static_cast<int64_t>(c.element_size());
-  const int64_t K = c.size(1);
-  const bool aligned = reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
-  if (K > 0 && K % vec == 0 && aligned) return c;
-  const int64_t Kp = std::max<int64_t>(vec, (K + vec - 1) / vec * vec);
-  at::Tensor padded = at::zeros({c.size(0), Kp}, c.options());
-  if (K > 0) padded.narrow(1, 0, K).copy_(c);
+  const int64_t K = t.size(1);
+  const int64_t Kp = gram_plan::padded_width(K, static_cast<int>(t.element_size()));
+  if (Kp == K && t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  at::Tensor padded = at::empty({t.size(0), Kp}, t.options());
+  if (Kp > K) padded.narrow(1, K, Kp - K).zero_();
+  if (K > 0) padded.narrow(1, 0, K).copy_(t);
   return padded;
 }
 
@@ -421,12 +388,11 @@ void launch(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1
   constexpr size_t smem = smem_bytes<C>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 
-  const int64_t t1 = (n1 + C::BM - 1) / C::BM, t2 = (n2 + C::BM - 1) / C::BM;
-  const int64_t s1 = (t1 + kGroup - 1) / kGroup, s2 = (t2 + kGroup - 1) / kGroup;
-  const int64_t supers = symmetric ? s2 * (s2 + 1) / 2 : s1 * s2;
-  const int64_t blocks = supers * kGroup * kGroup;
+  const gram_plan::Grid grid = gram_plan::grid_for(n1, n2, C::BM, symmetric);
+  const int64_t blocks = grid.blocks;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "gram: n1 = ", n1, ", n2 = ", n2,
-              " needs too many thread blocks for one launch; compute it in panels (ntk_fast.gram_stream)");
+              " needs too many thread blocks for one launch; compute it in panels (ntk_fast.ntk.stream.gram_streamed)");
+  const int64_t t1 = grid.tiles1, t2 = grid.tiles2, s2 = grid.supers2;
 
   const int64_t L = static_cast<int64_t>(A1.size());
   for (int64_t g0 = 0; g0 < L; g0 += kMaxLayers) {
@@ -454,6 +420,51 @@ void launch(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1
     p.os1 = out.stride(1);
     kernel<<<static_cast<unsigned>(blocks), C::NT, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The device's opt-in shared memory per block, lowered to NTK_FAST_GRAM_SMEM_LIMIT (bytes) when that is set:
+// lets one large GPU run (and test) the configurations chosen for GPUs with less shared memory.
+int smem_optin(c10::DeviceIndex device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (const char* env = std::getenv("NTK_FAST_GRAM_SMEM_LIMIT")) {
+    const long long lim = std::atoll(env);
+    if (lim > 0 && lim < v) v = static_cast<int>(lim);
+  }
+  return v;
+}
+
+size_t smallest_smem(int variant) {
+  size_t m = 0;
+  for (int i = 0; i < gram_plan::kNumConfigs; ++i)
+    if (gram_plan::kConfigs[i].variant == variant) m = m == 0 ? gram_plan::smem_bytes(gram_plan::kConfigs[i])
+                                                              : std::min(m, gram_plan::smem_bytes(gram_plan::kConfigs[i]));
+  return m;
+}
+
+template <int I>
+void launch_index(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1,
+                  const std::vector<at::Tensor>& A2, const std::vector<at::Tensor>& D2, at::ArrayRef<double> scales,
+                  bool symmetric, int64_t n1, int64_t n2, at::Tensor& out, cudaStream_t stream) {
+  using C = Cfg<I>;
+  using Compute = typename std::conditional<C::P.variant == gram_plan::kF32, SimtCompute<C>, WmmaCompute<C>>::type;
+  launch<C, Compute>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+}
+
+// Runs configuration `cfg` (an index into gram_plan::kConfigs).
+void launch_config(int cfg, const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1,
+                   const std::vector<at::Tensor>& A2, const std::vector<at::Tensor>& D2, at::ArrayRef<double> scales,
+                   bool symmetric, int64_t n1, int64_t n2, at::Tensor& out, cudaStream_t stream) {
+  static_assert(gram_plan::kNumConfigs == 6, "one case per configuration");
+  switch (cfg) {
+    case 0: return launch_index<0>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 1: return launch_index<1>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 2: return launch_index<2>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 3: return launch_index<3>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 4: return launch_index<4>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 5: return launch_index<5>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    default: TORCH_CHECK(false, "gram: internal error: configuration ", cfg);
   }
 }
 
@@ -499,13 +510,15 @@ void gram_out_cuda(at::TensorList a1, at::TensorList d1, const OptList& a2_, con
       D2.push_back(prepare(d2[l]));
     }
   }
-  if (a1[0].scalar_type() == at::kDouble) {
-    launch<CfgF64, WmmaCompute<CfgF64>>(A1, D1, A2, D2, scales, symmetric, s.n1, s.n2, out, stream);
-  } else if (precision == "tf32") {
-    launch<CfgTf32, WmmaCompute<CfgTf32>>(A1, D1, A2, D2, scales, symmetric, s.n1, s.n2, out, stream);
-  } else {
-    launch<CfgF32, SimtCompute>(A1, D1, A2, D2, scales, symmetric, s.n1, s.n2, out, stream);
-  }
+  const int variant = a1[0].scalar_type() == at::kDouble ? gram_plan::kF64
+                      : precision == "tf32"                 ? gram_plan::kTf32
+                                                            : gram_plan::kF32;
+  const int optin = smem_optin(dev.index());
+  const int cfg = gram_plan::choose_config(variant, optin);
+  TORCH_CHECK(cfg >= 0, "gram: no tile configuration of the CUDA kernel fits in the ", optin,
+              " bytes of shared memory per block of ", dev, " (", at::cuda::getDeviceProperties(dev.index())->name,
+              "); the smallest needs ", smallest_smem(variant), " bytes");
+  launch_config(cfg, A1, D1, A2, D2, scales, symmetric, s.n1, s.n2, out, stream);
 }
 
 at::Tensor gram_cuda(at::TensorList a1, at::TensorList d1, const OptList& a2_, const OptList& d2_,

@@ -1,6 +1,7 @@
 // CUDA kernel of ntk_fast::kernel_flow_step (semantics in kernel_flow_cpu.cpp / reference_kernel.py).
 //
-// 1. elementwise kernel: f' = f - dt g, r' = l'(y f') y, c' = c + dt r / n, u' = y f', l(u') (active rows);
+// 1. elementwise kernel: f' = f - dt g, r' = l'(y f') y, c' = c + dt r / n, u' = y f', l(u') (active rows;
+//    l(u') is evaluated and averaged in float64 for either dtype, as on the CPU);
 // 2. symmetric product: one thread block per upper tile (I <= J) of Theta (full or tile-packed storage); the
 //    64 x 64 tile is staged in shared memory once and used for every problem sharing it: row sums
 //    Theta_IJ r_J -> g_I and, off the diagonal, column sums Theta_IJ^T r_I -> g_J, accumulated with atomicAdd
@@ -26,7 +27,7 @@ __global__ void elementwise_kernel(const S* __restrict__ y, const S* __restrict_
                                    const S* __restrict__ r, const S* __restrict__ c, const S* __restrict__ dt,
                                    const bool* __restrict__ active, int64_t n, Loss kind, S beta, S inv_n,
                                    S* __restrict__ fn, S* __restrict__ rn, S* __restrict__ cn, S* __restrict__ u_out,
-                                   S* __restrict__ l_out) {
+                                   double* __restrict__ l_out) {
   const int64_t e = blockIdx.y;
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -36,7 +37,7 @@ __global__ void elementwise_kernel(const S* __restrict__ y, const S* __restrict_
     rn[k] = r[k];
     cn[k] = c[k];
     u_out[k] = S(0);
-    l_out[k] = S(0);
+    l_out[k] = 0.0;
     return;
   }
   const S d = dt[e];
@@ -48,7 +49,9 @@ __global__ void elementwise_kernel(const S* __restrict__ y, const S* __restrict_
   rn[k] = dl;
   cn[k] = c[k] + d * r[k] * inv_n;
   u_out[k] = u;
-  l_out[k] = l;
+  double ld, dld;  // the loss value in double, as the CPU kernel
+  loss_and_grad<double>(kind, static_cast<double>(beta), static_cast<double>(fi), static_cast<double>(y[k]), ld, dld);
+  l_out[k] = ld;
 }
 
 // grid: (nt, nt, number of kernels); blocks with bj < bi exit.  prob: active problem ids (np of them);
@@ -118,7 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
     const at::Tensor& theta_, const at::Tensor& y_, const at::Tensor& f_, const at::Tensor& g_,
     const at::Tensor& r_, const at::Tensor& c_, const at::Tensor& dt_, const at::Tensor& active_,
     c10::string_view loss, double beta, int64_t packed_block, int64_t block) {
+  TORCH_CHECK(f_.is_cuda(), "kernel_flow_step (CUDA kernel): f must be on a CUDA device, got ", f_.device(),
+              "; all tensors of one call must be on the same device");
   const FlowShape s = check_flow_args(theta_, y_, f_, g_, r_, c_, dt_, active_, packed_block);
+  TORCH_CHECK(block >= 0, "kernel_flow_step: block must be >= 0, got ", block);
   const Loss kind = parse_loss(loss, "kernel_flow_step");
   const c10::cuda::CUDAGuard guard(f_.device());
   const at::Tensor theta = theta_.contiguous(), y = y_.contiguous(), f = f_.contiguous(), g = g_.contiguous(),
@@ -128,10 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
   const int64_t T = packed_block > 0 ? packed_block : TILE;
   TORCH_CHECK(T == TILE, "kernel_flow_step (CUDA): the tile edge must be ", TILE, " (packed_block ", packed_block,
               ")");
-  (void)block;
+  // block is the CPU's tile hint (validated above like the CPU does); the GPU's tile edge is TILE.
   at::Tensor fn = at::empty_like(f), rn = at::empty_like(f), cn = at::empty_like(f);
   at::Tensor gn = at::zeros_like(f);
-  at::Tensor u = at::empty_like(f), lu = at::empty_like(f);
+  at::Tensor u = at::empty_like(f), lu = at::empty_like(f, f.options().dtype(at::kDouble));
   at::Tensor prob = at::nonzero(active).flatten().to(at::kLong);  // syncs once (small)
   const int np = (int)prob.numel();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -142,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
         y.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
         c.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), active.data_ptr<bool>(), n, kind, (scalar_t)beta, inv_n,
         fn.data_ptr<scalar_t>(), rn.data_ptr<scalar_t>(), cn.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-        lu.data_ptr<scalar_t>());
+        lu.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (np > 0) {
       const int64_t nt = (n + T - 1) / T;
@@ -158,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel_fl
   gn = at::where(act2, gn, g);
   const at::Tensor g64 = g.to(at::kDouble), gn64 = gn.to(at::kDouble), dt64 = dt.to(at::kDouble);
   at::Tensor stats = at::stack({g64.square().sum(1), gn64.square().sum(1), (g64 - gn64).square().sum(1),
-                                dt64 * g64.abs().amax(1), u.to(at::kDouble).amin(1), lu.to(at::kDouble).mean(1),
+                                dt64 * g64.abs().amax(1), u.to(at::kDouble).amin(1), lu.mean(1),
                                 gn64.abs().amax(1)},
                                1);
   stats = at::where(act2, stats, at::zeros_like(stats));

@@ -136,11 +136,14 @@ class FlowEngine:
         """One trial step with per-net dt (0 freezes a net); returns the (K, 6) report on the host."""
         pb, pt = self.base, 1 - self.base
         if self.use_graph:
-            self._dt_host.copy_(torch.from_numpy(dts))
-            self.dt.copy_(self._dt_host, non_blocking=True)
-            if pt not in self.graphs:
-                self._capture()
-            self.graphs[pt].replay()
+            # Under the engine's device: replay launches on the current device's current stream, and the
+            # nets may live on cuda:1 while cuda:0 is current.
+            with torch.cuda.device(self.device):
+                self._dt_host.copy_(torch.from_numpy(dts))
+                self.dt.copy_(self._dt_host, non_blocking=True)
+                if pt not in self.graphs:
+                    self._capture()
+                self.graphs[pt].replay()
         else:
             self.dt.copy_(torch.from_numpy(dts))
             self._attempt_ops(pb, pt)
@@ -148,20 +151,29 @@ class FlowEngine:
 
     def _capture(self) -> None:
         """Capture the attempt for both buffer parities (CUDA only).  Warm-up runs only the current parity,
-        which writes into the trial buffers (scratch at this point); capturing does not execute."""
+        which writes into the trial buffers (scratch at this point); capturing does not execute.
+
+        Everything is tied to the engine's device: the current device is set to it and the warm-up and
+        capture streams are streams of it (``torch.cuda.graph``'s default capture stream is created once per
+        process on whichever device was current then, so it is not used).  Otherwise, with the nets on
+        cuda:1 (or after training on cuda:0), the ops, which guard to their tensors' device, would run
+        eagerly during "capture" and overwrite the base buffers, and the graphs would be empty."""
         pb, pt = self.base, 1 - self.base
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            self._attempt_ops(pb, pt)
-        torch.cuda.current_stream().wait_stream(s)
-        pool = None
-        for p_t in (pt, pb):
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr, pool=pool):
-                self._attempt_ops(1 - p_t, p_t)
-            pool = gr.pool()
-            self.graphs[p_t] = gr
+        dev = self.device
+        with torch.cuda.device(dev):
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                self._attempt_ops(pb, pt)
+            torch.cuda.current_stream(dev).wait_stream(s)
+            capture_stream = torch.cuda.Stream(dev)
+            pool = None
+            for p_t in (pt, pb):
+                gr = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(gr, pool=pool, stream=capture_stream):
+                    self._attempt_ops(1 - p_t, p_t)
+                pool = gr.pool()
+                self.graphs[p_t] = gr
 
     def commit(self, accepted: np.ndarray, active: np.ndarray) -> None:
         """Make the accepted trials the state.  All (active) accept: swap parity; none: keep; mixed: copy the

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ntk_fast.models.fc import FCNet
+from ntk_fast.ntk.padding import pad_features
 from ntk_fast.ntk.panels import mirror_in_place, row_panels
 from ntk_fast.ntk.stream import gram_streamed
 from ntk_fast.ops import gram as _ops
@@ -268,6 +269,9 @@ def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
 def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress, precision: str) -> None:
     """Row panels of the Gram written into out one after another (each panel is one op call;
     ntk_fast.ntk.panels: the strictly lower blocks of a symmetric Gram are mirrored, never computed)."""
+    # Pad once (CUDA features whose width is not a multiple of 16 bytes), not in every op call on a panel.
+    A1, D1 = pad_features(A1), pad_features(D1)
+    A2, D2 = (A1, D1) if sym else (pad_features(A2), pad_features(D2))
     panels = row_panels(A1[0].shape[0], panel, sym)
     bar = progress_bar(progress, total=len(panels), desc="ntk", unit="panel")
     for p in panels:

@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ntk_fast.ntk.padding import pad_features
 from ntk_fast.ntk.panels import Panel, row_panels, store_panel
 from ntk_fast.ops import gram as gram_ops
 from ntk_fast.ops._loader import native, use_reference
@@ -168,6 +169,8 @@ def gram_streamed(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     panel_rows = int(panel_rows)
     if panel_rows < 1:
         raise ValueError(f"gram_streamed: panel_rows must be >= 1, got {panel_rows}")
+    # Pad once here (CUDA features whose width is not a multiple of 16 bytes), not in every op call on a panel.
+    a1, d1, a2, d2 = (None if x is None else pad_features(x) for x in (a1, d1, a2, d2))
     plan = row_panels(n1, panel_rows, symmetric)
     bar = progress_bar(progress, total=len(plan), desc="gram panels", unit="panel")
 

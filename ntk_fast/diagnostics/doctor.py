@@ -1,0 +1,248 @@
+"""Self-check of the compiled ops on this machine: ``python -m ntk_fast doctor``.
+
+Each op of ``ntk_fast._C`` runs on small random inputs with edge cases (widths of one column, sizes that are
+not multiples of the GPU tiles, saturating activations) on every device (the CPU and each visible CUDA GPU)
+and in each precision, and is compared with its pure-torch reference evaluated in float64 on the CPU.  The
+error reported is normwise relative,
+
+    err = max |got - ref| / max(max |ref|, tiny),
+
+against a tolerance per precision (float64 1e-10, float32 1e-4, tf32 5e-3; docs/cuda.md gives the error
+bounds these sit well above).  An op that fails anywhere (wrong values or an exception) is disabled for the
+rest of the process with ``ntk_fast.ops._loader.disable``, so that its wrappers use the reference; the
+table and ``_loader.status()`` say which.  Cost: milliseconds per op and device.
+
+Without a GPU only the CPU ops are checked (and the report says so).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ntk_fast.ops import _loader
+from ntk_fast.ops import reference as ref_flow
+from ntk_fast.ops.reference import gram_reference
+from ntk_fast.ops.packed import pack_symmetric
+from ntk_fast.ops.reference import kernel_flow_step_ref
+
+__all__ = ["CheckResult", "run_checks", "format_table", "main", "OPS"]
+
+F64 = torch.float64
+TOL = {"float64": 1e-10, "float32": 1e-4, "tf32": 5e-3}
+
+
+@dataclass
+class CheckResult:
+    op: str
+    device: str
+    precision: str          # "float64", "float32" or "tf32"
+    max_err: float          # normwise relative error (NaN when the op raised or is missing)
+    tol: float
+    passed: bool
+    note: str = ""          # exception text, or "missing"
+
+
+def _native(op: str):
+    """The registered op ``torch.ops.ntk_fast.<op>`` (a hook for the tests)."""
+    return getattr(torch.ops.ntk_fast, op)
+
+
+def _rel_err(pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Largest normwise relative error over (got, ref) pairs, in float64 on the CPU."""
+    worst = 0.0
+    for got, ref in pairs:
+        g, r = got.detach().to("cpu", F64), ref.detach().to("cpu", F64)
+        if g.shape != r.shape:
+            return math.inf
+        if not torch.equal(torch.isfinite(g), torch.isfinite(r)):
+            return math.inf
+        fin = torch.isfinite(r)
+        if not fin.any():
+            continue
+        scale = max(float(r[fin].abs().max()), 1e-300)
+        worst = max(worst, float((g[fin] - r[fin]).abs().max()) / scale)
+    return worst
+
+
+def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+# ------------------------------------------------------------------------------------------------ the checks
+# Each takes (device, dtype, precision, gen) and returns the (got, reference) pairs.
+
+def _check_gram(dev, dtype, precision, gen):
+    n1, n2 = 37, 19                      # not multiples of the 64 / 128 tiles
+    fans = [(5, 7), (7, 1), (3, 13)]     # a width-1 D (the last layer), widths not multiples of 16 bytes
+    scales = [0.5, 1.0, 2.0]
+    A1 = [_rand(gen, n1, a) for a, _ in fans]
+    D1 = [_rand(gen, n1, d) for _, d in fans]
+    A2 = [_rand(gen, n2, a) for a, _ in fans]
+    D2 = [_rand(gen, n2, d) for _, d in fans]
+    on = [[t.to(dev, dtype) for t in lst] for lst in (A1, D1, A2, D2)]
+    # The reference from the same (rounded) inputs, in float64.
+    rA1, rD1, rA2, rD2 = ([t.to(F64).cpu() for t in lst] for lst in on)
+    op = _native("gram")
+    sym = op(on[0], on[1], None, None, scales, 0, precision)
+    non = op(on[0], on[1], on[2], on[3], scales, 0, precision)
+    return [(sym, gram_reference(rA1, rD1, None, None, scales)),
+            (non, gram_reference(rA1, rD1, rA2, rD2, scales))]
+
+
+def _check_flow_step(dev, dtype, precision, gen):
+    K, P = 3, 1001
+    pairs = []
+    for tau in (0.0, 0.37):
+        w, g, v = (_rand(gen, K, P).to(dtype) for _ in range(3))
+        dt = torch.rand(K, generator=gen, dtype=F64).to(dtype)
+        w_out, v_out = torch.empty_like(w, device=dev), torch.empty_like(v, device=dev)
+        vin = v.to(dev) if tau > 0 else torch.empty(0, dtype=dtype, device=dev)
+        vo = v_out if tau > 0 else torch.empty(0, dtype=dtype, device=dev)
+        _native("flow_step")(w.to(dev), g.to(dev), vin, dt.to(dev), tau, w_out, vo)
+        rw, rv = torch.empty_like(w, dtype=F64), torch.empty_like(w, dtype=F64)
+        ref_flow.flow_step(w.double(), g.double(), v.double() if tau > 0 else None, dt.double(), tau, rw, rv)
+        pairs.append((w_out, rw))
+        if tau > 0:
+            pairs.append((v_out, rv))
+    return pairs
+
+
+def _check_flow_grad_stats(dev, dtype, precision, gen):
+    g, gp = _rand(gen, 2, 777).to(dtype), _rand(gen, 2, 777).to(dtype)
+    got = _native("flow_grad_stats")(g.to(dev), gp.to(dev))
+    return [(got, ref_flow.flow_grad_stats(g.double(), gp.double()))]
+
+
+def _check_flow_loss(dev, dtype, precision, gen):
+    K, n = 2, 515
+    pairs = []
+    for kind in ("softhinge", "qhinge", "hinge", "mse"):
+        f, f0, Fp = (_rand(gen, K, n).to(dtype) for _ in range(3))
+        y = torch.where(_rand(gen, n) > 0, 1.0, -1.0).to(dtype) if kind != "mse" else _rand(gen, n).to(dtype)
+        got = _native("flow_loss")(f.to(dev), f0.to(dev), y.to(dev), Fp.to(dev), 0.7, 20.0, kind)
+        want = ref_flow.flow_loss(f.double(), f0.double(), y.double(), Fp.double(), 0.7, 20.0, kind)
+        pairs += list(zip(got, want))
+    return pairs
+
+
+def _check_softplus_act(dev, dtype, precision, gen):
+    z = (_rand(gen, 33, 65) * 4).to(dtype)
+    z.view(-1)[:4] = torch.tensor([0.0, 200.0, -200.0, 30.0], dtype=dtype)   # saturation, both tails
+    a, s = z.to(dev, copy=True), torch.empty(z.shape, dtype=dtype, device=dev)
+    _native("softplus_act")(a, s, 5.0, 0.3)
+    ra, rs = z.double().clone(), torch.empty(z.shape, dtype=F64)
+    ref_flow.softplus_act(ra, rs, 5.0, 0.3)
+    return [(a, ra), (s, rs)]
+
+
+def _check_kernel_flow_step(dev, dtype, precision, gen):
+    E, n = 3, 70                         # n not a multiple of the 64 tile
+    A = _rand(gen, n, n + 3)
+    K = A @ A.T / n
+    pairs = []
+    for pb in (0, 64):
+        theta = (pack_symmetric(K, pb) if pb else K).to(dtype)
+        y = torch.where(_rand(gen, E, n) > 0, 1.0, -1.0).to(dtype)
+        f, g, r, c = (_rand(gen, E, n).to(dtype) for _ in range(4))
+        dt = torch.rand(E, generator=gen, dtype=F64).to(dtype)
+        active = torch.tensor([True, False, True])
+        args = [t.to(dev) for t in (theta, y, f, g, r, c, dt, active)]
+        got = _native("kernel_flow_step")(*args, "softhinge", 20.0, pb, 0)
+        want = kernel_flow_step_ref(*(t.double() if t.is_floating_point() else t
+                                      for t in (theta, y, f, g, r, c, dt, active)), "softhinge", 20.0, pb)
+        pairs += list(zip(got, want))
+    return pairs
+
+
+# op -> (check, precisions); precision names map to (dtype, the op's precision argument).
+OPS: Dict[str, Tuple[Callable, Sequence[str]]] = {
+    "gram": (_check_gram, ("float64", "float32", "tf32")),
+    "flow_step": (_check_flow_step, ("float64", "float32")),
+    "flow_grad_stats": (_check_flow_grad_stats, ("float64", "float32")),
+    "flow_loss": (_check_flow_loss, ("float64", "float32")),
+    "softplus_act": (_check_softplus_act, ("float64", "float32")),
+    "kernel_flow_step": (_check_kernel_flow_step, ("float64", "float32")),
+}
+_PREC = {"float64": (torch.float64, "highest"), "float32": (torch.float32, "highest"),
+         "tf32": (torch.float32, "tf32")}
+
+
+def default_devices() -> List[torch.device]:
+    """The CPU and every visible CUDA GPU."""
+    devs = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devs += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devs
+
+
+def run_checks(devices: Optional[Sequence[torch.device]] = None, ops: Optional[Sequence[str]] = None, *,
+               disable_failing: bool = True, seed: int = 0) -> List[CheckResult]:
+    """Check every op (or ``ops``) on every device (default: the CPU and each GPU) in each precision.
+
+    Ops that fail anywhere are disabled with ``_loader.disable`` when ``disable_failing``.
+    """
+    devices = default_devices() if devices is None else [torch.device(d) for d in devices]
+    results: List[CheckResult] = []
+    for op in (ops or list(OPS)):
+        check, precisions = OPS[op]
+        for dev in devices:
+            for prec in precisions:
+                if prec == "tf32" and dev.type != "cuda":
+                    continue                     # tf32 is a CUDA precision; on the CPU it equals float32
+                results.append(_run_one(op, check, dev, prec, seed))
+    if disable_failing:
+        for r in results:
+            if not r.passed and r.note != "missing":
+                _loader.disable(r.op, f"self-check failed on {r.device} ({r.precision}): "
+                                      f"{r.note or f'max error {r.max_err:.2e} > {r.tol:.0e}'}")
+    return results
+
+
+def _run_one(op: str, check: Callable, dev: torch.device, prec: str, seed: int) -> CheckResult:
+    tol = TOL[prec]
+    if not _loader.registered(op):
+        return CheckResult(op, str(dev), prec, math.nan, tol, False, "missing")
+    dtype, precision = _PREC[prec]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        err = _rel_err(check(dev, dtype, precision, gen))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)          # surface asynchronous kernel faults here
+    except Exception as exc:                     # noqa: BLE001 - any failure of the op is reported
+        return CheckResult(op, str(dev), prec, math.nan, tol, False, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return CheckResult(op, str(dev), prec, err, tol, err <= tol)
+
+
+def format_table(results: Sequence[CheckResult]) -> str:
+    rows = [("op", "device", "precision", "max error", "tolerance", "result")]
+    for r in results:
+        verdict = "missing" if r.note == "missing" else ("pass" if r.passed else "FAIL")
+        err = "-" if math.isnan(r.max_err) else f"{r.max_err:.1e}"
+        rows.append((r.op, r.device, r.precision, err, f"{r.tol:.0e}", verdict + ("" if r.passed or r.note in (
+            "", "missing") else f" ({r.note[:80]})")))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
+
+
+def main(devices: Optional[Sequence[str]] = None, ops: Optional[Sequence[str]] = None) -> int:
+    """Print the table and the ops' status; 0 when every check passed, 1 otherwise."""
+    if not _loader.extension_available():
+        print(f"ntk_fast._C could not be loaded ({_loader.LOAD_ERROR}); every op runs its pure-torch reference.")
+        return 1
+    if devices is None and not torch.cuda.is_available():
+        print("no CUDA GPU visible to torch: checking the CPU ops only")
+    results = run_checks(devices, ops)
+    print(format_table(results))
+    status = _loader.status()
+    for op in {r.op for r in results}:
+        status.setdefault(op, "native" if _loader.native(op) else "missing")
+    print("\nop status in this process:")
+    for op in sorted(status):
+        print(f"  {op}: {status[op]}")
+    bad = [r for r in results if not r.passed]
+    if bad:
+        print(f"\n{len(bad)} check(s) failed; failing ops are disabled (their torch reference is used).")
+    return 1 if bad else 0
