@@ -11,8 +11,9 @@ ADAM/SGD) the minimised loss is
     hinge       relu(1 - u)                        1/alpha      {-1, +1}     yes
     mse         0.5 (F - y)^2                      1/alpha^2    real         only when every y is -1 or +1
 
-softhinge and qhinge are those of the fused FC trainer (:mod:`ntk_fast.dynamics.losses`, same functions), so the
-generic flow minimises the same L as :func:`ntk_fast.dynamics.trainer.train`.
+The per-point losses are those of :mod:`ntk_fast.dynamics.losses` (one definition, also the fused FC trainer's
+and the C++ ops'), so the generic flow minimises the same L as :func:`ntk_fast.dynamics.trainer.train`; this
+module adds the prefactor c(alpha) and the label rule.
 
 ``hinge`` is the loss of the paper's ADAM runs.  Reference code (feature_lazy, article:main_adam.py) next to this
 one, in its own units (alpha_code, f_code with the 1/h readout, F_code = f_code - f0_code)::
@@ -25,9 +26,6 @@ paper's CNN with its 1/h readout).  For a model with a 1/sqrt(h) readout (FCNet)
 f_code means alpha = alpha_code / sqrt(h) and the prefactor differs from the reference's by sqrt(h): ADAM is
 invariant to a constant factor of the loss up to its eps, so only the time units (and eps) notice.
 ``loss_prefactor`` overrides c(alpha).
-
-(The lead is extending :mod:`ntk_fast.dynamics.losses`; ``hinge`` and the real-target ``mse`` live here until
-that module has them.)
 """
 from __future__ import annotations
 
@@ -36,12 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ntk_fast.dynamics.losses import qhinge, softhinge
-
-
-def hinge(u: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """relu(1 - u) (beta unused)."""
-    return torch.relu(1.0 - u)
+from ntk_fast.dynamics.losses import loss_value
 
 
 @dataclass(frozen=True)
@@ -52,19 +45,15 @@ class LossSpec:
     margin_labels: bool                                                       # labels must be +-1
 
 
-def _margin(fn):
-    return lambda F, y, beta: fn(y * F, beta)
-
-
-def _mse(F: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    return 0.5 * (F - y) ** 2
+def _per_point(name: str):
+    return lambda F, y, beta: loss_value(name, F, y, beta)
 
 
 SPECS = {
-    "softhinge": LossSpec("softhinge", _margin(softhinge), 2, True),
-    "qhinge": LossSpec("qhinge", _margin(qhinge), 2, True),
-    "hinge": LossSpec("hinge", _margin(hinge), 1, True),
-    "mse": LossSpec("mse", _mse, 2, False),
+    "softhinge": LossSpec("softhinge", _per_point("softhinge"), 2, True),
+    "qhinge": LossSpec("qhinge", _per_point("qhinge"), 2, True),
+    "hinge": LossSpec("hinge", _per_point("hinge"), 1, True),
+    "mse": LossSpec("mse", _per_point("mse"), 2, False),
 }
 GENERIC_LOSSES = tuple(SPECS)
 
