@@ -14,7 +14,8 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from ntk_fast.dynamics import observables as obs
 from ntk_fast.dynamics.generic.functional import FlatEnsemble
 from ntk_fast.dynamics.generic.losses import LossSpec, check_labels, is_pm1
-from ntk_fast.dynamics.results import atomic_save, atomic_write_json, load_checkpoint, stem_of
+from ntk_fast.dynamics.results import DynamicsResult, atomic_save, load_checkpoint, stem_of
 from ntk_fast.dynamics.trainer import FlowResult
 
 CKPT_VERSION = 1
@@ -184,27 +185,32 @@ class Run:
             finals.append(fin)
         nets = [self.ens.load_into(copy.deepcopy(m), W[k]) for k, m in enumerate(self.models)]
         statuses = list(S["status"])
-        return GenericResult(overall_status(statuses), statuses, self.history, nets, finals, ens, outputs, config)
+        history = [[r for r in self.history if r["net"] == k] for k in range(self.K)]
+        t = torch.tensor([float(f.get("t", 0.0)) for f in finals], dtype=torch.float64)
+        steps = torch.tensor([int(f.get("step", 0)) for f in finals], dtype=torch.int64)
+        attempts = torch.tensor([int(f.get("attempts", f.get("step", 0))) for f in finals], dtype=torch.int64)
+        return GenericResult(status=overall_status(statuses), statuses=statuses, F_train=F,
+                             F_test=outputs.get("test"), t=t, steps=steps, attempts=attempts, history=history,
+                             final=finals, config=config, nets=nets, f0_train=outputs["f0_train"],
+                             f0_test=outputs.get("f0_test"), ensemble=ens)
 
 
 @dataclass
 class GenericResult(FlowResult):
-    """:class:`~ntk_fast.dynamics.trainer.FlowResult` of the generic trainer: same fields; ``nets`` are copies of the
-    given modules holding the trained parameters.  ``save`` writes the state dicts (load them back with
+    """:class:`~ntk_fast.dynamics.results.FlowResult` of the generic trainer: the same fields (one result shape:
+    F_train (K, n), t/steps/attempts (K,), history per model, final); ``nets`` are copies of the given modules
+    holding the trained parameters.  ``save`` writes their state dicts (load them back with
     ``GenericResult.load(path, models)``, ``models`` being modules of the same architecture)."""
-    config: Dict[str, Any] = field(default_factory=dict)
 
-    def save(self, path: str) -> None:
-        stem = stem_of(path)
-        atomic_save({"summary": self.summary(), "history": self.history, "kind": "generic",
-                     "state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.nets],
-                     "outputs": {k: v.cpu() for k, v in self.outputs.items()}}, stem + ".pt")
-        atomic_write_json({**self.summary(), "history": self.history}, stem + ".json")
+    def _extra_blob(self) -> Dict[str, Any]:
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.nets],
+                "f0_train": cpu(self.f0_train), "f0_test": cpu(self.f0_test), "ensemble": self.ensemble,
+                "ensemble_history": self.ensemble_history}
 
     @classmethod
     def load(cls, path: str, models: Optional[List[nn.Module]] = None) -> "GenericResult":
-        blob = load_checkpoint(stem_of(path) + ".pt", "GenericResult.load", ("summary", "state_dicts", "history"))
-        s = blob["summary"]
+        blob = load_checkpoint(stem_of(path) + ".pt", "GenericResult.load", ("state_dicts", "F_train", "history"))
         nets = []
         if models is not None:
             if len(models) != len(blob["state_dicts"]):
@@ -212,5 +218,6 @@ class GenericResult(FlowResult):
             for m, sd in zip(models, blob["state_dicts"]):
                 m.load_state_dict(sd)
                 nets.append(m)
-        return cls(s["status"], s["statuses"], blob["history"], nets, s["final"], s["ensemble"], blob["outputs"],
-                   s["config"])
+        base = {f.name: blob[f.name] for f in dataclasses.fields(DynamicsResult) if f.name in blob}
+        return cls(**base, nets=nets, f0_train=blob["f0_train"], f0_test=blob["f0_test"], ensemble=blob["ensemble"],
+                   ensemble_history=blob.get("ensemble_history", []))

@@ -8,7 +8,7 @@
 One forward and one backward pass (torch.func.grad of the full-batch loss) per attempt; an accepted trial's
 (F', g') become the state.  ``t`` is the sum of the accepted dt, as in the fused trainer, so the same FC
 weights give the same trajectory (to float64 rounding).  Checkpoints: accepted-step numbers of
-``observables.next_checkpoint(step, checkpoint_rate, checkpoint_spacing)`` (default 0.01, 100).
+``observables.next_record(step, checkpoint_rate, checkpoint_spacing)`` (default 0.01, 100).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         for k in range(K):
             if S["status"][k] == "running":
                 record(k, "checkpoint")
-                S["next_ckpt"][k] = obs.next_checkpoint(0, ckpt_rate, ckpt_spacing)
+                S["next_ckpt"][k] = obs.next_record(0, ckpt_rate, ckpt_spacing)
                 if run.margin_stop and S["nd"][k] == 0:
                     S["status"][k] = "converged"
     for k in range(K):
@@ -121,7 +121,7 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
                 scheduled = S["step"][k] >= S["next_ckpt"][k]
                 if scheduled or stop is not None:
                     if scheduled:
-                        S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
+                        S["next_ckpt"][k] = obs.next_record(S["step"][k], ckpt_rate, ckpt_spacing)
                     record(k, "converged" if stop == "converged" else "checkpoint" if scheduled else "stop")
                 if stop is not None:
                     S["status"][k] = stop

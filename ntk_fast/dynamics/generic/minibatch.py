@@ -7,7 +7,7 @@ minibatch loss L_B = c(alpha) mean_{i in B} l_i (:mod:`ntk_fast.dynamics.generic
 Time: the history's ``t`` is ``lr * step`` (for SGD without momentum the gradient-flow time that the steps
 discretise; for ADAM a nominal clock in the same units); ``step`` counts optimizer steps and ``epoch`` is
 step * batch_size / n.  The margin stop (y_i F_i >= 1 on the whole training set) is checked at the checkpoint
-steps only (``observables.next_checkpoint(step, checkpoint_rate, checkpoint_spacing)``, default 0.1 and 1000:
+steps only (``observables.next_record(step, checkpoint_rate, checkpoint_spacing)``, default 0.1 and 1000:
 the reference's ``loglinspace(0.1, 1000)``), each one a full-training-set forward pass.  Limits: max_steps,
 max_epochs, max_time (on t), max_wall (seconds of this call); a non-finite minibatch loss or weight stops the
 model as "nonfinite".
@@ -83,7 +83,7 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
             if final:
                 continue
             if scheduled:
-                S["next_ckpt"][k] = obs.next_checkpoint(S["step"][k], ckpt_rate, ckpt_spacing)
+                S["next_ckpt"][k] = obs.next_record(S["step"][k], ckpt_rate, ckpt_spacing)
             if run.margin_stop and rec["train_nd"] == 0:
                 S["status"][k] = "converged"
                 rec["event"] = "converged"
