@@ -1,16 +1,15 @@
 """Training dynamics: the trainer's fused step and activation ops, one training run, the frozen-kernel step op, one kernel run.
 
-The frozen-kernel cases call the solver's API directly (ntk_fast.ops.kernel_flow.kernel_flow_step,
-ntk_fast.dynamics.solver.kernel_flow): a change of that API fails them.  The trainer cases skip with the reason on an
-API mismatch.
+Every case calls the package's API directly (ntk_fast.ops.flow, ntk_fast.ops.kernel_flow, ntk_fast.dynamics):
+a change of that API fails them, as it should.
 """
-import inspect
 import math
 
 import pytest
 import torch
 
 import ntk_fast
+from ntk_fast.ntk.empirical import fcnet_fans
 
 from ntkbench_util import DEVICES, DTYPES, paper_inputs, paper_net, sync
 
@@ -22,31 +21,15 @@ def _labels(n, device, dtype):
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(dtype=dtype, device=device)
 
 
-def _call_or_skip(fn, *args, **kwargs):
-    """Call fn, keeping only the keyword arguments its signature accepts; skip on an API mismatch."""
-    try:
-        params = inspect.signature(fn).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            kwargs = {k: v for k, v in kwargs.items() if k in params}
-    except (TypeError, ValueError):
-        pass
-    try:
-        return fn(*args, **kwargs)
-    except TypeError as exc:
-        pytest.skip(f"{getattr(fn, '__qualname__', fn)}: API differs from this benchmark ({exc})")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("h", [256, 1024])
 @pytest.mark.parametrize("K", [1, 8])
 def test_flow_step(benchmark, K, h, dtype, device):
     """One trial step w' = w - dt g of K nets with P = d h + (L-1) h^2 + h weights each (one memory pass)."""
-    ops = pytest.importorskip("ntk_fast.ops.flow")
-    if not hasattr(ops, "flow_step"):
-        pytest.skip("ntk_fast.ops.flow.flow_step not available")
+    from ntk_fast.ops import flow as ops
     dt_ = DTYPES[dtype]
-    P = sum(p * q for p, q in ntk_fast.fcnet_fans(D_IN, h, L))
+    P = sum(p * q for p, q in fcnet_fans(D_IN, h, L))
     w = torch.randn(K, P, dtype=dt_, device=device)
     g = torch.randn(K, P, dtype=dt_, device=device)
     out = torch.empty_like(w)
@@ -55,7 +38,7 @@ def test_flow_step(benchmark, K, h, dtype, device):
     benchmark.extra_info["bytes"] = 3 * K * P * w.element_size()
 
     def run():
-        _call_or_skip(ops.flow_step, w, g, dt, w_out=out)
+        ops.flow_step(w, g, dt, w_out=out)
         sync(device)
     benchmark(run)
 
@@ -118,9 +101,7 @@ def test_kernel_flow_step(benchmark, E, n, dtype, device):
 @pytest.mark.parametrize("h", [128, 512])
 def test_training_run(benchmark, h, dtype):
     """A short training run of the paper's net by the trainer (n=256, 25 accepted steps, soft hinge)."""
-    flow = pytest.importorskip("ntk_fast.dynamics.trainer")
-    if not hasattr(flow, "train"):
-        pytest.skip("ntk_fast.dynamics.trainer.train not available")
+    from ntk_fast.dynamics.trainer import train
     n, dt_ = 256, DTYPES[dtype]
     x = paper_inputs(n, D_IN, dt_, "cpu")
     y = _labels(n, "cpu", dt_)
@@ -131,7 +112,7 @@ def test_training_run(benchmark, h, dtype):
         return (paper_net(D_IN, h, L, dt_, "cpu"), x, y, alpha), {}
 
     def run(net, x, y, alpha):
-        return _call_or_skip(flow.train, net, x, y, alpha, max_steps=25, progress=False, kernel_points=0)
+        return train(net, x, y, alpha, max_steps=25, progress=False, kernel_points=0)
     benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=1)
 
 

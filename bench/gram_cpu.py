@@ -25,10 +25,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = r"""
 import sys, torch, ntk_fast
 from ntk_fast.ops.reference import gram_reference
+from ntk_fast.ntk.empirical import fcnet_fans
 method, n, d, h, L, dt = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
 dtype = getattr(torch, dt)
 g = torch.Generator().manual_seed(0)
-fans = ntk_fast.fcnet_fans(d, h, L)
+fans = fcnet_fans(d, h, L)
 A = [torch.randn(n, p, generator=g, dtype=dtype) for p, _ in fans]
 D = [torch.randn(n, q, generator=g, dtype=dtype) for _, q in fans]
 def rss(key):
@@ -55,9 +56,9 @@ def peak_bytes(method, n, d, h, L, dtype):
 
 def main():
     import ntk_fast
-    from ntk_fast.cli import machine_info
+    from ntk_fast.diagnostics.machine import machine_info, matmul_rate, time_call
+    from ntk_fast.ntk.empirical import fcnet_fans, gram_flops
     from ntk_fast.ops.reference import gram_reference
-    from ntk_fast.timing import matmul_rate, time_call
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4000)
@@ -72,10 +73,10 @@ def main():
 
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
-    fans = ntk_fast.fcnet_fans(args.d, args.h, args.L)
+    fans = fcnet_fans(args.d, args.h, args.L)
     A = [torch.randn(args.n, p, generator=g, dtype=dtype) for p, _ in fans]
     D = [torch.randn(args.n, q, generator=g, dtype=dtype) for _, q in fans]
-    flops = ntk_fast.gram_flops(fans, args.n)
+    flops = gram_flops(fans, args.n)
     esize = A[0].element_size()
     gram_bytes = args.n * args.n * esize
     feat_bytes = sum(t.numel() for t in A + D) * esize

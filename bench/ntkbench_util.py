@@ -7,7 +7,7 @@ import pytest
 import torch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from ntk_fast.data import DTYPES  # noqa: E402,F401  (re-exported to the suites)
 
 
 def sync(device: str) -> None:

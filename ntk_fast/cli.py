@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import List, Optional
@@ -19,13 +18,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from ntk_fast.data import DTYPES
+from ntk_fast.diagnostics.machine import machine_info
 
 
 def cmd_gram(args: argparse.Namespace) -> int:
@@ -35,7 +29,7 @@ def cmd_gram(args: argparse.Namespace) -> int:
     from ntk_fast.models.fc import FCNet
     from ntk_fast.ntk.empirical import empirical_ntk, fcnet_fans, gram_flops, structured_features
     from ntk_fast.ops.reference import gram_reference
-    from .timing import matmul_rate
+    from ntk_fast.diagnostics.machine import matmul_rate
 
     dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
@@ -175,32 +169,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if res["failed"] == 0 else 1
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """The benchmark runner (ntk_fast.bench_runner.main); arguments after 'bench' are passed to it."""
-    try:
-        from ntk_fast import bench_runner
-    except ImportError as exc:
-        print(f"error: the benchmark runner ntk_fast/bench_runner.py is not in this checkout ({exc}); "
-              "the pytest-benchmark suites are in bench/ (python -m pytest bench)", file=sys.stderr)
+    """The side-by-side benchmark runner of a source checkout (bench/runner/, also ``python -m bench.runner``);
+    every argument after 'bench' goes to it (``python -m ntk_fast bench --help`` shows its options)."""
+    return run_bench(list(args.bench_args))
+
+
+def run_bench(argv: List[str]) -> int:
+    """Launch bench/runner/main.py with ``argv``; exit status 2 and a message where bench/ is absent."""
+    if not os.path.isfile(os.path.join(REPO, "bench", "runner", "main.py")):
+        print(f"error: the benchmark runner lives in the source repository (bench/runner/), which this installation "
+              f"({REPO}) does not have; run `python -m ntk_fast bench` from a clone of the repository "
+              "(pip install -e . there)", file=sys.stderr)
         return 2
-    rest = list(args.bench_args)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    rc = bench_runner.main(rest)
-    return int(rc or 0)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from bench.runner.main import main as bench_main
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    return int(bench_main(argv) or 0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A tiny end-to-end example in seconds: scikit-learn's 8x8 digits (odd vs even), an FC net with h=--h,
     trained in the feature regime (alpha*sqrt(h) = 0.1) and the lazy regime (alpha*sqrt(h) = 1000), with the
-    frozen-kernel run at initialisation when the solver is available.  Prints test errors, the kernel change and
+    frozen-kernel run at initialisation.  Prints test errors, the kernel change and
     the trainer/kernel gap; writes a run folder per regime under --out and --out/demo.json."""
     from ntk_fast.runs.experiment import RunConfig, run_experiment, write_json
-    have_kernel = _has_kernel_solver()
     rows = []
     for regime, a_sqrt_h in (("feature", 0.1), ("lazy", 1000.0)):
         cfg = RunConfig(dataset="digits", p=args.p, p_test=args.p_test, h=args.h, L=args.L, seed=args.seed,
-                        alpha=a_sqrt_h / math.sqrt(args.h), init_kernel=have_kernel, dtype="float64",
+                        alpha=a_sqrt_h / math.sqrt(args.h), init_kernel=True, dtype="float64",
                         max_wall=args.max_wall)
         print(f"== {regime} regime: alpha*sqrt(h) = {a_sqrt_h:g}", flush=True)
         s = run_experiment(cfg, os.path.join(args.out, regime), progress=not args.no_progress)
@@ -209,8 +211,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      "test_err": s["train"].get("test_err"), "kernel_change": s["train"].get("kernel_change"),
                      "init_kernel_test_err": s.get("init_kernel", {}).get("test_err"),
                      "gap_vs_kernel": s.get("init_kernel", {}).get("test_output_gap_vs_net")})
-    if not have_kernel:
-        print("(the frozen-kernel solver ntk_fast.dynamics.solver is not in this checkout: kernel runs skipped)")
     write_json(os.path.join(args.out, "demo.json"), {"runs": rows})
     print(f"{'regime':8s} {'a*sqrt(h)':>9s} {'test err':>9s} {'|dTheta|/|Theta|':>16s} {'kernel err':>10s} {'gap':>8s}")
     for r in rows:
@@ -218,14 +218,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{_g(r['init_kernel_test_err']):>10s} {_g(r['gap_vs_kernel']):>8s}")
     print(f"wrote {os.path.join(args.out, 'demo.json')}")
     return 0
-
-
-def _has_kernel_solver() -> bool:
-    try:
-        from ntk_fast.dynamics import solver as kernel
-    except ImportError:
-        return False
-    return hasattr(kernel, "frozen_kernel_run")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -318,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
     s.set_defaults(func=cmd_sweep, seed=0, h=None, alpha=None, alpha_sqrt_h=None)
 
-    b = sub.add_parser("bench", help="benchmark runner (ntk_fast/bench_runner.py); args passed through",
+    b = sub.add_parser("bench", help="side-by-side benchmark runner (bench/runner/ of a source checkout)",
                        description=cmd_bench.__doc__, add_help=True)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the runner (try: bench -- --help)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the runner (see: bench --help)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="tiny end-to-end example on scikit-learn's digits (seconds)",
@@ -338,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:                 # everything after 'bench' belongs to the runner, options included
+        return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -35,6 +35,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+#: The floating dtypes accepted by name (command line, run configs, experiment scripts): the one table of them.
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",

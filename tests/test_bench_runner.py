@@ -1,12 +1,18 @@
-"""The side-by-side benchmark runner at a tiny size with the in-process methods only (no timing assertions)."""
+"""The side-by-side benchmark runner (bench/runner/) at a tiny size with the in-process methods only (no timing
+assertions)."""
 import glob
 import json
 import os
+import sys
 
 import pytest
-import torch
 
-from ntk_fast import bench_runner
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.runner import main as bench_runner  # noqa: E402
+from bench.runner.problem import Dims, flops_model, param_groups  # noqa: E402
 
 
 def test_runner_tiny_table_and_json(tmp_path, capsys):
@@ -33,7 +39,7 @@ def test_runner_tiny_table_and_json(tmp_path, capsys):
         # every method computes the same kernel: float64 agreement with ntk_fast's float64 Gram
         assert r["max_rel_err"] < 1e-10, r
     # counted flops: the structured symmetric half + features for ntk_fast, twice the Gram for the reference
-    dims = bench_runner.Dims(20, 32, 2, 8)
+    dims = Dims(20, 32, 2, 8)
     assert rows["ntk_fast"]["flops"] == pytest.approx(dims.F(48) + 48 * 48 * dims.S)
     assert rows["reference"]["flops"] == pytest.approx(dims.F(48) + 2 * 48 * 48 * dims.S)
 
@@ -52,14 +58,14 @@ def test_runner_extrapolates_and_skips(tmp_path, capsys):
 
 
 def test_flop_models_scale():
-    dims = bench_runner.Dims(784, 1024, 3, 4)
+    dims = Dims(784, 1024, 3, 4)
     n1, n2 = 1000, 4000
     # Gram-type methods are quadratic in n at large n
     for m in ("ntk_fast", "reference", "func_ntvp", "neural_tangents"):
-        ratio = bench_runner.flops_model(m, dims, n2, {}) / bench_runner.flops_model(m, dims, n1, {})
+        ratio = flops_model(m, dims, n2, {}) / flops_model(m, dims, n1, {})
         assert 4 < ratio <= 16
     # parameter groups of the brute force cap the Jacobian bytes
-    groups = bench_runner._param_groups([784 * 1024, 1024 * 1024, 1024 * 1024, 1024], 256, 4)
+    groups = param_groups([784 * 1024, 1024 * 1024, 1024 * 1024, 1024], 256, 4)
     assert [i for g in groups for i in g] == [0, 1, 2, 3] and len(groups) == 2
 
 

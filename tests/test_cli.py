@@ -10,9 +10,6 @@ import torch
 from ntk_fast import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
 SMALL = ["--p", "60", "--p-test", "120", "--L", "2", "--no-progress"]
 
 
@@ -158,14 +155,16 @@ def test_demo(tmp_path, capsys):
     assert "regime" in capsys.readouterr().out
 
 
-def test_bench_without_or_with_runner(capsys):
-    if True:                                          # arguments pass through
+def test_bench_launches_the_runner_or_says_where_it_is(tmp_path, monkeypatch, capsys):
+    for args in (["--help"], ["--", "--help"]):         # every argument passes through to bench/runner
         with pytest.raises(SystemExit) as e:
-            cli.main(["bench", "--", "--help"])
-        assert e.value.code == 0 and "bench_runner" in capsys.readouterr().out
-        return
-    assert cli.main(["bench"]) == 2
-    assert "bench_runner" in capsys.readouterr().err
+            cli.main(["bench", *args])
+        assert e.value.code == 0 and "--max-seconds" in capsys.readouterr().out
+    assert cli.main(["bench", "--methods", "nope", "--no-malloc-tuning"]) == 2    # options first, as in README
+    assert "unknown method" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "REPO", str(tmp_path))     # an installation without the source tree's bench/
+    assert cli.main(["bench", "--n", "8"]) == 2
+    assert "bench/runner" in capsys.readouterr().err
 
 
 def test_missing_dataset_message(tmp_path, capsys):

@@ -32,10 +32,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ntk_fast import data
+from ntk_fast.data import DTYPES
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.results import atomic_write_json
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SUMMARY = "summary.json"
 _OPERATIONAL = ("alpha_sqrt_h", "checkpoint_every", "max_wall")     # may change when a run is resumed
 

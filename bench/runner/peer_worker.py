@@ -1,14 +1,14 @@
 """PyTorch peers of the side-by-side benchmark (nngeometry, ASDL), usable in-process or as a subprocess.
 
-The runner (:mod:`ntk_fast.bench_runner`) imports :func:`torch_sequential` and :func:`peer_kernel_fn` from here
+The runner (bench/runner/case.py) imports :func:`torch_sequential` and :func:`peer_kernel_fn` from here
 when the peers are importable next to ntk_fast; otherwise it runs this file as a script with another Python
 (a venv holding the peers and the same torch):
 
-    PYTHON _bench_worker.py SPEC.json
+    PYTHON bench/runner/peer_worker.py SPEC.json
 
 SPEC.json: {"method": "nngeometry" | "asdl", "dtype": "float32", "beta": 5.0, "c": 1.40438..,
 "data": "problem.npz" (x and W0..WL, torch orientation (out, in)), "out": folder,
-"ramp": {"sizes", "flops", "fits", "budget", "warmup", "repeats"} (see _bench_ramp.ramp_measure), "block": null}.
+"ramp": {"sizes", "flops", "fits", "budget", "warmup", "repeats"} (see ramp.ramp_measure), "block": null}.
 It writes out/result.json ({"n", "times", "peak_bytes", "reason", "trace", "kernel", "versions"}) and the
 kernel at the measured size as out/K_<n>.npy.  This file imports only numpy, torch and the peer (never ntk_fast), so that it runs in any
 environment with torch.
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 try:
-    from ._bench_ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
+    from .ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
 except ImportError:                       # run as a script: this folder is sys.path[0]
-    from _bench_ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
+    from ramp import fix_malloc, ramp_measure, timed_with_peak  # noqa: F401
 
 
 class Scale(nn.Module):

@@ -1,10 +1,10 @@
 """neural-tangents column of the side-by-side benchmark, run as a script in its own environment.
 
-    NT_PYTHON _bench_nt_worker.py SPEC.json
+    NT_PYTHON bench/runner/nt_worker.py SPEC.json
 
-Same SPEC.json protocol as ``_bench_worker.py`` (method "neural_tangents").  Imports only numpy, jax and
+Same SPEC.json protocol as ``peer_worker.py`` (method "neural_tangents").  Imports only numpy, jax and
 neural_tangents (never torch or ntk_fast): neural-tangents 0.6.5 needs old jax/numpy pins that must not meet
-ours (see shared/PEERS.md).  The network is the paper's FC net in stax with the "ntk" parameterisation:
+ours (scripts/setup_peers.sh installs them in .venv-nt).  The network is the paper's FC net in stax with the "ntk" parameterisation:
 Dense(h, W_std=1, b_std=None) computes x @ W / sqrt(fan_in), exactly FCNet's layer, with W = FCNet's weight
 transposed; the activation is c * softplus(beta z) / beta.  The kernel is
 ``empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0, implementation=STRUCTURED_DERIVATIVES)`` under jax.jit.
@@ -18,7 +18,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_ramp import fix_malloc, ramp_measure  # noqa: E402  (pure Python, no torch)
+from ramp import fix_malloc, ramp_measure  # noqa: E402  (pure Python, no torch)
 
 
 def main(spec_path: str) -> int:

@@ -1,13 +1,27 @@
-"""Small timing helpers shared by the command line and the benchmarks."""
+"""The machine: a description for result files, and the torch.mm rate that speed figures are compared with.
+
+Used by ``python -m ntk_fast gram`` (its summary reports the fraction of torch.mm's rate reached) and by the
+benchmarks under bench/.  ``matmul_rate(n=2048, repeats=5)`` costs seven n x n products (14 n^3 flops).
+"""
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Callable, List
 
 import torch
 
 
+def machine_info() -> dict:
+    """Platform, processor, CPU count, torch version and threads, and the first CUDA device's name (or None)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the CUDA device (all of them when device is None) when CUDA is present; no-op otherwise."""
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()
 
