@@ -19,7 +19,6 @@ float32 and float64, 3 rounds; about 5 minutes.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch
 
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.trainer import train
-from ntk_fast.dynamics.losses import softhinge
+from ntk_fast.testing import net_flow_loop
 from ntkbench_util import sync
 
 
@@ -44,44 +43,11 @@ def make_data(n, d, dtype, seed=0, device="cpu"):
     return x, y
 
 
-def reference_style(net, x, y, alpha, attempts, max_dgrad=1e-4, max_dout=0.1):
-    """Reference-code-style loop (deep copy per step, autograd, separate passes).  Returns seconds per attempt."""
-    net = copy.deepcopy(net)
-    with torch.no_grad():
-        f0 = net(x)
-
-    def loss_grad(m):
-        m.zero_grad()
-        F = alpha * (m(x) - f0)
-        (softhinge(y * F).mean() / alpha ** 2).backward()
-        return F.detach(), torch.cat([p.grad.reshape(-1) for p in m.parameters()])
-
-    F, g = loss_grad(net)
-    dt, done, times = 1.0, 0, []
-    t0 = time.perf_counter()
-    while done < attempts:
-        state = copy.deepcopy(net.state_dict())                       # the reference code copies everything
-        while done < attempts:
-            with torch.no_grad():
-                o = 0
-                for p in net.parameters():
-                    p.add_(g[o:o + p.numel()].view_as(p), alpha=-dt)
-                    o += p.numel()
-            F2, g2 = loss_grad(net)
-            done += 1
-            dout = (F2 - F).abs().max().item()
-            dgrad = ((g - g2).pow(2).sum() / (g.norm() * g2.norm())).item()
-            times.append(time.perf_counter() - t0)
-            if dgrad < max_dgrad and dout < max_dout:
-                if dgrad < 0.5 * max_dgrad and dout < 0.5 * max_dout:
-                    dt *= 1.1
-                F, g = F2, g2
-                break
-            dt /= 10
-            net.load_state_dict(state)
-            t0 = time.perf_counter()
-        t0 = time.perf_counter()
-    return statistics.median(times)
+def reference_style(net, x, y, alpha, attempts):
+    """Median seconds per attempt of the reference-code-style loop (ntk_fast.testing.net_flow_loop: deep copy of
+    the state per step, autograd, separate passes with host reads), over ``attempts`` attempts."""
+    r = net_flow_loop(net, x, y, alpha, max_attempts=attempts)
+    return statistics.median(r["attempt_seconds"])
 
 
 def ours(net, x, y, alpha, attempts):

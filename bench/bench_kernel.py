@@ -37,8 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ntk_fast.ops import kernel_flow as _kernel_ops  # noqa: E402
 from ntk_fast.ops._loader import native  # noqa: E402
 from ntk_fast.dynamics.solver import kernel_flow  # noqa: E402
-from ntk_fast.dynamics.losses import get_loss  # noqa: E402
-from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms  # noqa: E402
+from ntk_fast.testing import kernel_flow_loop  # noqa: E402
 
 
 def best_of(fn, reps):
@@ -93,35 +92,11 @@ def make_ntk_problem(n: int, E: int, dtype: torch.dtype, seed: int = 0, h: int =
     return K, Y
 
 
-def reference_style(K, y, steps=None, loss="softhinge", beta=20.0, rule=StepRule()):
-    """The paper code's structure: full mv per attempt, separate passes, state copied each step."""
-    n = K.shape[0]
-    lfun, lp = get_loss(loss)
-    F = torch.zeros(n, dtype=K.dtype)
-    g = K @ (lp(y * F, beta) * y) / n
-    dt, t, acc, att = 1.0, 0.0, 0, 0
-    start = time.perf_counter()
-    while True:
-        if steps is not None and att >= steps:
-            break
-        state = {"F": F.clone(), "g": g.clone(), "t": t}          # copy of the state, as the reference does
-        Fp = state["F"] - dt * state["g"]
-        lprim = lp(y * Fp, beta) * y
-        gp = K @ lprim / n                                     # full matrix-vector product
-        dout = float((Fp - state["F"]).abs().max())            # separate passes
-        dgrad = dgrad_from_norms(float(state["g"].norm() ** 2), float(gp.norm() ** 2),
-                                 float((state["g"] - gp).norm() ** 2))
-        ok, new_dt = rule.decide(dgrad, dout, dt)
-        att += 1
-        if ok:
-            F, g, t = Fp, gp, state["t"] + dt
-            acc += 1
-            if bool((y * F >= 1).all()):
-                break
-        dt = new_dt
-    wall = time.perf_counter() - start
-    return {"attempts": att, "steps": acc, "t": t, "wall": wall, "per_attempt_ms": 1e3 * wall / max(att, 1),
-            "margin_min": float((y * F).min())}
+def reference_style(K, y, steps=None, loss="softhinge", beta=20.0):
+    """The paper code's structure (ntk_fast.testing.kernel_flow_loop): full mv per attempt, separate passes, state
+    copied each attempt; ``steps`` attempts (None: to convergence)."""
+    r = kernel_flow_loop(K, y, loss=loss, beta=beta, max_attempts=steps)
+    return {k: r[k] for k in ("attempts", "steps", "t", "wall", "per_attempt_ms", "margin_min")}
 
 
 def ours(K, y, steps=None, packed=False):

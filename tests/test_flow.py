@@ -1,5 +1,4 @@
 """The gradient-flow trainer: naive plain-torch loop, ensembles, resume, lazy limit, bad inputs."""
-import copy
 import json
 import math
 
@@ -9,8 +8,8 @@ import torch
 import ntk_fast
 from ntk_fast.models.fc import FCNet
 from ntk_fast.dynamics.trainer import FlowResult, train
-from ntk_fast.dynamics.losses import get_loss
 from ntk_fast.dynamics.observables import loglinspace, next_checkpoint
+from ntk_fast.testing import net_flow_loop
 
 D, H, L = 6, 16, 3
 
@@ -36,60 +35,6 @@ def make_net(seed, h=H, dtype=torch.float64):
     return FCNet(D, h, L, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-def naive_flow(net, x, y, alpha, *, loss="softhinge", beta=20.0, max_dgrad=1e-4, max_dout=0.1, tau=0.0,
-               max_steps=10**9):
-    """Deliberately naive: autograd through FCNet.forward, a deep copy of the state every step, and the step rule
-    written out inline (the reference code's train_regular, in article units)."""
-    lf, _ = get_loss(loss)
-    net = copy.deepcopy(net)
-    with torch.no_grad():
-        f0 = net(x)
-
-    def loss_and_grad(m):
-        for p in m.weights:
-            p.grad = None
-        F = alpha * (m(x) - f0)
-        Lw = lf(y * F, beta).mean() / alpha ** 2
-        Lw.backward()
-        return F.detach(), torch.cat([p.grad.reshape(-1) for p in m.weights]).clone()
-
-    F, g = loss_and_grad(net)
-    v = torch.zeros_like(g)
-    t, dt, steps, attempts, traj = 0.0, 1.0, 0, 0, []
-    while steps < max_steps and not bool((y * F >= 1).all()):
-        saved = copy.deepcopy(net)
-        while True:
-            attempts += 1
-            w = torch.cat([p.detach().reshape(-1) for p in saved.weights])
-            if tau > 0:
-                xx = math.exp(-dt / tau)
-                v_new = xx * v - (1 - xx) * g
-                w_new = w + dt * v_new
-            else:
-                v_new, w_new = v, w - dt * g
-            net = copy.deepcopy(saved)
-            with torch.no_grad():
-                o = 0
-                for p in net.weights:
-                    p.copy_(w_new[o:o + p.numel()].view_as(p))
-                    o += p.numel()
-            F2, g2 = loss_and_grad(net)
-            dout = float((F2 - F).abs().max())
-            ng, ng2 = float(g.norm()), float(g2.norm())
-            dgrad = 0.0 if ng == 0 or ng2 == 0 else float(((g - g2) ** 2).sum()) / (ng * ng2)
-            if dgrad < max_dgrad and dout < max_dout:
-                t += dt
-                traj.append((t, dt))
-                if dgrad < 0.5 * max_dgrad and dout < 0.5 * max_dout:
-                    dt *= 1.1
-                break
-            dt /= 10
-        F, g, v = F2, g2, v_new
-        steps += 1
-    return dict(net=net, t=t, steps=steps, attempts=attempts, traj=traj, F=F,
-                converged=bool((y * F >= 1).all()))
-
-
 def weights_of(net):
     return torch.cat([p.detach().reshape(-1) for p in net.weights])
 
@@ -106,11 +51,11 @@ def test_loglinspace():
 
 
 @pytest.mark.parametrize("loss,tau,alpha", [("softhinge", 0.0, 1.0), ("qhinge", 0.0, 3.0), ("softhinge", 2.0, 0.5)])
-def test_trainer_matches_naive_loop(loss, tau, alpha):
+def test_trainer_matches_reference_loop(loss, tau, alpha):
     x, y = data(40, 1)
     net = make_net(2)
     steps = 150
-    ref = naive_flow(net, x, y, alpha, loss=loss, tau=tau, max_steps=steps)
+    ref = net_flow_loop(net, x, y, alpha, loss=loss, tau=tau, max_steps=steps)
     res = train(net, x, y, alpha, loss=loss, tau=tau, max_steps=steps, progress=False, kernel_points=0)
     fin = res.final[0]
     assert fin["step"] == ref["steps"] and fin["attempts"] == ref["attempts"]

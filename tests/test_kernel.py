@@ -10,11 +10,10 @@ from ntk_fast.ops import kernel_flow as _kernel_ops
 from ntk_fast.ops.kernel_flow import kernel_flow_step
 from ntk_fast.ops._loader import native
 from ntk_fast.dynamics.solver import KernelFlowResult, frozen_kernel_run, kernel_flow, kernel_regression, mse_flow
-from ntk_fast.dynamics.losses import get_loss
 from ntk_fast.dynamics.observables import loglinspace
 from ntk_fast.ops.reference import kernel_flow_step_ref
 from ntk_fast.ops.packed import pack_symmetric, unpack_symmetric
-from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.testing import kernel_flow_loop
 
 needs_ext = pytest.mark.skipif(not native("kernel_flow_step"), reason="extension not built")
 D = torch.float64
@@ -155,35 +154,12 @@ def test_op_wrapper_rejects_bad_shapes():
 
 
 # ------------------------------------------------------------------------------------------ the solver
-def naive_flow(K, y, loss="softhinge", beta=20.0, rule=StepRule(), max_steps=None):
-    """The rule written out plainly: full matrix-vector products, every attempt evaluated, state copied."""
-    n = K.shape[0]
-    _, lp = get_loss(loss)
-    F = torch.zeros(n, dtype=K.dtype)
-    grad = lambda F: K @ (lp(y * F, beta) * y) / n  # noqa: E731
-    g = grad(F)
-    t, dt, steps = 0.0, 1.0, 0
-    c = torch.zeros(n, dtype=K.dtype)
-    while not bool((y * F >= 1).all()):
-        if max_steps is not None and steps >= max_steps:
-            break
-        Fp = F - dt * g
-        gp = grad(Fp)
-        dgrad = dgrad_from_norms(float(g @ g), float(gp @ gp), float((g - gp) @ (g - gp)))
-        dout = float((Fp - F).abs().max())
-        ok, new_dt = rule.decide(dgrad, dout, dt)
-        if ok:
-            c = c + dt * lp(y * F, beta) * y / n
-            F, g, t, steps = Fp.clone(), gp.clone(), t + dt, steps + 1
-        dt = new_dt
-    return F, c, t, steps
-
-
 @pytest.mark.parametrize("loss,max_steps", [("softhinge", None), ("qhinge", 400)])
-def test_solver_matches_naive_loop(loss, max_steps):
+def test_solver_matches_reference_loop(loss, max_steps):
     # qhinge approaches the margin only asymptotically (l' -> 0 as u -> 1): compare a fixed number of steps.
     K, y, _, _ = rbf_problem(120, seed=1)
-    F, c, t, steps = naive_flow(K, y, loss, max_steps=max_steps)
+    ref = kernel_flow_loop(K, y, loss=loss, max_steps=max_steps)
+    F, c, t, steps = ref["F"], ref["c"], ref["t"], ref["steps"]
     res = kernel_flow(K, y, loss=loss, progress=False, max_steps=max_steps)
     assert res.statuses == ["converged" if max_steps is None else "max_steps"]
     assert res.status == res.statuses[0]
