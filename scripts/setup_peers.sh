@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Environments of the benchmark's peers (python -m ntk_fast.bench_runner finds them in the repo root):
+# Environments of the benchmark's peers (python -m ntk_fast bench finds them in the repo root):
 #   .venv-peers  torch (the same release as the main env), torchvision matching it, nngeometry, asdfghjkl,
 #                matplotlib (also used for the plot when the main env has none)
-#   .venv-nt     neural-tangents 0.6.5 with the jax/numpy pins that still work (shared/PEERS.md)
+#   .venv-nt     neural-tangents 0.6.5 with the jax/numpy pins that still work (docs/benchmarks.md)
 # Idempotent; PYTHON=... picks the interpreter of the main env (default: .venv/bin/python or python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,8 +1,10 @@
 """Shared helpers of the experiment scripts: options, a sweep over (h, alpha*sqrt(h)), result tables, plotting.
 
 Every script runs its grid with ntk_fast.runs.sweep (run folders under --out/runs: finished runs are skipped
-when a script is run again, interrupted ones resume), then writes <name>.json with the numbers and
-<name>.png with the plot.  --paper switches to the paper's scale (Fashion-MNIST, p = 10000, h up to 1000,
+when a script is run again, interrupted ones resume), then writes <name>.json with the numbers (into
+--results-dir, default --out) and <name>.png with the plot (into --figures-dir, default --out).  The published
+numbers live in experiments/results/ and the figures in docs/:
+``--results-dir experiments/results --figures-dir docs`` (p = 1000: experiments/results/p1000, docs/p1000).  --paper switches to the paper's scale (Fashion-MNIST, p = 10000, h up to 1000,
 10 seeds: GPU hours); the default is a reduced scale that runs on a CPU in minutes.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
+from ntk_fast.data import DTYPES  # noqa: E402
 from ntk_fast.runs.experiment import RunConfig, write_json  # noqa: E402
 from ntk_fast.runs.sweep import grid_configs, run_sweep  # noqa: E402
 
@@ -35,11 +38,13 @@ def base_parser(description: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--hs", type=int, nargs="+", default=None, help="widths")
     p.add_argument("--alphas-sqrt-h", type=float, nargs="+", default=None, help="alpha*sqrt(h) values")
     p.add_argument("--ensemble", type=int, default=None, help="nets per grid point (seeds 0..K-1)")
-    p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-wall", type=float, default=None, help="seconds per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each when jobs = cpus (default 2)")
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--out", default=out, help=f"output folder: run folders, and results unless told (default {out})")
+    p.add_argument("--results-dir", default=None, help="folder of <name>.json (default --out)")
+    p.add_argument("--figures-dir", default=None, help="folder of <name>.png (default --out)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -83,11 +88,14 @@ def fit_loglog(x: Sequence[float], y: Sequence[float]) -> Optional[Dict[str, flo
 
 
 def save(args, name: str, payload: Dict, fig) -> None:
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, name + ".json"), payload)
+    """<results-dir>/<name>.json (the numbers) and <figures-dir>/<name>.png (the plot); both default to --out."""
+    jdir, fdir = args.results_dir or args.out, args.figures_dir or args.out
+    for folder in (jdir, fdir):
+        os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(jdir, name + ".json"), payload)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, name + ".png"), dpi=110)
-    print(f"wrote {os.path.join(args.out, name + '.json')} and {name}.png")
+    fig.savefig(os.path.join(fdir, name + ".png"), dpi=110)
+    print(f"wrote {os.path.join(jdir, name + '.json')} and {os.path.join(fdir, name + '.png')}")
 
 
 def scale_label(args) -> str:
