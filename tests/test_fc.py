@@ -8,7 +8,7 @@ from ntk_fast import FCNet, activation_normaliser
 
 
 def test_softplus_normaliser_matches_reference_constants():
-    # values of the paper's reference code (REFERENCE-CODE.md section 1), exact quadrature
+    # values of the paper's reference code (docs/design.md section 6), exact quadrature
     assert activation_normaliser("softplus", 5.0) == pytest.approx(1.40438, abs=5e-6)
     assert activation_normaliser("softplus", 1.0) == pytest.approx(1.04187, abs=5e-6)
     assert activation_normaliser("softplus", 10.0) == pytest.approx(1.41289, abs=5e-6)

@@ -1,1 +1,1 @@
-"""What this machine offers: its description and the torch.mm rate that speed figures are reported against."""
+"""Diagnostics of the installation (``python -m ntk_fast doctor``)."""

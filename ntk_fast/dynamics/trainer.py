@@ -1,6 +1,6 @@
 """Gradient-flow trainer of the alpha-scaled FC net (the paper's training procedure), fast and reusable.
 
-Dynamics (article notation; DESIGN.md section 5)::
+Dynamics (article notation; docs/design.md section 5)::
 
     F(x)  = alpha (f(x; w) - f(x; w0))
     L(w)  = 1/(alpha^2 n) sum_i l(y_i F(x_i))          l = soft hinge softplus(beta_l (1-u))/beta_l, or 0.5 relu(1-u)^2

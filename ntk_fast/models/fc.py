@@ -1,6 +1,6 @@
 """The paper's fully-connected network and its per-layer NTK features.
 
-Parameterisation (DESIGN.md section 1; Jacot et al., no biases by default)::
+Parameterisation (docs/design.md section 1; Jacot et al., no biases by default)::
 
     a0      = x / sqrt(d)
     z(l+1)  = W(l) a(l)                 W(0): h x d,  W(l): h x h for l = 1 .. L-1
@@ -16,7 +16,7 @@ All weights are standard Gaussians at initialisation.  The activation is
 With ``bias=b > 0`` every layer gets a bias ``b * B(l)`` with ``B(l)`` initialised to zero (as in the
 paper's reference code), so the bias enters the NTK as ``b^2 D_l D_l'^T``.
 
-Per-layer features (DESIGN.md section 2): ``A_l`` is the (scaled) input of layer l and ``D_l = df/dz``
+Per-layer features (docs/design.md section 2): ``A_l`` is the (scaled) input of layer l and ``D_l = df/dz``
 at its output, so that ``df/dW(l) = D_l A_l^T`` and
 
     Theta(x, x') = sum_l (D_l(x) . D_l(x')) (A_l(x) . A_l(x')).

@@ -6,7 +6,7 @@ Two paths:
 
 * **structured** (``FCNet`` and any ``nn.Sequential`` of ``nn.Linear`` and elementwise activations):
   per-layer features from one forward and k backward passes, then the fused op
-  ``Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T)`` (DESIGN.md section 2).  Cost
+  ``Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T)`` (docs/design.md section 2).  Cost
   2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (half when x2 is None), about h/4 times fewer than a
   Jacobian contraction, and memory for the features plus the output only.
 * **jacobian** (any module): per-sample Jacobians by ``torch.func`` (vmap of jacrev) in row blocks of

@@ -1,6 +1,6 @@
 """One experiment of the paper in a run folder: data, network(s), training, frozen-kernel runs, summary.
 
-Notation is the article's (DESIGN.md section 5): last layer over sqrt(h), F = alpha (f - f0), loss
+Notation is the article's (docs/design.md section 5): last layer over sqrt(h), F = alpha (f - f0), loss
 1/(alpha^2 n) sum l(y F).  The reference code (feature_lazy) uses alpha_code = sqrt(h) alpha and
 t_code / h = t / (sqrt(h) alpha); summaries store both ``alpha`` and ``alpha_sqrt_h`` (= alpha_code).
 
