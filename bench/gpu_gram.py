@@ -108,6 +108,88 @@ def jacobian_ntk(net, x, chunk=250):
     return J @ J.T
 
 
+def measure_n(n, args, dev, cublas):
+    """All precisions at one n: the op, the per-layer reference and (n <= --func-max-n) torch.func."""
+    records = []
+    torch.manual_seed(n)
+    net = FCNet(args.d, args.h, args.L, dtype=torch.float32, device=dev)
+    x = torch.randn(n, args.d, device=dev)
+    A32, D32 = net.features(x)
+    fans = [a.shape[1] for a in A32], [d.shape[1] for d in D32]
+    scales = [1.0] * len(A32)
+    flops_half = float(n) ** 2 * (sum(fans[0]) + sum(fans[1]))
+    A64, D64 = [a.double() for a in A32], [d.double() for d in D32]
+    ref64 = plain_reference(A64, D64, scales) if fits(3 * 8 * n * n) else None
+    scale_ref = ref64.abs().max().item() if ref64 is not None else None
+
+    func_ms = {}
+    if n <= args.func_max_n:
+        for name, dtype, prec in PRECISIONS:
+            netp = FCNet(args.d, args.h, args.L, dtype=dtype, device=dev)
+            netp.load_state_dict({k: v.to(dtype) for k, v in net.state_dict().items()})
+            xp = x.to(dtype)
+            set_tf32(prec == "tf32")
+            try:
+                func_ms[name] = cuda_time(lambda: jacobian_ntk(netp, xp), warmup=1, reps=3)
+            except torch.cuda.OutOfMemoryError:
+                func_ms[name] = None
+            finally:
+                set_tf32(False)
+                torch.cuda.empty_cache()
+
+    for name, dtype, prec in PRECISIONS:
+        A = A64 if dtype == torch.float64 else A32
+        D = D64 if dtype == torch.float64 else D32
+        out = torch.empty(n, n, device=dev, dtype=dtype)
+        op = lambda: torch.ops.ntk_fast.gram.out(A, D, None, None, scales, 0, prec, out=out)  # noqa: E731
+        ms = cuda_time(op, reps=args.reps)
+        err = None
+        if ref64 is not None:
+            op()
+            err = ((out.double() - ref64).abs().max().item()) / scale_ref
+        ref_ms = None
+        if fits(3 * n * n * out.element_size()):
+            set_tf32(prec == "tf32")
+            try:
+                ref_ms = cuda_time(lambda: plain_reference(A, D, scales), reps=args.reps)
+            except torch.cuda.OutOfMemoryError:
+                ref_ms = None
+            finally:
+                set_tf32(False)
+        del out
+        torch.cuda.empty_cache()
+        tflops = flops_half / (ms * 1e-3) / 1e12
+        rec = dict(n=n, precision=name, time_ms=ms, tflops_sym_half=tflops, cublas_tflops=cublas[name],
+                   frac_cublas=tflops / cublas[name], ref_time_ms=ref_ms,
+                   speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
+                   func_time_ms=func_ms.get(name), speedup_vs_func=(func_ms[name] / ms) if func_ms.get(name) else None,
+                   rel_err_vs_f64=err, flops_sym_half=flops_half)
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    del A64, D64, ref64, A32, D32
+    torch.cuda.empty_cache()
+    return records
+
+
+def markdown(records, props, args):
+    """The Markdown table of the records."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"# ntk_fast gram on {props.name} (torch {torch.__version__}, d={args.d}, h={args.h}, L={args.L})", "",
+             "Symmetric Gram, TFLOP/s on n^2 sum_l (fan_in + fan_out); cuBLAS = torch.mm 8192^3 in the same "
+             "precision, same run; ref = per-layer torch.mm Grams + Hadamard; func = torch.func J J^T.", "",
+             "| n | precision | time ms | TFLOP/s | cuBLAS TFLOP/s | frac cuBLAS | ref ms | x ref | func ms | x func "
+             "| rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['n']} | {r['precision']} | {r['time_ms']:.2f} | {r['tflops_sym_half']:.1f} | "
+                     f"{r['cublas_tflops']:.1f} | {r['frac_cublas']:.2f} | {fmt(r['ref_time_ms'], '.2f')} | "
+                     f"{fmt(r['speedup_vs_ref'], '.2f')} | {fmt(r['func_time_ms'], '.1f')} | "
+                     f"{fmt(r['speedup_vs_func'], '.1f')} | {fmt(r['rel_err_vs_f64'], '.2e')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir")
@@ -133,63 +215,7 @@ def main(argv=None):
 
     records = []
     for n in args.n:
-        torch.manual_seed(n)
-        net = FCNet(args.d, args.h, args.L, dtype=torch.float32, device=dev)
-        x = torch.randn(n, args.d, device=dev)
-        A32, D32 = net.features(x)
-        fans = [a.shape[1] for a in A32], [d.shape[1] for d in D32]
-        scales = [1.0] * len(A32)
-        flops_half = float(n) ** 2 * (sum(fans[0]) + sum(fans[1]))
-        A64, D64 = [a.double() for a in A32], [d.double() for d in D32]
-        ref64 = plain_reference(A64, D64, scales) if fits(3 * 8 * n * n) else None
-        scale_ref = ref64.abs().max().item() if ref64 is not None else None
-
-        func_ms = {}
-        if n <= args.func_max_n:
-            for name, dtype, prec in PRECISIONS:
-                netp = FCNet(args.d, args.h, args.L, dtype=dtype, device=dev)
-                netp.load_state_dict({k: v.to(dtype) for k, v in net.state_dict().items()})
-                xp = x.to(dtype)
-                set_tf32(prec == "tf32")
-                try:
-                    func_ms[name] = cuda_time(lambda: jacobian_ntk(netp, xp), warmup=1, reps=3)
-                except torch.cuda.OutOfMemoryError:
-                    func_ms[name] = None
-                finally:
-                    set_tf32(False)
-                    torch.cuda.empty_cache()
-
-        for name, dtype, prec in PRECISIONS:
-            A = A64 if dtype == torch.float64 else A32
-            D = D64 if dtype == torch.float64 else D32
-            out = torch.empty(n, n, device=dev, dtype=dtype)
-            op = lambda: torch.ops.ntk_fast.gram.out(A, D, None, None, scales, 0, prec, out=out)  # noqa: E731
-            ms = cuda_time(op, reps=args.reps)
-            err = None
-            if ref64 is not None:
-                op()
-                err = ((out.double() - ref64).abs().max().item()) / scale_ref
-            ref_ms = None
-            if fits(3 * n * n * out.element_size()):
-                set_tf32(prec == "tf32")
-                try:
-                    ref_ms = cuda_time(lambda: plain_reference(A, D, scales), reps=args.reps)
-                except torch.cuda.OutOfMemoryError:
-                    ref_ms = None
-                finally:
-                    set_tf32(False)
-            del out
-            torch.cuda.empty_cache()
-            tflops = flops_half / (ms * 1e-3) / 1e12
-            rec = dict(n=n, precision=name, time_ms=ms, tflops_sym_half=tflops, cublas_tflops=cublas[name],
-                       frac_cublas=tflops / cublas[name], ref_time_ms=ref_ms,
-                       speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
-                       func_time_ms=func_ms.get(name), speedup_vs_func=(func_ms[name] / ms) if func_ms.get(name) else None,
-                       rel_err_vs_f64=err, flops_sym_half=flops_half)
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-        del A64, D64, ref64, A32, D32
-        torch.cuda.empty_cache()
+        records += measure_n(n, args, dev, cublas)
 
     meta = dict(device=props.name, sm_count=props.multi_processor_count, total_memory_gb=props.total_memory / 2 ** 30,
                 torch=torch.__version__, cuda=torch.version.cuda, d=args.d, h=args.h, L=args.L,
@@ -198,20 +224,7 @@ def main(argv=None):
     with open(os.path.join(args.outdir, "gpu_gram.json"), "w") as f:
         json.dump(dict(meta=meta, results=records), f, indent=1)
 
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    lines = [f"# ntk_fast gram on {props.name} (torch {torch.__version__}, d={args.d}, h={args.h}, L={args.L})", "",
-             "Symmetric Gram, TFLOP/s on n^2 sum_l (fan_in + fan_out); cuBLAS = torch.mm 8192^3 in the same "
-             "precision, same run; ref = per-layer torch.mm Grams + Hadamard; func = torch.func J J^T.", "",
-             "| n | precision | time ms | TFLOP/s | cuBLAS TFLOP/s | frac cuBLAS | ref ms | x ref | func ms | x func | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['n']} | {r['precision']} | {r['time_ms']:.2f} | {r['tflops_sym_half']:.1f} | "
-                     f"{r['cublas_tflops']:.1f} | {r['frac_cublas']:.2f} | {fmt(r['ref_time_ms'], '.2f')} | "
-                     f"{fmt(r['speedup_vs_ref'], '.2f')} | {fmt(r['func_time_ms'], '.1f')} | "
-                     f"{fmt(r['speedup_vs_func'], '.1f')} | {fmt(r['rel_err_vs_f64'], '.2e')} |")
-    md = "\n".join(lines) + "\n"
+    md = markdown(records, props, args)
     with open(os.path.join(args.outdir, "gpu_gram.md"), "w") as f:
         f.write(md)
     print(md)

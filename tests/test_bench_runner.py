@@ -19,6 +19,7 @@ def test_runner_tiny_table_and_json(tmp_path, capsys):
     rc = bench_runner.main(["--n", "48", "--h", "32", "--d", "20", "--L", "2", "--dtype", "float64",
                             "--methods", "ntk_fast,reference,func_jacobian,func_ntvp,brute_force",
                             "--repeats", "1", "--warmup", "0", "--probe-n", "16", "--matmul-n", "128",
+                            "--max-seconds", "1e9",   # a busy machine must not turn a row into an extrapolation
                             "--out-dir", str(tmp_path), "--tag", "tiny", "--quiet", "--no-malloc-tuning"])
     assert rc == 0
     out = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Frozen-kernel solver: kernel gradient flow with the trainer's loss and step rule, and closed forms.
 
-Dynamics (article notation, DESIGN.md section 5).  For the model linearised at weights w*, with Theta the NTK
+Dynamics (article notation, docs/design.md section 5).  For the model linearised at weights w*, with Theta the NTK
 Gram of f at w* on the n training points, the outputs obey (no alpha appears)::
 
     dF/dt = -(1/n) Theta (l'(y o F) o y),          F(0) = 0,
