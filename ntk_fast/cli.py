@@ -367,6 +367,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:   # MemoryError: the memory guard
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (runs with a checkpoint resume when started again)", file=sys.stderr)
-        return 130

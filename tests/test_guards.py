@@ -254,3 +254,14 @@ def test_cli_bad_args_exit_with_a_message(tmp_path, capsys):
     assert cli_main(["train", "--dataset", "fashion", "--data", str(tmp_path / "nope"), "--out",
                      str(tmp_path / "d"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_cuda_available_bytes_and_guard(monkeypatch):
+    monkeypatch.delenv(gmem.ENV, raising=False)
+    free, total = torch.cuda.mem_get_info()
+    avail = available_bytes("cuda")
+    assert free <= avail <= total
+    net = FCNet(10, 8, 1, device="cuda")
+    with pytest.raises(MemoryBudgetError, match=r"available on cuda"):
+        empirical_ntk(net, torch.zeros(2_000_000, 10, device="cuda"))
