@@ -1,6 +1,6 @@
 """neural-tangents side of bench_limits.py, run in its own venv (jax + neural-tangents; never torch).
 
-    /work/jaxvenv/bin/python bench/_nt_limit_worker.py SPEC.json
+    NT_PYTHON bench/_nt_limit_worker.py SPEC.json      (a venv with jax + neural-tangents, e.g. .venv-nt)
 
 SPEC: {"x": path.npy, "L": int, "activation": "relu" | "erf", "c": float, "out": prefix, "repeats": int}.
 FCNet's layer z' = W (c sigma(z)) / sqrt(h) is stax's "ntk" Dense with W_std = c after an activation
