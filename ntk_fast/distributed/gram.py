@@ -167,6 +167,8 @@ def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optiona
         raise ValueError(f"empirical_ntk: out must be a path ending in .npy, got {path!r}")
     if mode == "diagonal" and x2 is not None:
         raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
+    if x1.shape[0] == 0 or (x2 is not None and x2.shape[0] == 0):
+        raise ValueError("gram_to_disk: x1 and x2 must hold at least one point (nothing to write)")
     if not isinstance(page_bytes, int) or page_bytes < 1:
         raise ValueError(f"gram_to_disk: page_bytes must be a positive int, got {page_bytes!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 1):
