@@ -103,8 +103,11 @@ def test_one_process_equals_reference(tmp_path, gen, k, mode, with_x2):
     net = FCNet(5, 13, 2, k, dtype=torch.float64, generator=gen)
     x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
     x2 = torch.randn(11, 5, generator=gen, dtype=torch.float64) if with_x2 else None
-    g = gram_to_disk(net, x, tmp_path / "g.npy", x2, mode=mode, tile=8, page_bytes=8, progress=False)
     ref = empirical_ntk(net, x, x2, mode=mode)
+    g0 = gram_to_disk(net, x, tmp_path / "g0.npy", x2, mode=mode, tile=8, page_bytes=8, progress=False,
+                      cache_features=False)           # one public empirical_ntk call per tile
+    torch.testing.assert_close(g0, ref, rtol=1e-12, atol=1e-12)
+    g = gram_to_disk(net, x, tmp_path / "g.npy", x2, mode=mode, tile=8, page_bytes=8, progress=False)
     assert g.shape == ref.shape
     torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
     if mode != "diagonal" and not with_x2:

@@ -9,10 +9,11 @@ the transposes of the finished upper tiles (Theta[I, J] = Theta[J, I]^T, with ou
 mode="full" with k > 1), so a rank never writes outside its own rows (page safety: ntk_fast.distributed.layout).
 With x2 given, row panels of x1 go to ranks and every tile is computed.
 
-Each tile is one call of the public :func:`ntk_fast.empirical_ntk`, so every model, mode and method that
-function supports works here; the features of a row block are recomputed for every tile of its row
-(cost: one forward and k backward passes per tile, small against the tile's Gram for wide layers).
-Memory per rank: the features of two blocks plus one tile; the Gram itself lives in the file.
+Tiles come from ntk_fast.distributed.tiles: for structured models the features of each row block are
+computed once per rank and each tile is one call of the fused op; any other model (or
+cache_features=False) gets one call of the public :func:`ntk_fast.empirical_ntk` per tile, so every model,
+mode and method that function supports works here.  Memory per rank: the cached features plus one tile;
+the Gram itself lives in the file.
 """
 from __future__ import annotations
 
@@ -26,18 +27,16 @@ import torch
 from torch import nn
 
 from ntk_fast.distributed import comm, layout, manifest
+from ntk_fast.distributed.tiles import TileSource
 from ntk_fast.progress import progress_bar
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_TILE = 1024
 
 
-def compute_tile(model: nn.Module, xi: torch.Tensor, xj: Optional[torch.Tensor], mode: str, method: str,
-                 precision: str) -> np.ndarray:
-    """One tile by the public entry point (xj None: the diagonal tile, computed symmetric)."""
-    from ntk_fast.ntk.empirical import empirical_ntk
-    res = empirical_ntk(model, xi, xj, mode=mode, method=method, precision=precision)
-    return res.detach().to("cpu").numpy()
+def compute_tile(source: TileSource, ri: Tuple[int, int], rj: Optional[Tuple[int, int]]) -> np.ndarray:
+    """One tile (rj None: the symmetric diagonal tile of ri, or the diagonal mode's entries)."""
+    return source.tile(ri, rj)
 
 
 def _mirror(block: np.ndarray, full_k: bool) -> np.ndarray:
@@ -99,7 +98,7 @@ def _grid(meta: Dict[str, Any]) -> Tuple[List[Tuple[int, int]], List[Tuple[int, 
 
 
 def _compute_tiles(path: str, meta: Dict[str, Any], mine: List[Tuple[int, int]], log: manifest.DoneLog,
-                   model, x1, x2, progress, rank: int) -> None:
+                   source: TileSource, progress, rank: int) -> None:
     rows, cols = _grid(meta)
     mm = layout.open_npy(path, tuple(meta["shape"]), np.dtype(meta["dtype"]))
     bar = progress_bar(progress if rank == 0 else False, total=len(mine), desc="gram to disk", unit="tile")
@@ -108,10 +107,10 @@ def _compute_tiles(path: str, meta: Dict[str, Any], mine: List[Tuple[int, int]],
             (i0, i1), (j0, j1) = rows[t[0]], cols[t[1]]
             t0 = time.perf_counter()
             if meta["mode"] == "diagonal":
-                mm[i0:i1] = compute_tile(model, x1[i0:i1], None, "diagonal", meta["method"], meta["precision"])
+                mm[i0:i1] = compute_tile(source, (i0, i1), None)
             else:
-                xj = None if (meta["symmetric"] and t[0] == t[1]) else (x1 if x2 is None else x2)[j0:j1]
-                mm[i0:i1, j0:j1] = compute_tile(model, x1[i0:i1], xj, meta["mode"], meta["method"], meta["precision"])
+                rj = None if (meta["symmetric"] and t[0] == t[1]) else (j0, j1)
+                mm[i0:i1, j0:j1] = compute_tile(source, (i0, i1), rj)
             mm.flush()                      # data on disk before the tile is listed as done
             log.tile_done(t, time.perf_counter() - t0)
             if bar is not None:
@@ -143,7 +142,7 @@ def _mirror_rows(path: str, meta: Dict[str, Any], mine: List[int], log: manifest
 def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optional[torch.Tensor] = None, *,
                  mode: str = "full", method: str = "auto", tile: Optional[int] = None,
                  page_bytes: int = layout.HEADER_BYTES, progress: Optional[bool] = None,
-                 precision: str = "highest") -> torch.Tensor:
+                 precision: str = "highest", cache_features: bool = True) -> torch.Tensor:
     """Empirical NTK Gram of ``model`` on x1 (with x2, or itself) written into the ``.npy`` file ``path``.
 
     Collective when a torch.distributed process group is initialised (every rank calls it with the same
@@ -155,6 +154,9 @@ def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optiona
             (default 1024).  page_bytes: the page size the row blocks are aligned to (default: this
             machine's page, also the header size); smaller values are safe only when all ranks share one
             page cache (one machine).  progress: one tqdm bar on rank 0 (None: when stderr is a terminal).
+        cache_features: structured models: compute each row block's features once per rank and keep them
+            (memory: features of the blocks this rank touches); False, or any other model: one public
+            empirical_ntk call per tile (features recomputed per tile; ntk_fast.distributed.tiles).
 
     Files: ``path`` (the array, header padded to one page), ``path.manifest.json`` (what it holds),
     ``path.done.rank<r>.json`` (finished tiles of rank r).  Rerunning after a kill computes only the tiles
@@ -184,7 +186,8 @@ def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optiona
     rows, cols = _grid(meta)
     missing = [t for t in layout.all_tiles(len(rows), len(cols), meta["symmetric"]) if t not in done]
     plan = layout.plan_tiles(missing, rows, cols, meta["symmetric"], world)
-    comm.run_agreed(lambda: _compute_tiles(path, meta, plan[rank], log, model, x1, x2, progress, rank))
+    source = TileSource(model, x1, x2, mode, method, precision, cache_features)
+    comm.run_agreed(lambda: _compute_tiles(path, meta, plan[rank], log, source, progress, rank))
     if meta["symmetric"]:
         todo = {b for b in range(1, len(rows)) if b not in mirrored}
         mplan = layout.plan_mirrors(todo, rows, world)
