@@ -49,6 +49,9 @@ def run(rank, path):
         G.compute_tile = killer
     net, x = problem()
     G.gram_to_disk(net, x, path, mode=MODE, tile=TILE, page_bytes=PAGE, progress=False)
+    if os.environ.get("NTK_TEST_X2"):           # row panels of x1 against x2, in the same process group
+        x2 = torch.randn(64, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        G.gram_to_disk(net, x, path + ".x2.npy", x2, mode=MODE, tile=TILE, page_bytes=PAGE, progress=False)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
 
@@ -63,14 +66,15 @@ def _problem(n, k):
     return FCNet(5, 16, 2, k, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), x
 
 
-def _worker(tmp_path, path, n, k, mode, tile, world, kill_after=-1, page=4096, timeout=120):
+def _worker(tmp_path, path, n, k, mode, tile, world, kill_after=-1, page=4096, timeout=120, x2=False):
     """Start ``world`` worker processes (ranks of a gloo group through a file store); returns the list of
     (return code, stderr) once all have ended (each bounded by ``timeout`` seconds)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     if os.path.exists(str(path) + ".pg"):
         os.remove(str(path) + ".pg")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               NTK_TEST_X2="1" if x2 else "")
     args = [sys.executable, str(script), str(path), str(n), str(k), mode, str(tile), str(world), str(kill_after),
             str(page)]
     procs = [subprocess.Popen(args + [str(r)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -153,10 +157,11 @@ def test_layout_pages_and_balance():
 
 
 def test_two_ranks_gloo(tmp_path):
-    """2 ranks (gloo, spawned): the same array as one process, each rank did part of the tiles, none twice."""
+    """2 ranks (gloo): the same array as one process, each rank did part of the tiles, none twice; with x2,
+    row panels across the ranks."""
     n, k = 296, 1                                      # float64 rows of 2368 bytes: blocks of 64 rows are whole pages
     path = tmp_path / "g2.npy"
-    res = _worker(tmp_path, path, n, k, "trace", 64, 2)
+    res = _worker(tmp_path, path, n, k, "trace", 64, 2, x2=True)
     assert all(rc == 0 for rc, _ in res), res
     net, x = _problem(n, k)
     g = np.load(path)
@@ -166,6 +171,12 @@ def test_two_ranks_gloo(tmp_path):
     assert len(lists) == 2 and all(lists)
     flat = [t for lst in lists for t in lst]
     assert len(flat) == len(set(flat)) == 15           # 5 row blocks: 15 upper tiles, each computed once
+    x2 = torch.randn(64, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    np.testing.assert_allclose(np.load(str(path) + ".x2.npy"), empirical_ntk(net, x, x2, mode="trace").numpy(),
+                               rtol=1e-12, atol=1e-12)
+    lists = _done_lists(str(path) + ".x2.npy")         # 64 columns: rows of 512 bytes, 5 row panels of 64
+    assert len(lists) == 2 and all(lists)
+    assert sorted(t for lst in lists for t in lst) == [(i, 0) for i in range(5)]
 
 
 def test_sigkill_then_resume_computes_only_missing_tiles(tmp_path, monkeypatch):
