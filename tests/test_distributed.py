@@ -17,7 +17,25 @@ from ntk_fast.distributed import gram_to_disk, layout, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORKER = r'''
+FLOW_RUN = r'''
+def flow_run(step, theta, n):
+    """Three attempts of the kernel flow for 2 problems (one inactive at the last attempt) from a seeded state."""
+    import torch
+    gen = torch.Generator().manual_seed(3)
+    y = torch.where(torch.randn(2, n, generator=gen) > 0, 1.0, -1.0).double()
+    f = 0.1 * torch.randn(2, n, generator=gen, dtype=torch.float64)
+    g = 0.01 * torch.randn(2, n, generator=gen, dtype=torch.float64)
+    r, c = torch.zeros_like(f), torch.zeros_like(f)
+    dt = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    stats = []
+    for i in range(3):
+        active = torch.tensor([True, i < 2])
+        f, r, g, c, st = step(theta, y, f, g, r, c, dt, active, "softhinge", 20.0)
+        stats.append(st)
+    return f, r, g, c, torch.stack(stats)
+'''
+
+WORKER = FLOW_RUN + r'''
 import datetime, os, signal, sys
 import torch
 torch.set_num_threads(1)
@@ -52,6 +70,8 @@ def run(rank, path):
     if os.environ.get("NTK_TEST_X2"):           # row panels of x1 against x2, in the same process group
         x2 = torch.randn(64, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         G.gram_to_disk(net, x, path + ".x2.npy", x2, mode=MODE, tile=TILE, page_bytes=PAGE, progress=False)
+        from ntk_fast.distributed.flow import RowShard, sharded_flow_step
+        torch.save(flow_run(sharded_flow_step, RowShard.from_file(path), N), path + f".flow{rank}.pt")
     if WORLD > 1:
         torch.distributed.destroy_process_group()
 
@@ -177,6 +197,16 @@ def test_two_ranks_gloo(tmp_path):
     lists = _done_lists(str(path) + ".x2.npy")         # 64 columns: rows of 512 bytes, 5 row panels of 64
     assert len(lists) == 2 and all(lists)
     assert sorted(t for lst in lists for t in lst) == [(i, 0) for i in range(5)]
+    # kernel flow attempts on Theta split by rows (ntk_fast.distributed.flow): the same on both ranks, bit for
+    # bit, and equal to the op's reference on the whole Theta
+    ns = {}
+    exec(FLOW_RUN, ns)
+    from ntk_fast.ops.reference import kernel_flow_step_ref
+    want = ns["flow_run"](kernel_flow_step_ref, torch.from_numpy(g), n)
+    got = [torch.load(str(path) + f".flow{r}.pt") for r in range(2)]
+    for a, b, w in zip(got[0], got[1], want):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-15)
 
 
 def test_sigkill_then_resume_computes_only_missing_tiles(tmp_path, monkeypatch):
@@ -215,6 +245,22 @@ def test_sigkill_one_rank_of_two_then_resume(tmp_path):
     assert len(flat) == len(set(flat)) == 15 and set(before) <= set(flat)
     net, x = _problem(n, k)
     np.testing.assert_allclose(np.load(path), empirical_ntk(net, x, mode="trace").numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_row_shard_one_process_equals_reference(tmp_path, gen):
+    """Without a process group the shard is the whole Theta: attempts equal kernel_flow_step's reference."""
+    from ntk_fast.distributed.flow import RowShard, row_range, sharded_flow_step
+    from ntk_fast.ops.reference import kernel_flow_step_ref
+    net = FCNet(5, 9, 2, 1, dtype=torch.float64, generator=gen)
+    x = torch.randn(31, 5, generator=gen, dtype=torch.float64)
+    theta = gram_to_disk(net, x, tmp_path / "t.npy", tile=8, page_bytes=8, progress=False)
+    ns = {}
+    exec(FLOW_RUN, ns)
+    got = ns["flow_run"](sharded_flow_step, RowShard.from_file(tmp_path / "t.npy"), 31)
+    want = ns["flow_run"](kernel_flow_step_ref, theta.clone(), 31)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-15)
+    assert [row_range(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
 
 
 def test_refuses_other_weights_data_or_tiling(tmp_path, gen):
