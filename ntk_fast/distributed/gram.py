@@ -162,8 +162,14 @@ def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optiona
     ``path.done.rank<r>.json`` (finished tiles of rank r).  Rerunning after a kill computes only the tiles
     not listed as done; a different model, data, shape or tiling is refused (ValueError naming the
     manifest), and a corrupt manifest is an error naming the file.  Cost: that of the tiles
-    (n1 n2 / 2 Gram entries when symmetric) plus one feature pass per tile.
+    (n1 n2 / 2 Gram entries when symmetric) plus the features: one pass per row block and rank when
+    cached, two block passes per tile otherwise.
     """
+    from ntk_fast.ntk.empirical import METHODS, MODES
+    if mode not in MODES:
+        raise ValueError(f"gram_to_disk: mode must be one of {MODES}, got {mode!r}")
+    if method not in METHODS:
+        raise ValueError(f"gram_to_disk: method must be one of {METHODS}, got {method!r}")
     path = os.fspath(path)
     if not path.endswith(".npy"):
         raise ValueError(f"empirical_ntk: out must be a path ending in .npy, got {path!r}")
