@@ -22,7 +22,8 @@ sum_c Theta[., ., c, c] as (n1, n2); ``"diagonal"`` gives the trace kernel's dia
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import os
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -290,7 +291,8 @@ def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress, 
 # ---------------------------------------------------------------------------------------------- public API
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
-                  method: str = "auto", block_size: Optional[int] = None, out: Optional[torch.Tensor] = None,
+                  method: str = "auto", block_size: Optional[int] = None,
+                  out: Optional[Union[torch.Tensor, str, os.PathLike]] = None,
                   progress: Optional[bool] = None, precision: str = "highest",
                   check: bool = False) -> torch.Tensor:
     """Empirical NTK Gram of ``model`` between x1 (n1, ...) and x2 (n2, ...) (x2=None: x1 with itself).
@@ -303,7 +305,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         block_size: structured path: rows per panel written to ``out`` (and per feature batch);
             jacobian path: points per Jacobian block (default: about 256 MB per block).
         out: preallocated result of the right shape and dtype (may wrap a numpy memmap: the Gram is
-            written panel by panel and may exceed RAM when block_size is given).
+            written panel by panel and may exceed RAM when block_size is given); or a path ending in
+            ``.npy``: the Gram is written tile by tile into that file, across the ranks of a torch.distributed
+            process group when one is initialised, resumable after a kill (block_size = tile rows;
+            :func:`ntk_fast.distributed.gram_to_disk`, docs/distributed.md).
         progress: tqdm bar over panels (None: only when stderr is a terminal).  precision: "highest" or "tf32" (CUDA, float32 only).
         check: also check the result (opt-in; one pass over it): finite, symmetric when x2 is None, and a
             non-negative diagonal (ntk_fast.guards.psd.check_ntk_result); ValueError otherwise.
@@ -323,6 +328,17 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         raise ValueError(f"empirical_ntk: method must be one of {METHODS}, got {method!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"empirical_ntk: block_size must be a positive int or None, got {block_size!r}")
+    if isinstance(out, (str, os.PathLike)):   # on-disk Gram, tiles across torch.distributed ranks
+        from ntk_fast.distributed import gram_to_disk
+        _check_x("x1", x1, _model_params(model)[0])
+        if x2 is not None:
+            _check_x("x2", x2, x1)
+        res = gram_to_disk(model, x1, out, x2, mode=mode, method=method, tile=block_size, progress=progress,
+                           precision=precision)
+        if check:
+            from ntk_fast.guards.psd import check_ntk_result
+            check_ntk_result(res, x2 is None, mode)
+        return res
     params = _model_params(model)
     _check_x("x1", x1, params[0])
     if x2 is not None:
