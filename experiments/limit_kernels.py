@@ -9,7 +9,7 @@ For each width h and seed: the empirical NTK Theta_h of FCNet(d=784, h, L=3, sof
   * the test outputs of kernel regression (ridgeless, on the parity labels) with Theta_h against those with
     Theta_inf: |f_h - f_inf| / |f_inf|  (the predictor a lazy-regime net trained to zero loss follows,
     up to the net's output at initialisation).
-Both should fall like h^{-1/2}; the fitted slopes are printed.  Plot: docs/limit_convergence.png (and .json).
+Both should fall like h^{-1/2}; the fitted slopes are printed.  Plot: docs/limit_convergence.png; numbers: experiments/results/limit_convergence.json.
 Data: Fashion-MNIST through ntk_fast.data.load_dataset; when it cannot be found, the bundled "digits"
 (d = 64), and failing that Gaussian points on the sphere.
 """
@@ -53,7 +53,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--L", type=int, default=3)
     ap.add_argument("--paper", action="store_true", help="n = 1000 + 1000, widths to 8192, 8 seeds")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "limit_convergence.png"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "limit_convergence.png"), help="the figure")
+    ap.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "limit_convergence.json"),
+                    help="the numbers (JSON)")
     a = ap.parse_args()
     if a.paper:
         a.n, a.n_test, a.widths, a.seeds = 1000, 1000, "128,256,512,1024,2048,4096,8192", 8
@@ -99,7 +101,8 @@ def main() -> int:
     fig.tight_layout()
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     fig.savefig(a.out, dpi=120)
-    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    with open(a.results, "w") as f:
         json.dump(info, f, indent=1)
     print("wrote", a.out)
     return 0
