@@ -221,3 +221,19 @@ class GenericResult(FlowResult):
         base = {f.name: blob[f.name] for f in dataclasses.fields(DynamicsResult) if f.name in blob}
         return cls(**base, nets=nets, f0_train=blob["f0_train"], f0_test=blob["f0_test"], ensemble=blob["ensemble"],
                    ensemble_history=blob.get("ensemble_history", []))
+
+
+def still_running(S: Dict[str, Any], K: int, t_wall: float, max_wall: float) -> List[int]:
+    """The models still running; when the wall-clock budget is spent they all stop as "max_wall" (empty list)."""
+    active = [k for k in range(K) if S["status"][k] == "running"]
+    if active and time.perf_counter() - t_wall >= max_wall:
+        for k in active:
+            S["status"][k] = "max_wall"
+        return []
+    return active
+
+
+def step_bar(progress: bool, desc: str):
+    """The loops' progress bar (ntk_fast.progress policy: progress=None means only on a terminal)."""
+    from ntk_fast.progress import progress_bar
+    return progress_bar(progress, desc=desc, unit="step")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ntk_fast.dynamics import observables as obs
-from ntk_fast.dynamics.generic.common import Run
+from ntk_fast.dynamics.generic.common import Run, step_bar, still_running
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
 
@@ -92,16 +92,12 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
             state["V"] = V.cpu().clone()
         run.save(checkpoint, config, state, S)
 
-    bar = _bar(progress, f"flow K={K} alpha={alpha:g}")
+    bar = step_bar(progress, f"flow K={K} alpha={alpha:g}")
     t_wall, last_save = time.perf_counter(), time.perf_counter()
     try:
         while True:
-            active = [k for k in range(K) if S["status"][k] == "running"]
+            active = still_running(S, K, t_wall, max_wall)
             if not active:
-                break
-            if time.perf_counter() - t_wall >= max_wall:
-                for k in active:
-                    S["status"][k] = "max_wall"
                 break
             dts = torch.tensor([S["dt"][k] if k in active else 0.0 for k in range(K)], dtype=dtype, device=dev)
             Wt, Vt = _trial(W, G, V, dts, tau)
@@ -165,10 +161,3 @@ def _decide(S, active, rule: StepRule, G, Gt, F, Ft, lt, max_rejections: int):
                 S["status"][k] = "stalled" if finite[k] and math.isfinite(lt[k]) else "nonfinite"
         S["dt"][k] = new_dt
     return acc
-
-
-def _bar(progress: bool, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(desc=desc, unit="step", dynamic_ncols=True)

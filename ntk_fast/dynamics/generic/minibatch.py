@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 
 from ntk_fast.dynamics import observables as obs
-from ntk_fast.dynamics.generic.common import Run
-from ntk_fast.dynamics.generic.flow import _bar
+from ntk_fast.dynamics.generic.common import Run, step_bar, still_running
 from ntk_fast.dynamics.generic.optim import RowAdam, RowSGD
 
 
@@ -99,16 +98,12 @@ def run_minibatch(run: Run, dynamics: str, lr: float, batch_size: int, seed: int
     def save():
         run.save(checkpoint, config, dict(W=W.cpu().clone(), opt=opt.state(), gens=[g.get_state() for g in gens]), S)
 
-    bar = _bar(progress, f"{dynamics} K={K} alpha={run.alpha:g}")
+    bar = step_bar(progress, f"{dynamics} K={K} alpha={run.alpha:g}")
     t_wall, last_save = time.perf_counter(), time.perf_counter()
     try:
         while True:
-            active = [k for k in range(K) if S["status"][k] == "running"]
+            active = still_running(S, K, t_wall, max_wall)
             if not active:
-                break
-            if time.perf_counter() - t_wall >= max_wall:
-                for k in active:
-                    S["status"][k] = "max_wall"
                 break
             due = _step(run, W, opt, gens, S, active, batch_size, limit)
             checkpoint_models(due)
