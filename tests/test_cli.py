@@ -120,7 +120,7 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
         # die after the first checkpoint of the second run that holds accepted steps (robust to a slow machine)
         if "h16_asqrth1_s1" in str(path) and "checkpoint" in os.path.basename(str(path)):
             calls["n"] += 1
-            if obj["host"]["step"][0] > 0:
+            if obj["nets"][0]["step"] > 0:
                 raise KeyboardInterrupt
     monkeypatch.setattr(flow, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -129,7 +129,7 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
     first, second, third = (out / f"h16_asqrth1_s{s}" for s in range(3))
     assert (first / "summary.json").exists() and not (second / "summary.json").exists()
     assert (second / "checkpoint.pt").exists() and not third.exists()
-    step_at_kill = torch.load(second / "checkpoint.pt", weights_only=False)["host"]["step"][0]
+    step_at_kill = torch.load(second / "checkpoint.pt", weights_only=False)["nets"][0]["step"]
     mtime = os.path.getmtime(first / "summary.json")
     assert cli.main(args) == 0
     assert os.path.getmtime(first / "summary.json") == mtime

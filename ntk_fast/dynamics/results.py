@@ -12,7 +12,8 @@ runs it describes (the K nets of a trainer ensemble, the E problems of a solver 
     config, wall                            the arguments (JSON-safe) and seconds spent
 
 Records are history entries (event "scheduled": a step of the log-linear record schedule; "converged": the
-step that reached the margin; "final": the end state); "checkpoint" means only the resume file.
+step that reached the margin; "stopped": the step where a limit stopped a net off the schedule (trainer);
+"final": the end state); "checkpoint" means only the resume file.
 
 Status vocabulary (per run; :func:`overall_status` makes the overall one):
 

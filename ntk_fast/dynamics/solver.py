@@ -8,7 +8,7 @@ Gram of f at w* on the n training points, the outputs obey (no alpha appears)::
 
 Writing r(F) = l'(y o F) o y and c(t) = int_0^t (1/n) r(F(s)) ds, F(t) = -Theta c(t), so the outputs on any
 other points are F_test(t) = -Theta_test,train c(t): the solver accumulates c and never touches the test
-kernel between checkpoints (the reference code instead solved lstsq(Theta, F_train) at the end).
+kernel between records (the reference code instead solved lstsq(Theta, F_train) at the end).
 
 Integration: explicit Euler with the trainer's adaptive step (ntk_fast.dynamics.steprule.StepRule).  From a state
 (F, g = Theta r(F) / n) a trial step of size dt gives F' = F - dt g and g' = Theta r(F') / n; it is accepted
