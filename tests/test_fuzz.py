@@ -204,7 +204,7 @@ def test_fuzz_kernel_flow(data):
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,) if E is None else (E, n), generator=g).to(dtype) * 2 - 1
-    loss = draw(st.sampled_from(["softhinge", "qhinge", "mse"]))
+    loss = draw(st.sampled_from(["softhinge", "qhinge", "hinge", "mse"]))
     fault = draw(st.sampled_from(["none", "nonfinite_K", "nonfinite_y", "labels", "negative", "K_shape", "loss",
                                   "y_dtype", "K_kind", "max_dout"]))
     kw = dict(loss=loss, max_steps=60, progress=False)
@@ -222,7 +222,7 @@ def test_fuzz_kernel_flow(data):
     elif fault == "K_shape":
         K, bad = K[:, :max(1, n - 1)] if n > 1 else K.reshape(1, 1, 1, 1), ["K_train"]
     elif fault == "loss":
-        kw["loss"], bad = "hinge", ["loss"]
+        kw["loss"], bad = "crossentropy", ["loss"]
     elif fault == "y_dtype":
         y, bad = y.to(torch.int64), ["y"]
     elif fault == "K_kind":
