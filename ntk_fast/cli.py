@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Checks argparse cannot express: a usable --device, a non-negative --max-steps (ValueError naming it)."""
-    dev = getattr(args, "device", None)
-    if dev is not None:
+    devs = getattr(args, "device", None)
+    for dev in ([] if devs is None else devs if isinstance(devs, list) else [devs]):   # doctor: repeatable
         try:
             d = torch.device(dev)
         except RuntimeError as exc:

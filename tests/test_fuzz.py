@@ -319,8 +319,8 @@ def test_fuzz_train(data):
         y, bad = y[:-1] if n > 1 else y.reshape(1, 1), ["y"]
     elif fault == "x_shape":
         x, bad = torch.zeros(n, d + 1, dtype=dtype), ["x"]
-    elif fault == "net":
-        net, bad = torch.nn.Linear(d, 1), ["net"]
+    elif fault == "net":   # any module trains now (issue 14); one with two outputs per point does not
+        net, x, bad = torch.nn.Linear(d, 2, dtype=dtype), x.to(dtype), ["output"]
     elif fault == "test":
         kw.update(x_test=x[:, :0] if d > 1 else x.reshape(-1, 1, 1), y_test=y)
         bad = ["x_test"]
