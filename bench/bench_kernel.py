@@ -170,7 +170,7 @@ def main():
     n = args.n
     Es = [int(v) for v in args.E.split(",")]
     rates0 = machine_rates(n, dtype)
-    print(f"# n={n} {args.dtype} threads={torch.get_num_threads()} extension={native("kernel_flow_step")}")
+    print(f"# n={n} {args.dtype} threads={torch.get_num_threads()} extension={native('kernel_flow_step')}")
     print(f"# before: read bandwidth {rates0['read_bw_GBs']:.1f} GB/s, matmul {rates0['mm_GFLOPs']:.1f} GFLOP/s")
     K, Y = (make_ntk_problem if args.kernel == "ntk" else make_problem)(n, max(Es), dtype)
     steps = None if args.converge else args.steps
