@@ -356,7 +356,11 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
         probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
                                                  torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
                                                              device=x1.device))   # k also for empty inputs
-        k = model(probe).reshape(1, -1).shape[1]
+        try:
+            k = model(probe).reshape(1, -1).shape[1]
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise ValueError(f"empirical_ntk: the model cannot be applied to x1 of per-point shape "
+                             f"{tuple(x1.shape[1:])} ({type(exc).__name__}: {exc})") from exc
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))
