@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "limits_common.h"
+#include "limits_params.h"
 
 namespace ntk_fast {
 namespace {
@@ -101,19 +102,7 @@ std::tuple<at::Tensor, at::Tensor> limit_kernels_cpu(const at::Tensor& x1, const
   const at::Tensor x1d = x1.to(at::kDouble).contiguous(), x2d = symmetric ? x1d : y.to(at::kDouble).contiguous();
   const at::Tensor q1c = q1.contiguous(), q2c = qb.contiguous(), tc = table.contiguous();
   const at::Tensor xc = nodes.contiguous(), wc = weights.contiguous();
-  P.L = L;
-  P.n1 = n1;
-  P.n2 = n2;
-  P.K = has_table ? table.size(2) - 1 : 0;
-  P.m = xc.numel();
-  P.beta = beta;
-  P.c = c;
-  P.b2 = bias * bias;
-  P.q1 = q1c.data_ptr<double>();
-  P.q2 = q2c.data_ptr<double>();
-  P.table = has_table ? tc.data_ptr<double>() : nullptr;
-  P.x = P.m ? xc.data_ptr<double>() : nullptr;
-  P.w = P.m ? wc.data_ptr<double>() : nullptr;
+  P = limits::make_params(P.mode, L, n1, n2, q1c, q2c, tc, xc, wc, beta, c, bias);
   at::Tensor nngp = at::empty({n1, n2}, x1.options());
   at::Tensor ntk = at::empty({n1, n2}, x1.options());
   int64_t T = block > 0 ? block : 64;

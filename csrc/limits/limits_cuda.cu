@@ -11,6 +11,7 @@
 #include <string>
 
 #include "limits_common.h"
+#include "limits_params.h"
 
 namespace ntk_fast {
 namespace {
@@ -71,19 +72,7 @@ std::tuple<at::Tensor, at::Tensor> limit_kernels_cuda(const at::Tensor& x1, cons
   const at::Tensor s0 = at::mm(x1d, x2d.t()).div_((double)x1.size(1)).contiguous();
   const at::Tensor q1c = q1.contiguous(), q2c = qb.contiguous(), tc = table.contiguous();
   const at::Tensor xc = nodes.contiguous(), wc = weights.contiguous();
-  P.L = L;
-  P.n1 = n1;
-  P.n2 = n2;
-  P.K = has_table ? table.size(2) - 1 : 0;
-  P.m = xc.numel();
-  P.beta = beta;
-  P.c = c;
-  P.b2 = bias * bias;
-  P.q1 = q1c.data_ptr<double>();
-  P.q2 = q2c.data_ptr<double>();
-  P.table = has_table ? tc.data_ptr<double>() : nullptr;
-  P.x = P.m ? xc.data_ptr<double>() : nullptr;
-  P.w = P.m ? wc.data_ptr<double>() : nullptr;
+  P = limits::make_params(P.mode, L, n1, n2, q1c, q2c, tc, xc, wc, beta, c, bias);
   at::Tensor nngp = at::empty({n1, n2}, x1.options());
   at::Tensor ntk = at::empty({n1, n2}, x1.options());
   const dim3 threads(32, 8);
