@@ -68,12 +68,9 @@ def _linear(m: nn.Linear, x: torch.Tensor, D: torch.Tensor, names: List[str]) ->
     return [(_with_bias(m, A, names), D.reshape(n, k, A.shape[1], m.out_features))]
 
 
-def _conv(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> List[Piece]:
-    """Conv1d/Conv2d: unfold the (padded) input into patches, one piece per group.
-
-    Padding of any mode (and 'same') is applied first with the module's own pad amounts, then the patches
-    are taken with padding 0: out[:, o, pos] = sum_{c, kernel} W[o, c, kernel] patch[:, (c, kernel), pos].
-    """
+def _conv_geometry(m: nn.Module, x: torch.Tensor):
+    """(two_d, padded input as 4-D, kernel size, stride, dilation) of a Conv1d/Conv2d, Conv1d as a 1 x k Conv2d;
+    padding of any mode (and 'same') applied with the module's own amounts."""
     two_d = isinstance(m, nn.Conv2d)
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     xp = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
@@ -82,6 +79,16 @@ def _conv(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> L
     ks = tuple(m.kernel_size) if two_d else (1, m.kernel_size[0])
     st = tuple(m.stride) if two_d else (1, m.stride[0])
     dl = tuple(m.dilation) if two_d else (1, m.dilation[0])
+    return two_d, xp, ks, st, dl
+
+
+def _conv(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> List[Piece]:
+    """Conv1d/Conv2d: unfold the (padded) input into patches, one piece per group.
+
+    Padding of any mode (and 'same') is applied first with the module's own pad amounts, then the patches
+    are taken with padding 0: out[:, o, pos] = sum_{c, kernel} W[o, c, kernel] patch[:, (c, kernel), pos].
+    """
+    two_d, xp, ks, st, dl = _conv_geometry(m, x)
     cols = F.unfold(xp, ks, dilation=dl, padding=0, stride=st)          # (n, C_in * prod(ks), T)
     n, k, g = D.shape[0], D.shape[1], m.groups
     T = cols.shape[2]
@@ -104,14 +111,7 @@ def conv_grads(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str])
     roles of the original stride s and dilation d swap); the bias part is sum_{y, x} D.  Same numbers as
     ``token_pieces`` followed by sum_t D_t A_t^T, without the unfolded patches (several times faster on CPU).
     """
-    two_d = isinstance(m, nn.Conv2d)
-    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-    xp = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-    if not two_d:
-        xp = xp.unsqueeze(2)
-    ks = tuple(m.kernel_size) if two_d else (1, m.kernel_size[0])
-    st = tuple(m.stride) if two_d else (1, m.stride[0])
-    dl = tuple(m.dilation) if two_d else (1, m.dilation[0])
+    two_d, xp, ks, st, dl = _conv_geometry(m, x)
     n, k, g = D.shape[0], D.shape[1], m.groups
     Dr = D.reshape(n, k, m.out_channels, -1)
     out_hw = (D.shape[-2], D.shape[-1]) if two_d else (1, D.shape[-1])
