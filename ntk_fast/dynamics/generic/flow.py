@@ -32,6 +32,17 @@ def _trial(W, G, V, dts, tau):
     return W - h * G, None
 
 
+def _fresh_state(run: Run, lv, G: torch.Tensor, F: torch.Tensor) -> dict:
+    """The host state of K models at t = 0 (per model: clock, step size, counters, |g|^2, loss at 0, status)."""
+    K = run.K
+    gsq = (G.double() ** 2).sum(1).tolist()
+    nd = [int(obs.under_margin(F[k], run.y)) for k in range(K)]
+    return dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K, gsq=gsq,
+                l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_ckpt=[0] * K, n_ckpt=[0] * K,
+                last=[(0.0, 0.0, 0.0)] * K, t1=[math.nan] * K, nd=nd,
+                status=["running" if math.isfinite(lv[k]) else "nonfinite" for k in range(K)])
+
+
 def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: Optional[int], max_wall: float,
              checkpoint: Optional[str], checkpoint_every: float, resume: Optional[str], progress: bool,
              t1_fraction: float, ckpt_rate: float, ckpt_spacing: int, max_rejections: int):
@@ -53,12 +64,7 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         W = run.ens.W.clone()
         lv, G, F = vg(W)
         V = torch.zeros_like(W) if tau > 0 else None
-        gsq = (G.double() ** 2).sum(1).tolist()
-        nd = [int(obs.under_margin(F[k], run.y)) for k in range(K)]
-        S = dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K, gsq=gsq,
-                 l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_ckpt=[0] * K, n_ckpt=[0] * K,
-                 last=[(0.0, 0.0, 0.0)] * K, t1=[math.nan] * K, nd=nd,
-                 status=["running" if math.isfinite(lv[k]) else "nonfinite" for k in range(K)])
+        S = _fresh_state(run, lv, G, F)
 
     def record(k, event):
         dt_, dg, do = S["last"][k]
