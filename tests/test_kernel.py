@@ -124,6 +124,28 @@ def test_op_float32_close_to_float64():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pb,n", [(16, 67), (64, 131), (128, 203), (64, 64)])
+@pytest.mark.parametrize("E,per_problem", [(1, False), (2, False), (3, True), (5, False)])
+def test_op_packed_tiles_every_strip_shape(dtype, pb, n, E, per_problem):
+    # The packed off-diagonal tiles run 4-row strips over pairs of problems, then a single problem, then the
+    # leftover rows one by one, in vector lanes of 32 bytes (4 doubles, 8 floats) plus a scalar column tail:
+    # n, pb and E chosen so that every one of those pieces occurs, in both precisions.
+    g = torch.Generator().manual_seed(n * 10 + E)
+    A = torch.randn((E, n, n + 2) if per_problem else (n, n + 2), generator=g, dtype=D)
+    K = A @ A.mT / n
+    y, f, gg, r, c, dt = random_state(E, n, seed=E + n)
+    active = torch.rand(E, generator=g) < 0.8
+    active[-1] = True
+    ref = kernel_flow_step_ref(K, y, f, gg, r, c, dt, active, "softhinge", 20.0)
+    args = [t.to(dtype) for t in (pack_symmetric(K, pb), y, f, gg, r, c, dt)]
+    out = torch.ops.ntk_fast.kernel_flow_step(*args, active, "softhinge", 20.0, pb, 0)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, b, name in zip(out, ref, ("f", "r", "g", "c", "stats")):
+        torch.testing.assert_close(a.double(), b, **tol, msg=name)
+
+
+@needs_ext
 def test_op_opcheck():
     n, E = 20, 2
     K = torch.eye(n, dtype=D) + 0.1

@@ -39,7 +39,7 @@ from ntk_fast.ops.kernel_flow import kernel_flow_step
 from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
 from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, renamed_kwargs
 from ntk_fast.dynamics.observables import loglinspace, next_record
-from ntk_fast.ops.packed import PACKED_TILE, pack_symmetric
+from ntk_fast.ops.packed import pack_symmetric, packed_tile
 from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 from ntk_fast.guards import DEFAULT_MAX_STEPS, DivergenceMonitor, check_gram, require_memory, solve_report
@@ -190,7 +190,7 @@ def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int
     E = max(EK, Ey)
     Y = y.to(dtype=dtype, device=device).reshape(-1, n).expand(E, n).contiguous()
     Kte, Yte = _check_test(K_test_train, y_test, n, E, dtype, device, validate, loss)
-    require_memory(kernel_flow_bytes(K_train, E, packed, PACKED_TILE if packed else (block or 256)), "kernel_flow: "
+    require_memory(kernel_flow_bytes(K_train, E, packed, packed_tile(device) if packed else (block or 256)), "kernel_flow: "
                    f"the solver's copy of Theta (n = {n}, {E} problem(s), packed={packed})", device,
                    "Pass a contiguous K_train (no copy is made then), or solve fewer problems at once.")
     theta = K_train.contiguous()
@@ -201,9 +201,9 @@ def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int
     elif block is None:
         block = 256
     packed_block = 0
-    if packed:   # one device-independent layout (ntk_fast/ops/packed.py); block is the compute tile of full storage
-        theta = pack_symmetric(theta, PACKED_TILE)
-        packed_block = PACKED_TILE
+    if packed:   # one layout, the tile edge of the device (ntk_fast/ops/packed.py); block: full storage's compute tile
+        packed_block = packed_tile(device)
+        theta = pack_symmetric(theta, packed_block)
     step_block = 0 if (packed or device.type == "cuda") else block
     return _Problem(theta, Y, Kte, Yte, E, EK, n, packed_block, step_block, block)
 

@@ -1,19 +1,28 @@
 """The tile-packed symmetric layout of Theta, defined once (mirror of ``csrc/common/packed.h``).
 
-With tile edge T = PACKED_TILE and nt = ceil(n / T), the tiles (bi, bj) with bi <= bj of the upper triangle
-are stored one after the other in row-major order of (bi, bj), each a dense zero-padded T x T row-major
-block (diagonal tiles hold the full symmetric block):
+With tile edge T and nt = ceil(n / T), the tiles (bi, bj) with bi <= bj of the upper triangle are stored one
+after the other in row-major order of (bi, bj), each a dense zero-padded T x T row-major block (diagonal tiles
+hold the full symmetric block):
 
     tile_index(bi, bj) = bi nt - bi (bi - 1) / 2 + (bj - bi),      P = nt (nt + 1) / 2 T^2 entries
 
-(about n^2 / 2 + n T / 2).  The layout does not depend on the device: a Theta packed on the CPU is read
-as is by the CUDA kernel, and each kernel chooses its own compute tiling inside it.
+(about n^2 / 2 + n T / 2).  The layout is the same for every T; the kernels take T as ``packed_block``.  The
+solver packs with the tile of the device it runs on (:func:`packed_tile`): 64 on CUDA (the kernel's block tile,
+the only edge it accepts) and 32 on the CPU, measured fastest there (bench/results/ab-issue12-2026-12-06: one
+float64 attempt at n = 4000 on one thread of a 2-core AMD EPYC takes 2.4-2.9 ms with 32-tiles, about 6 ms with
+64-tiles and 4.4 ms with the 256-tiles of earlier versions).
 """
 from __future__ import annotations
 
 import torch
 
-PACKED_TILE = 64
+PACKED_TILE = 64        # the CUDA kernel's tile; pack_symmetric's default
+CPU_PACKED_TILE = 32    # the CPU solver's tile (see the module docstring)
+
+
+def packed_tile(device: torch.device) -> int:
+    """The packed tile edge the solver uses on ``device``: 64 on CUDA, 32 on the CPU."""
+    return PACKED_TILE if torch.device(device).type == "cuda" else CPU_PACKED_TILE
 
 
 def packed_size(n: int, block: int) -> int:
