@@ -60,7 +60,8 @@ echo "== import check"
 import torch
 import ntk_fast._C  # noqa: F401
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-ops = ("gram", "gram.out", "flow_step", "flow_grad_stats", "flow_loss", "softplus_act", "kernel_flow_step")
+ops = ("gram", "gram.out", "flow_step", "flow_grad_stats", "flow_loss", "softplus_act", "kernel_flow_step",
+       "limit_kernels")
 for op in ops:
     for key in ("CPU", "CUDA"):
         assert has("ntk_fast::" + op, key), f"ntk_fast::{op} has no {key} kernel"

@@ -68,3 +68,15 @@ def test_cli_doctor(capsys, restore_ops):
     assert rc == 0
     assert "gram" in out and "kernel_flow_step" in out and "pass" in out and "FAIL" not in out
     assert "gram: native" in out
+
+
+def test_check_cuda_without_a_gpu_checks_the_cpu(capsys, monkeypatch, restore_ops):
+    import ntk_fast
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = ntk_fast.check_cuda()
+    out = capsys.readouterr().out
+    assert "no CUDA GPU visible" in out and "limit_kernels" in out and "FAIL" not in out
+    assert {r.device for r in res} == {"cpu"} and {r.op for r in res} == set(doctor.OPS)
+    assert all(r.passed for r in res)
+    quiet = ntk_fast.check_cuda(["cpu"], ["limit_kernels"], verbose=False)
+    assert capsys.readouterr().out == "" and [r.precision for r in quiet] == ["float64", "float32"]

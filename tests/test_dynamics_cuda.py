@@ -182,3 +182,66 @@ def test_kernel_flow_step_cuda_block_and_float32_loss_mean():
     want = torch.ops.ntk_fast.kernel_flow_step(th, y, f, g, r, c, dt, active, "softhinge", 20.0, 0, 0)[4]
     # stats[5] = mean l(u'): evaluated and summed in float64 on both devices from the same float32 u'.
     torch.testing.assert_close(got[:, 5], want[:, 5], rtol=1e-6, atol=0.0)
+
+
+# ------------------------------------------------------------------ issue 17: float32, momentum, resume, packing
+def _normwise(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("n,pb", [(64, 0), (128, 0), (128, 64), (192, 64), (40, 64), (1, 64), (40, 0)])
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_kernel_flow_step_float32(n, pb, per_problem):
+    """float32 on the device against the float64 reference of the same (rounded) inputs: n a multiple of the
+    64 tile (no partial tile) and n < 64 (one partial packed tile)."""
+    E = 3
+    A = rnd(*((E, n, n + 5) if per_problem else (n, n + 5)), seed=n + 1)
+    K = A @ A.mT / n
+    theta = (pack_symmetric(K, pb) if pb else K).float()
+    g = torch.Generator().manual_seed(n)
+    y = (torch.randint(0, 2, (E, n), generator=g) * 2 - 1).float()
+    f, gg, r, c = (rnd(E, n, seed=s).float() for s in (21, 22, 23, 24))
+    dt = torch.rand(E, generator=g).float()
+    active = torch.tensor([True, False, True])
+    want = kernel_flow_step_ref(*(t.double() if t.is_floating_point() else t
+                                  for t in (theta, y, f, gg, r, c, dt, active)), "softhinge", 20.0, pb)
+    args = [t.to(DEV) for t in (theta, y, f, gg, r, c, dt, active)]
+    got = _kernel_ops.kernel_flow_step(*args, loss="softhinge", beta=20.0, packed_block=pb)
+    for a, b, name in zip(got, want, ("f", "r", "g", "c", "stats")):
+        assert a.dtype == (torch.float64 if name == "stats" else torch.float32), name
+        assert _normwise(a, b) <= 2e-5, name
+
+
+def _train32(dev, graph, tau, max_steps, **kw):
+    x, y = _problem(40, seed=5)
+    nets = [FCNet(10, 24, 2, dtype=torch.float32, device=dev, generator=torch.Generator().manual_seed(30 + k))
+            for k in range(2)]
+    return train(nets, x.float().to(dev), y.float().to(dev), 1.0, tau=tau, max_steps=max_steps, progress=False,
+                 kernel_points=0, use_cuda_graph=graph, **kw)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_trainer_float32_graph_matches_eager(tau):
+    """float32 nets (with momentum when tau > 0): the captured attempt gives the eager attempt's trajectory."""
+    with_graph, eager = _train32(DEV, True, tau, 60), _train32(DEV, False, tau, 60)
+    assert with_graph.statuses == eager.statuses
+    for k in range(2):
+        assert with_graph.final[k]["attempts"] == eager.final[k]["attempts"]
+        for a, b in zip(with_graph.nets[k].weights, eager.nets[k].weights):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_float32_resume_recaptures(tmp_path):
+    """A float32 momentum run stopped and resumed (the engine's graphs are captured again after load_state)
+    continues the uninterrupted run: same attempts, same weights."""
+    full = _train32(DEV, True, 0.5, 60)
+    ck = tmp_path / "t.ckpt"
+    _train32(DEV, True, 0.5, 25, checkpoint=ck)
+    resumed = _train32(DEV, True, 0.5, 60, resume=ck)
+    assert resumed.statuses == full.statuses
+    for k in range(2):
+        assert resumed.final[k]["attempts"] == full.final[k]["attempts"]
+        for a, b in zip(resumed.nets[k].weights, full.nets[k].weights):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -482,3 +482,72 @@ def test_no_configuration_fits(monkeypatch):
     A, D = _features(10, [4], [4], torch.float32, seed=13, device="cuda")
     with pytest.raises(RuntimeError, match="no tile configuration"):
         _gram(A, D, [], [], [1.0], True, "highest")
+
+
+# ------------------------------------------------------------------ issue 17: CUDA cases for the first GPU
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,precision", MODES, ids=MODE_IDS)
+def test_symmetric_beyond_2048(device, dtype, precision):
+    """Symmetric mode with n > 2048: 19 tiles of 128 per edge, three rows of 8 x 8 super tiles of the triangle
+    (the last one partial), the diagonal tiles written from their upper half."""
+    n = 2311
+    A, D = _features(n, [9, 24], [24, 1], dtype, seed=23, device=device)
+    scales = [1.0, 0.5]
+    out = _gram(A, D, A, D, scales, True, precision)
+    assert torch.equal(out, out.T)
+    assert _rel_err(out, _reference(A, D, A, D, scales)) <= tol(dtype, precision, device)
+
+
+def _sampled_rows_case(n1: int, n2: int, symmetric: bool, device: str) -> None:
+    """float32 Gram of n1 x n2 entries checked on sampled rows against the float64 reference of those rows:
+    the first and last rows and the rows where the flat offset row * n2 crosses 2^31 (when it does)."""
+    fans_in, fans_out, scales = [5, 16], [16, 1], [1.0, 0.5]
+    A1, D1 = _features(n1, fans_in, fans_out, torch.float32, seed=31, device=device)
+    A2, D2 = (A1, D1) if symmetric else _features(n2, fans_in, fans_out, torch.float32, seed=32, device=device)
+    out = torch.ops.ntk_fast.gram(A1, D1, None if symmetric else A2, None if symmetric else D2, scales, 0, "highest")
+    assert out.shape == (n1, n2) and out.device == A1[0].device
+    cross = (2 ** 31) // n2
+    rows = sorted({0, 1, n1 // 2, n1 - 2, n1 - 1} | ({cross - 1, cross, cross + 1} if cross < n1 else set()))
+    rows = torch.tensor(rows)
+    pick = lambda ts, idx: [t.cpu()[idx].double() for t in ts]   # noqa: E731
+    ref = gram_reference(pick(A1, rows), pick(D1, rows), pick(A2, slice(None)), pick(D2, slice(None)), scales)
+    got = out[rows.to(out.device)].cpu().double()
+    assert _rel_err(got, ref) <= 1e-5
+    if symmetric:   # the mirrored half: columns `rows` equal rows `rows`, bit for bit
+        assert torch.equal(out[:, rows.to(out.device)].T.cpu(), out[rows.to(out.device)].cpu())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "full"])
+def test_sampled_rows_check_small(symmetric):
+    """The sampled-row check of the next test, at a size the CPU runs in CI."""
+    _sampled_rows_case(301, 301 if symmetric else 177, symmetric, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "full"])
+def test_more_than_2_31_entries(symmetric):
+    """n1 n2 > 2^31 (64-bit output offsets): an 8.6 GB float32 Gram, checked on sampled rows."""
+    n1, n2 = (46349, 46349) if symmetric else (65539, 32771)
+    assert n1 * n2 > 2 ** 31
+    _sampled_rows_case(n1, n2, symmetric, "cuda")
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("dtype,precision", MODES, ids=MODE_IDS)
+def test_second_device_while_current_is_0(dtype, precision):
+    """Features on cuda:1 while cuda:0 is current: the op runs on cuda:1 (its tensors' device), on cuda:1's
+    current stream, and leaves the current device alone; streamed panels too."""
+    torch.cuda.set_device(0)
+    A1, D1 = _features(300, [33, 64], [64, 1], dtype, seed=41, device="cuda:1")
+    A2, D2 = _features(141, [33, 64], [64, 1], dtype, seed=42, device="cuda:1")
+    scales = [1.0, 2.0]
+    for symmetric in (True, False):
+        out = _gram(A1, D1, A2, D2, scales, symmetric, precision)
+        assert out.device == torch.device("cuda:1")
+        want = _reference(A1, D1, A1, D1, scales) if symmetric else _reference(A1, D1, A2, D2, scales)
+        assert _rel_err(out, want) <= tol(dtype, precision, "cuda")
+    host = gram_streamed(A1, D1, None, None, scales, panel_rows=128, precision=precision)
+    assert _rel_err(host, _reference(A1, D1, A1, D1, scales).cpu()) <= tol(dtype, precision, "cuda")
+    assert torch.cuda.current_device() == 0

@@ -45,8 +45,9 @@ def test_table_sizes(plan_bin):
     """smem = (stages * 2 * BM * LDK + BM * LDC) * itemsize, recomputed here from the strides of gram_cuda.cu."""
     t = table(plan_bin)
     expect = {0: (3 * 2 * 128 * 20 + 128 * 144) * 4, 1: (3 * 2 * 64 * 20 + 64 * 72) * 4,
-              2: (3 * 2 * 128 * 36 + 128 * 132) * 4, 3: (3 * 2 * 64 * 36 + 64 * 68) * 4,
-              4: (3 * 2 * 64 * 20 + 64 * 66) * 8, 5: (2 * 2 * 64 * 20 + 64 * 66) * 8}
+              2: (3 * 2 * 128 * 36 + 128 * 132) * 4, 3: (3 * 2 * 128 * 20 + 128 * 132) * 4,
+              4: (3 * 2 * 64 * 36 + 64 * 68) * 4,
+              5: (3 * 2 * 64 * 20 + 64 * 66) * 8, 6: (2 * 2 * 64 * 20 + 64 * 66) * 8}
     assert {i: r["smem"] for i, r in t.items()} == expect
     for r in t.values():
         assert r["smem"] <= 227 * KIB
@@ -70,8 +71,10 @@ def test_choice_per_device(plan_bin):
     """The configurations each GPU class gets (the table in docs/cuda.md)."""
     got = {gpu: [int(run(plan_bin, "choose", v, optin).split()[0]) for v in (F32, TF32, F64)]
            for gpu, optin in OPTIN.items()}
-    assert got == {"H100/H200 (sm_90)": [0, 2, 4], "A100 (sm_80)": [0, 3, 4],
-                   "RTX 30xx/40xx, L4, L40, A10 (sm_86/89)": [1, 3, 4]}
+    assert got == {"H100/H200 (sm_90)": [0, 2, 5], "A100 (sm_80)": [0, 3, 5],
+                   "RTX 30xx/40xx, L4, L40, A10 (sm_86/89)": [1, 4, 5]}
+    t = table(plan_bin)
+    assert t[got["A100 (sm_80)"][0]]["bm"] == t[got["A100 (sm_80)"][1]]["bm"] == 128   # 128 x 128 tiles on the A100
     # Below every configuration: -1 (the op then raises an error naming the device).
     assert run(plan_bin, "choose", F32, 32 * KIB).split()[0] == "-1"
 

@@ -84,7 +84,8 @@ struct GramParams {
 //   accumulator stride LDC = BM + TD (144 = 16 mod 32 for BM 128, 72 = 8 mod 32 for BM 64) puts the
 //   32 / TD values of ty in a warp on disjoint banks.
 // WMMA tf32 (kTf32): fragment loads read (row g, col t) with g = lane / 4, t = lane % 4: LDK = 36,
-//   36 g mod 32 = 4 g, conflict-free; LDC a multiple of 4 floats (16 bytes), as WMMA requires.
+//   36 g mod 32 = 4 g, conflict-free (LDK = 20 of the BK = 16 tile: 20 g mod 32 also distinct multiples of
+//   4); LDC a multiple of 4 floats (16 bytes), as WMMA requires.
 // WMMA double (kF64, DMMA): 8-byte accesses are served per half warp (rows 0..3, cols 0..3): LDK = 20
 //   doubles = 4 mod 16 8-byte slots, conflict-free; LDC a multiple of 2 doubles (16 bytes).
 template <int I>
@@ -456,7 +457,7 @@ void launch_index(const std::vector<at::Tensor>& A1, const std::vector<at::Tenso
 void launch_config(int cfg, const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>& D1,
                    const std::vector<at::Tensor>& A2, const std::vector<at::Tensor>& D2, at::ArrayRef<double> scales,
                    bool symmetric, int64_t n1, int64_t n2, at::Tensor& out, cudaStream_t stream) {
-  static_assert(gram_plan::kNumConfigs == 6, "one case per configuration");
+  static_assert(gram_plan::kNumConfigs == 7, "one case per configuration");
   switch (cfg) {
     case 0: return launch_index<0>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 1: return launch_index<1>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
@@ -464,6 +465,7 @@ void launch_config(int cfg, const std::vector<at::Tensor>& A1, const std::vector
     case 3: return launch_index<3>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 4: return launch_index<4>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     case 5: return launch_index<5>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
+    case 6: return launch_index<6>(A1, D1, A2, D2, scales, symmetric, n1, n2, out, stream);
     default: TORCH_CHECK(false, "gram: internal error: configuration ", cfg);
   }
 }

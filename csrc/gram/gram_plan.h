@@ -45,17 +45,19 @@ constexpr size_t smem_bytes(const TileCfg& c) {
 //   0      f32     128  16 256  3       132 KiB   H100/H200 (227 KiB), A100 (163 KiB)
 //   1      f32      64  16  64  3        48 KiB   every sm_80+ GPU (RTX 30xx/40xx, L4, L40: 99 KiB)
 //   2      tf32    128  32 256  3       174 KiB   H100/H200
-//   3      tf32     64  32 128  3        71 KiB   every sm_80+ GPU (A100 included)
-//   4      f64      64  16 128  3        93 KiB   every sm_80+ GPU
-//   5      f64      64  16 128  2        73 KiB   (smaller limits)
-// (A 128 x 128 tf32 tile with 2 stages, 138 KiB, would fit the A100 but spills 4 bytes of registers with
-// ptxas 13.0 for sm_90, which CI refuses; a 128 x 128 one with BK = 16 and 3 stages, 126 KiB, is a candidate
-// to try where compiling is fast.)
-constexpr int kNumConfigs = 6;
+//   3      tf32    128  16 256  3       126 KiB   A100 (half the K chunk of index 2: twice the stage waits)
+//   4      tf32     64  32 128  3        71 KiB   every sm_80+ GPU
+//   5      f64      64  16 128  3        93 KiB   every sm_80+ GPU
+//   6      f64      64  16 128  2        73 KiB   (smaller limits)
+// (A 128 x 128 tf32 tile with BK = 32 and 2 stages, 138 KiB, would also fit the A100 but spills 4 bytes of
+// registers with ptxas 13.0 for sm_90, which CI refuses.)  tf32 with LDK = 20: fragment rows g = lane / 4 start
+// at 20 g mod 32 = 0, 20, 8, 28, 16, 4, 24, 12 words, distinct multiples of 4, so the loads stay conflict-free.
+constexpr int kNumConfigs = 7;
 constexpr TileCfg kConfigs[kNumConfigs] = {
     {kF32, 128, 16, 256, 1, 3, 16 + 4, 128 + 16, 4},
     {kF32, 64, 16, 64, 4, 3, 16 + 4, 64 + 8, 4},
     {kTf32, 128, 32, 256, 1, 3, 32 + 4, 128 + 4, 4},
+    {kTf32, 128, 16, 256, 1, 3, 16 + 4, 128 + 4, 4},
     {kTf32, 64, 32, 128, 2, 3, 32 + 4, 64 + 4, 4},
     {kF64, 64, 16, 128, 2, 3, 16 + 4, 64 + 2, 8},
     {kF64, 64, 16, 128, 2, 2, 16 + 4, 64 + 2, 8},
@@ -71,6 +73,23 @@ constexpr int choose_config(int variant, long long smem_optin) {
     if (kConfigs[i].variant == variant && static_cast<long long>(smem_bytes(kConfigs[i])) <= smem_optin) return i;
   return -1;
 }
+
+// Opt-in shared memory per block of the GPU classes we build for: sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40),
+// sm_80 (A100), sm_90 (H100 / H200).  Every precision has a configuration on each, and the A100 gets a
+// 128 x 128 tile in every precision that has one (float32 and tf32).
+constexpr long long kOptinConsumer = 99 * 1024, kOptinA100 = 163 * 1024, kOptinH100 = 227 * 1024;
+static_assert(choose_config(kF32, kOptinConsumer) >= 0 && choose_config(kTf32, kOptinConsumer) >= 0 &&
+                  choose_config(kF64, kOptinConsumer) >= 0,
+              "every precision needs a configuration within 99 KiB (RTX 30xx/40xx, L4, L40)");
+static_assert(choose_config(kF32, kOptinA100) >= 0 && choose_config(kTf32, kOptinA100) >= 0 &&
+                  choose_config(kF64, kOptinA100) >= 0,
+              "every precision needs a configuration within 163 KiB (A100)");
+static_assert(choose_config(kF32, kOptinH100) >= 0 && choose_config(kTf32, kOptinH100) >= 0 &&
+                  choose_config(kF64, kOptinH100) >= 0,
+              "every precision needs a configuration within 227 KiB (H100/H200)");
+static_assert(kConfigs[choose_config(kF32, kOptinA100)].bm == 128 && kConfigs[choose_config(kTf32, kOptinA100)].bm == 128,
+              "the A100 runs float32 and tf32 with 128 x 128 tiles");
+static_assert(kOptinH100 == kMaxOptinBytes, "the largest limit is sm_90's");
 
 // Tile order: a 1-D grid over super tiles of kGroup x kGroup tiles (L2 reuse of the feature panels).
 constexpr int kGroup = 8;

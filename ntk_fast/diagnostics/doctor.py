@@ -28,7 +28,7 @@ from ntk_fast.ops.reference import gram_reference
 from ntk_fast.ops.packed import pack_symmetric
 from ntk_fast.ops.reference import kernel_flow_step_ref
 
-__all__ = ["CheckResult", "run_checks", "format_table", "main", "OPS"]
+__all__ = ["CheckResult", "check_cuda", "run_checks", "format_table", "main", "OPS"]
 
 F64 = torch.float64
 TOL = {"float64": 1e-10, "float32": 1e-4, "tf32": 5e-3}
@@ -157,6 +157,43 @@ def _check_kernel_flow_step(dev, dtype, precision, gen):
     return pairs
 
 
+def _limit_args(x1: torch.Tensor, x2: torch.Tensor, activation: str, L: int, tabulate: bool):
+    """(q1, q2, table, nodes, weights) of ``limit_kernels`` for these inputs, float64 on the CPU (a fixed
+    20-point rule and a 16-row table: the check compares the op with its reference on the same arguments)."""
+    from ntk_fast.limits.quadrature import normal_rule, resolve_activation
+    from ntk_fast.limits.recursion import layer_variances
+    from ntk_fast.limits.tabulated import build_tables
+    act = resolve_activation(activation, 5.0)
+    nodes, weights = normal_rule(20) if activation != "relu" else (torch.empty(0, dtype=F64),) * 2
+    d = x1.shape[1]
+    q1 = layer_variances(act, x1.pow(2).sum(1) / d, L, nodes, weights)
+    q2 = layer_variances(act, x2.pow(2).sum(1) / d, L, nodes, weights)
+    table = build_tables(act, q1[:, 0], 16, nodes, weights) if tabulate else torch.empty(0, dtype=F64)
+    return act, (q1, q2, table, nodes, weights)
+
+
+def _sphere(x: torch.Tensor) -> torch.Tensor:
+    """Rows rescaled to norm sqrt(d) (equal norms: the tabulated path of limit_kernels)."""
+    return x / x.norm(dim=1, keepdim=True) * math.sqrt(x.shape[1])
+
+
+def _check_limit_kernels(dev, dtype, precision, gen):
+    from ntk_fast.ops.reference_limits import limit_kernels_ref
+    n1, n2, d, L = 9, 7, 5, 2
+    x1, x2 = _rand(gen, n1, d), _rand(gen, n2, d)
+    pairs = []
+    # ReLU closed form (symmetric), softplus by quadrature (x2, bias), softplus tabulated (equal norms).
+    for activation, a, b, sym, tab, bias in (("relu", x1, x1, True, False, 0.0),
+                                             ("softplus", x1, x2, False, False, 1.0),
+                                             ("softplus", _sphere(x1), _sphere(x2), False, True, 0.0)):
+        a, b = a.to(dtype).to(F64), b.to(dtype).to(F64)          # the reference sees the rounded inputs
+        act, extra = _limit_args(a, b, activation, L, tab)
+        tail = (sym, L, act.name, act.beta, act.c, bias, 0)
+        got = _native("limit_kernels")(a.to(dev, dtype), b.to(dev, dtype), *(t.to(dev) for t in extra), *tail)
+        pairs += list(zip(got, limit_kernels_ref(a, b, *extra, *tail)))
+    return pairs
+
+
 # op -> (check, precisions); precision names map to (dtype, the op's precision argument).
 OPS: Dict[str, Tuple[Callable, Sequence[str]]] = {
     "gram": (_check_gram, ("float64", "float32", "tf32")),
@@ -165,6 +202,7 @@ OPS: Dict[str, Tuple[Callable, Sequence[str]]] = {
     "flow_loss": (_check_flow_loss, ("float64", "float32")),
     "softplus_act": (_check_softplus_act, ("float64", "float32")),
     "kernel_flow_step": (_check_kernel_flow_step, ("float64", "float32")),
+    "limit_kernels": (_check_limit_kernels, ("float64", "float32")),
 }
 _PREC = {"float64": (torch.float64, "highest"), "float32": (torch.float32, "highest"),
          "tf32": (torch.float32, "tf32")}
@@ -225,6 +263,30 @@ def format_table(results: Sequence[CheckResult]) -> str:
             "", "missing") else f" ({r.note[:80]})")))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
+
+
+def check_cuda(devices: Optional[Sequence[str]] = None, ops: Optional[Sequence[str]] = None, *,
+               verbose: bool = True) -> List[CheckResult]:
+    """Check each compiled op on every visible CUDA GPU (or ``devices``) against its torch reference.
+
+    Prints the table (op, device, precision, max error, tolerance, result) when ``verbose`` and returns its
+    rows; ops that fail are disabled for the rest of the process (their wrappers use the reference).  Without
+    a GPU it says so and checks the CPU ops instead, like ``python -m ntk_fast doctor``.
+    Cost: milliseconds per op, precision and device.
+    """
+    say = print if verbose else (lambda *a: None)
+    if not _loader.extension_available():
+        say(f"ntk_fast._C could not be loaded ({_loader.LOAD_ERROR}); every op runs its pure-torch reference.")
+        return []
+    if devices is None:
+        if torch.cuda.is_available():
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:
+            say("no CUDA GPU visible to torch (torch.cuda.is_available() is False): checking the CPU ops only")
+            devices = ["cpu"]
+    results = run_checks(devices, ops)
+    say(format_table(results))
+    return results
 
 
 def main(devices: Optional[Sequence[str]] = None, ops: Optional[Sequence[str]] = None) -> int:

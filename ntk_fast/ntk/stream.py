@@ -38,8 +38,9 @@ import torch
 from ntk_fast.ntk.padding import pad_features
 from ntk_fast.ntk.panels import Panel, row_panels, store_panel
 from ntk_fast.ops import gram as gram_ops
-from ntk_fast.ops._loader import native, use_reference
+from ntk_fast.ops._loader import use_reference
 from ntk_fast.ops.reference import gram_reference
+from ntk_fast.ops.selfcheck import native_on
 from ntk_fast.progress import progress_bar
 
 __all__ = ["gram_streamed", "default_panel_rows"]
@@ -74,7 +75,7 @@ def _as_list(x, name: str) -> List[torch.Tensor]:
 
 def _gram_into(a1, d1, a2, d2, scales, precision: str, dst: torch.Tensor) -> None:
     """dst = Gram of (a1, d1) with (a2, d2) (None: symmetric), one op call (arguments checked by the caller)."""
-    if native("gram"):
+    if native_on("gram", dst.device):
         torch.ops.ntk_fast.gram.out(a1, d1, a2, d2, scales, 0, precision, out=dst)
     else:
         use_reference("gram")

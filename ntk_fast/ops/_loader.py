@@ -79,8 +79,10 @@ def use_reference(op: str) -> None:
         return
     _warned.add(op)
     if op in _disabled:
-        what = f"the compiled op was disabled ({_disabled[op]})"
-    elif not LOADED:
+        warnings.warn(f"ntk_fast: op {op!r} uses its slow pure-torch reference for the rest of this process: "
+                      f"{_disabled[op]}.", RuntimeWarning, stacklevel=3)
+        return
+    if not LOADED:
         what = f"the compiled extension ntk_fast._C could not be loaded ({LOAD_ERROR})"
     else:
         what = "the loaded extension ntk_fast._C does not define it (stale build)"

@@ -11,8 +11,9 @@ import torch
 
 from ntk_fast.dynamics.losses import check_loss
 from ntk_fast.ops import reference as ref
-from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops._loader import register_fake, use_reference
 from ntk_fast.ops.checks import check_float_2d, check_like
+from ntk_fast.ops.selfcheck import native_on
 
 
 @register_fake("flow_step")
@@ -63,7 +64,7 @@ def flow_step(w: torch.Tensor, g: torch.Tensor, dt: torch.Tensor, tau: float = 0
             v_out = torch.empty_like(w)
         check_like(v_out, "v_out", w, op)
     empty = w.new_empty((0,))
-    if not native(op):
+    if not native_on(op, w.device):
         use_reference(op)
         ref.flow_step(w, g, v, dt, tau, w_out, v_out)
     else:
@@ -77,7 +78,7 @@ def flow_grad_stats(g: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
     op = "flow_grad_stats"
     check_float_2d(g, "g", op)
     check_like(gp, "gp", g, op)
-    if not native(op):
+    if not native_on(op, g.device):
         use_reference(op)
         return ref.flow_grad_stats(g, gp)
     return torch.ops.ntk_fast.flow_grad_stats(g, gp)
@@ -100,7 +101,7 @@ def flow_loss(f: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, F_prev: torch.
     if not alpha > 0:
         raise ValueError(f"{op}: alpha must be > 0, got {alpha}")
     check_loss(loss, op)
-    if not native(op):
+    if not native_on(op, f.device):
         use_reference(op)
         return ref.flow_loss(f, f0, y.contiguous(), F_prev, float(alpha), float(beta), loss)
     return torch.ops.ntk_fast.flow_loss(f, f0, y.contiguous(), F_prev, float(alpha), float(beta), loss)
@@ -122,7 +123,7 @@ def softplus_act(z: torch.Tensor, s: Optional[torch.Tensor], beta: float, c: flo
         raise ValueError(f"{op}: beta must be > 0, got {beta}")
     if s is not None:
         check_like(s, "s", z, op)
-    if not native(op):
+    if not native_on(op, z.device):
         use_reference(op)
         ref.softplus_act(z, s, float(beta), float(c))
     else:

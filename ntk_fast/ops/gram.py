@@ -13,9 +13,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops._loader import register_fake, use_reference
 from ntk_fast.ops.checks import FLOAT_DTYPES, all_finite, compiling
 from ntk_fast.ops.reference import gram_reference
+from ntk_fast.ops.selfcheck import native_on
 
 PRECISIONS = ("highest", "tf32")
 CUDA_TILE = 128   # the CUDA kernel's float32 tile edge (csrc/gram/gram_cuda.cu); streamed panels are multiples of it
@@ -111,7 +112,7 @@ def gram(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
         raise ValueError(f"gram: block must be an int >= 0 (0 = automatic), got {block!r}")
     if out is not None:
         _check_out(out, n1, n2, like)
-    if not native("gram"):
+    if not native_on("gram", like.device):
         use_reference("gram")
         res = gram_reference(a1, d1, a2, d2, scales)
         return res if out is None else out.copy_(res)

@@ -9,9 +9,10 @@ from typing import Tuple
 import torch
 
 from ntk_fast.dynamics.losses import check_loss
-from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops._loader import register_fake, use_reference
 from ntk_fast.ops.packed import packed_size
 from ntk_fast.ops.reference import kernel_flow_step_ref
+from ntk_fast.ops.selfcheck import native_on
 
 
 @register_fake("kernel_flow_step")
@@ -67,7 +68,7 @@ def kernel_flow_step(theta: torch.Tensor, y: torch.Tensor, f: torch.Tensor, g: t
     """
     if check:
         check_flow_step_args(theta, y, f, g, r, c, dt, active, loss, packed_block)
-    if native("kernel_flow_step"):
+    if native_on("kernel_flow_step", f.device):
         return torch.ops.ntk_fast.kernel_flow_step(theta, y, f, g, r, c, dt, active, loss, float(beta),
                                                    int(packed_block), int(block))
     use_reference("kernel_flow_step")

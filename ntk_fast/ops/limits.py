@@ -8,8 +8,9 @@ from typing import Tuple
 
 import torch
 
-from ntk_fast.ops._loader import native, register_fake, use_reference
+from ntk_fast.ops._loader import native, register_fake, registered, use_reference
 from ntk_fast.ops.reference_limits import limit_kernels_ref
+from ntk_fast.ops.selfcheck import native_on
 
 OP = "limit_kernels"
 
@@ -26,9 +27,9 @@ def limit_kernels_op(x1: torch.Tensor, x2: torch.Tensor, q1: torch.Tensor, q2: t
     """(nngp, ntk), each (n1, n2) in x1's dtype; see reference_limits.py for the recursion."""
     args = (x1, x2, q1, q2, table, nodes, weights, bool(symmetric), int(L), str(activation), float(beta),
             float(c), float(bias), int(block))
-    if native(OP) and (x1.device.type == "cpu" or _has_kernel(x1.device.type)):
+    if (x1.device.type == "cpu" or _has_kernel(x1.device.type)) and native_on(OP, x1.device):
         return torch.ops.ntk_fast.limit_kernels(*args)
-    if x1.device.type == "cpu":
+    if x1.device.type == "cpu" or (registered(OP) and not native(OP)):   # a CPU-only build on CUDA: silent
         use_reference(OP)
     return limit_kernels_ref(*args)
 
