@@ -14,7 +14,8 @@ then the readout (k, h)), "strides": [int per conv], "beta": float, "c": float, 
                      unfolded inputs; for a convolution with several output positions ASDL's factorisation is
                      not the exact NTK: reported with its error).
 * asdl_direct_ntk:   ``asdl.kernel.empirical_direct_ntk`` (all per-example gradients concatenated, one einsum;
-                     in asdfghjkl 0.1a5 it calls a method its operations no longer have and collects nothing).
+                     in asdfghjkl 0.1a5 it looks for a ``module.operation`` that ``extend`` no longer sets, so it
+                     collects nothing and fails).
 * asdl_batch_grads:  the same idea through ASDL's current API: ``with extend(model, OP_BATCH_GRADS) as cxt``,
                      one backward pass, ``J = cxt.full_batch_grads(model)``, then ``J @ J.T``.
 
