@@ -6,7 +6,15 @@ Cases (float32, CPU):
 * cnn:    the paper's CV (h=32, k=1) on Fashion-MNIST (Gaussian stand-ins when the files are absent), n=2000:
           ntk_fast vs torch.func vmap(jacrev) + one Gram (full square torch.mm), torch.func NTK-vector products
           (vjp + jvp per column, timed on a few columns and scaled to n), and the floor: per-sample gradients +
-          one symmetric Gram at this run's torch.mm rate.
+          one symmetric Gram at this run's torch.mm rate.  With --peers (default: all three, each skipped with a
+          message when its interpreter is absent), the peers users would pick instead, in the same run, on the
+          same weights and points, each in a subprocess of its own venv: nngeometry (GramMatrix, FMatDense),
+          ASDL (class-wise direct NTK, its Hadamard-factored NTK, empirical_direct_ntk, batched gradients +
+          one Gram) through
+          bench/_peer_ntk_worker_torch.py (--peers-python, $NTK_FAST_PEERS_PYTHON, else .venv-peers), and
+          neural-tangents (empirical_ntk_fn, structured derivatives and Jacobian contraction, stax.Conv) through
+          bench/_peer_ntk_worker_nt.py (--nt-python, $NTK_FAST_NT_PYTHON, else .venv-nt).  Each is timed at
+          --peer-n points (default n; below n its time is scaled by n^2) and compared with ntk_fast's Gram.
 * resmlp: residual MLP 784 -> 512, 2 blocks of LayerNorm + Linear(512, 512) + tanh, Linear(512, 1), n=2000:
           ntk_fast vs torch.func vmap(jacrev) + Gram (measured at n=500: its Jacobians do not fit at 2000;
           scaled by its cost model, Jacobians x n, Gram x n^2).
@@ -14,7 +22,7 @@ Cases (float32, CPU):
           the previous one (A repeated k times, one Gram op on n k rows), and the flop floor
           n^2 sum_l (p_l + k^2 q_l) at this run's torch.mm rate.
 * fc:     FCNet(784, 1024, L=3), n=4000, trace: no regression against bench/results (0.943 s on 2026-11-22).
-Results: bench/results/any-model-<date>.{json,md}.
+Results: bench/results/any-model-<date>.{json,md} (any-model-peers-<date> when peers ran).
 """
 from __future__ import annotations
 
@@ -24,8 +32,12 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -36,6 +48,17 @@ from ntk_fast.ops import gram as _ops  # noqa: E402
 from ntk_fast.ops.reference import per_sample_jacobian  # noqa: E402
 
 MACHINE = "2-core AMD EPYC VM, no GPU"
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# peer family -> (the worker's methods, what each calls)
+PEERS = {
+    "nngeometry": ("torch", {"nngeometry": "GramMatrix(model, DataLoader(x, batch_size=n), FMatDense)"}),
+    "asdl": ("torch", {"asdl_direct": "kernel.batch(empirical_class_wise_direct_ntk, batch_size=n)",
+                       "asdl_hadamard": "kernel.batch(empirical_class_wise_hadamard_ntk, batch_size=n)",
+                       "asdl_direct_ntk": "kernel.empirical_direct_ntk (batched grads + einsum)",
+                       "asdl_batch_grads": "extend(model, OP_BATCH_GRADS), full_batch_grads, J @ J.T"}),
+    "neural-tangents": ("nt", {"nt_structured": "empirical_ntk_fn STRUCTURED_DERIVATIVES, stax.Conv, jit",
+                               "nt_jacobian": "empirical_ntk_fn JACOBIAN_CONTRACTION, stax.Conv, jit"}),
+}
 
 
 def timeit(fn, repeats=1, warmup=0):
@@ -105,7 +128,83 @@ class ResMLP(nn.Module):
         return self.out(h)
 
 
-def case_cnn(n, rows, rate):
+def run_peer_worker(python, worker, net, x, methods, tmp, timeout):
+    """Run bench/<worker> with ``python`` on the CV's weights and x: {method: {"s"[, "first_s"]} | {"error"}}, Grams."""
+    xs = os.path.join(tmp, "x.npy")
+    np.save(xs, x.reshape(x.shape[0], 1, 28, 28).numpy())
+    ws = []
+    for i, w in enumerate([c.weight for c in net.convs] + [net.readout.weight]):
+        ws.append(os.path.join(tmp, f"w{i}.npy"))
+        np.save(ws[-1], w.detach().numpy())
+    out = os.path.join(tmp, worker.split(".")[0])
+    spec = dict(x=xs, weights=ws, strides=[c.stride[0] for c in net.convs], padding=net.convs[0].padding[0],
+                beta=5.0, c=ntk_fast.activation_normaliser("softplus", 5.0), threshold=20.0, methods=methods,
+                out=out, warmup_n=16, repeats=1, threads=torch.get_num_threads())
+    sp = out + "_spec.json"
+    with open(sp, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        r = subprocess.run([python, os.path.join(ROOT, "bench", worker), sp], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        r = None
+    res = {}
+    if os.path.exists(out + ".json"):
+        with open(out + ".json") as f:
+            res = json.load(f)
+    for m in methods:
+        if m not in res:
+            why = "timed out" if r is None else f"worker exit {r.returncode}: {r.stderr.strip()[-300:]}"
+            res[m] = {"error": why}
+        elif "s" in res[m]:
+            res[m]["K"] = np.load(f"{out}_{m}.npy")
+    return res
+
+
+def interpreter_ok(python, module):
+    if not python or not os.path.exists(python):
+        return f"skipped: no interpreter at {python}"
+    r = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return None if r.returncode == 0 else f"skipped: {python} cannot import {module}"
+
+
+def cnn_peers(net, x, K, t_ours, peers, peer_n, interp, timeout):
+    """The peers' rows: seconds (scaled by n^2 when timed at peer_n < n), ratio to ntk_fast, rel err vs ntk_fast."""
+    n = x.shape[0]
+    m = min(peer_n or n, n)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fam in peers:
+            kind, methods = PEERS[fam]
+            python = interp[kind]
+            skip = interpreter_ok(python, {"torch": "nngeometry" if fam == "nngeometry" else "asdl",
+                                           "nt": "neural_tangents"}[kind])
+            res = {} if skip else run_peer_worker(python, f"_peer_ntk_worker_{kind}.py", net, x[:m], list(methods),
+                                                  tmp, timeout)
+            for meth, what in methods.items():
+                row = dict(peer=fam, method=meth, calls=what, measured_n=m)
+                r = res.get(meth, {"error": skip})
+                if "s" in r:
+                    Km = K[:m, :m].double().numpy()
+                    row.update(measured_s=r["s"], s=r["s"] * (n / m) ** 2,
+                               rel_err_vs_ntk_fast=float(np.abs(r["K"] - Km).max() / np.abs(Km).max()))
+                    row["ratio_to_ntk_fast"] = row["s"] / t_ours
+                    if "first_s" in r:
+                        row["first_call_s"] = r["first_s"]
+                    if m < n:
+                        row["note"] = f"timed at n={m}, scaled by (n/{m})^2"
+                else:
+                    row["error"] = r["error"]
+                if "versions" in res:
+                    row["versions"] = res["versions"]
+                out.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
+    return out
+
+
+def case_cnn(n, rows, rate, peers=(), peer_n=None, interp=None, timeout=3600):
     torch.manual_seed(0)
     net = ntk_fast.CV(32, generator=torch.Generator().manual_seed(1))
     x, src = fashion(n)
@@ -124,6 +223,8 @@ def case_cnn(n, rows, rate):
                      torch_func_ntk_vp_s_scaled=t_vp * n / cols, ntk_vp_measured_columns=cols,
                      floor_s=floor_gram + t_grads, floor_gram_s=floor_gram, per_sample_grads_funcs_s=t_grads,
                      rel_err_vs_torch_func=err, plan=plan))
+    if peers:
+        rows[-1]["peers"] = cnn_peers(net, x, K, t_ours, peers, peer_n, interp, timeout)
 
 
 def case_resmlp(n, rows, rate, n_func=500):
@@ -172,30 +273,87 @@ def case_fc(n, rows, rate):
     rows.append(dict(case="fc", data=src, n=n, ours_s=t, recorded_2026_11_22_s=0.943))
 
 
+def peer_table(r):
+    """Markdown: every method of the cnn case with seconds, ratio to ntk_fast and rel err vs ntk_fast."""
+    t0 = r["ours_s"]
+    lines = ["", f"### Side by side (n={r['n']}, P={r['P']}, float32)", "",
+             "| method | seconds | x ntk_fast | rel err vs ntk_fast | note |", "|---|---|---|---|---|",
+             f"| ntk_fast `empirical_ntk` | {t0:.3g} | 1 | 0 | structured per-layer Grams |",
+             f"| torch.func vmap(jacrev) + one Gram | {r['torch_func_jac_gram_s']:.3g} | "
+             f"{r['torch_func_jac_gram_s'] / t0:.3g} | {r['rel_err_vs_torch_func']:.2g} | full square torch.mm |",
+             f"| torch.func NTK-vector products | {r['torch_func_ntk_vp_s_scaled']:.3g} | "
+             f"{r['torch_func_ntk_vp_s_scaled'] / t0:.3g} | - | {r['ntk_vp_measured_columns']} columns timed, "
+             f"scaled to n |",
+             f"| floor (per-sample grads + symmetric Gram at the torch.mm rate) | {r['floor_s']:.3g} | "
+             f"{r['floor_s'] / t0:.3g} | - | |"]
+    for p in r["peers"]:
+        name = f"{p['peer']} `{p['method']}`"
+        if "s" in p:
+            note = p["calls"] + (f"; {p['note']}" if "note" in p else "")
+            if "first_call_s" in p:
+                note += f"; first call (jit) {p['first_call_s']:.3g} s"
+            lines.append(f"| {name} | {p['s']:.3g} | {p['ratio_to_ntk_fast']:.3g} | "
+                         f"{p['rel_err_vs_ntk_fast']:.2g} | {note} |")
+        else:
+            err = p["error"].replace("|", "/").replace("\n", " ")
+            lines.append(f"| {name} | - | - | - | {p['calls']}: {err} |")
+    vers = {}
+    for p in r["peers"]:
+        vers.update(p.get("versions", {}))
+    if vers:
+        lines += ["", "Peer versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="cnn,resmlp,full10,fc")
     ap.add_argument("--quick", action="store_true", help="small n (a smoke run, not recorded)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--peers", default="nngeometry,asdl,neural-tangents",
+                    help="peers of the cnn case, comma-separated among " + ",".join(PEERS) + " ('' or none: no peer)")
+    ap.add_argument("--peer-n", type=int, default=None, help="n at which the peers are timed (default: the case's n; "
+                    "below it their times are scaled by n^2)")
+    ap.add_argument("--peers-python", default=os.environ.get("NTK_FAST_PEERS_PYTHON",
+                                                             os.path.join(ROOT, ".venv-peers", "bin", "python")),
+                    help="interpreter of a venv with torch, nngeometry and asdfghjkl (scripts/setup_peers.sh)")
+    ap.add_argument("--nt-python", default=os.environ.get("NTK_FAST_NT_PYTHON",
+                                                          os.path.join(ROOT, ".venv-nt", "bin", "python")),
+                    help="interpreter of a venv with jax and neural-tangents (scripts/setup_peers.sh)")
+    ap.add_argument("--peer-timeout", type=float, default=3600, help="seconds per peer worker")
+    ap.add_argument("--cnn-n", type=int, default=None, help="n of the cnn case (default 2000, --quick 200)")
     args = ap.parse_args()
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    for p in peers:
+        if p not in PEERS:
+            ap.error(f"unknown peer {p!r}: one of {', '.join(PEERS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = dict(cnn=2000, resmlp=2000, full10=1500, fc=4000)
     if args.quick:
         sizes = dict(cnn=200, resmlp=200, full10=150, fc=400)
+    if args.cnn_n:
+        sizes["cnn"] = args.cnn_n
     rate0 = mm_rate()
     rows = []
     fns = dict(cnn=case_cnn, resmlp=case_resmlp, full10=case_full10, fc=case_fc)
     for c in args.cases.split(","):
         kw = dict(n_func=min(500, sizes[c])) if c == "resmlp" else {}
+        if c == "cnn":
+            kw = dict(peers=peers, peer_n=args.peer_n, interp=dict(torch=args.peers_python, nt=args.nt_python),
+                      timeout=args.peer_timeout)
         fns[c](sizes[c], rows, rate0, **kw)
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("plan", "peers")}), flush=True)
     rate1 = mm_rate()
     meta = dict(machine=MACHINE, torch=torch.__version__, threads=torch.get_num_threads(),
                 mm_rate_gflops=[rate0 / 1e9, rate1 / 1e9], date=datetime.date.today().isoformat(),
                 load_average=os.getloadavg(), python=platform.python_version(), quick=args.quick)
     if args.quick:
+        for r in rows:
+            if "peers" in r:
+                print(peer_table(r))
         return
-    out = os.path.join(os.path.dirname(__file__), "results", f"any-model-{meta['date']}{args.tag}")
+    name = "any-model-peers" if any("peers" in r for r in rows) else "any-model"
+    out = os.path.join(os.path.dirname(__file__), "results", f"{name}-{meta['date']}{args.tag}")
     with open(out + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     with open(out + ".md", "w") as f:
@@ -207,8 +365,10 @@ def main():
         for r in rows:
             f.write(f"## {r['case']} (n={r['n']}, {r['data']})\n\n| quantity | value |\n|---|---|\n")
             for k, v in r.items():
-                if k not in ("case", "plan", "data", "n"):
+                if k not in ("case", "plan", "data", "n", "peers"):
                     f.write(f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n")
+            if "peers" in r:
+                f.write(peer_table(r))
             if "plan" in r:
                 f.write("\n```\n" + r["plan"] + "\n```\n")
             f.write("\n")
