@@ -58,6 +58,7 @@ def parse(argv=None):
     p.add_argument("--lazy-alpha-sqrt-h", type=float, default=1000.0, help="alpha sqrt(h) of the lazy net")
     p.add_argument("--no-nets", action="store_true", help="kernel predictors only")
     p.add_argument("--net-log2-max", type=int, default=None, help="train nets only for n <= 2^this (default 8)")
+    p.add_argument("--k-cap", type=int, default=2048, help="largest degree of the sampled field (tail reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
     p.add_argument("--results-dir", default=None)
@@ -83,7 +84,7 @@ def one_draw(a, d, nu, draw, ns):
     """Errors of every predictor at every n for one draw; the spectral check at the largest n."""
     g = torch.Generator().manual_seed(a.seed + 1000 * d + draw)
     u = sample_sphere(ns[-1] + a.m_test, d, g)
-    fs = sample_field(u, nu, 1, g)
+    fs = sample_field(u, nu, 1, g, k_cap=a.k_cap)
     y, var = fs.values[0], fs.variance
     ut, yt = u[ns[-1]:], y[ns[-1]:]
     errs = {k: [] for k in PREDICTORS}
@@ -97,7 +98,8 @@ def one_draw(a, d, nu, draw, ns):
         preds["entk"] = r["pred"]
         info.setdefault("entk_residual", []).append(r["residual"])
         if not a.no_nets and n <= 2 ** a.net_log2_max:
-            for key, alpha in (("lazy_net", a.lazy_alpha_sqrt_h / math.sqrt(a.h)), ("feature_net", alpha_for_xi(0, a.h))):
+            regimes = (("lazy_net", a.lazy_alpha_sqrt_h / math.sqrt(a.h)), ("feature_net", alpha_for_xi(0, a.h)))
+            for key, alpha in regimes:
                 o = fit_net(make_net(d, a.h, a.seed + draw), un, yn, ut, alpha, K0=r["K"], eta=a.eta,
                             max_steps=a.steps, max_wall=a.max_wall)
                 preds[key] = o["pred"]

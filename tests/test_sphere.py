@@ -12,8 +12,10 @@ import torch
 
 from ntk_fast.guards.memory import MemoryBudgetError
 from ntk_fast.sphere import (check_on_sphere, degree_coefficients, field_covariance, fit_exponent, gegenbauer,
-                             gegenbauer_nodes, harmonic_dim, predicted_exponents, sample_field, sample_sphere, target_power)
-from ntk_fast.sphere.predictors import alpha_for_xi, entk_regression, fit_net, make_net, ntk_inf_regression
+                             gegenbauer_nodes, harmonic_dim, predicted_exponents, sample_field, sample_sphere,
+                             target_power)
+from ntk_fast.sphere.predictors import (alpha_for_xi, entk_regression, fit_net, make_net,
+                                        ntk_inf_regression)
 from ntk_fast.spectrum import (degree_power, gram_degree_content, gram_eigh, gram_topk, kernel_degree_spectrum,
                                kernel_target_alignment, mode_projections)
 
@@ -67,8 +69,8 @@ def test_field_covariance_against_direct_sum():
     c = target_power(4, 0.7, 9)
     C = field_covariance(x, c)
     t = (x @ x.T).clamp(-1, 1).numpy()
-    ref = sum(float(c[k]) * harmonic_dim(k, 4) * special.eval_gegenbauer(k, 1.0, t) / special.eval_gegenbauer(k, 1.0, 1)
-              for k in range(10))
+    geg = special.eval_gegenbauer
+    ref = sum(float(c[k]) * harmonic_dim(k, 4) * geg(k, 1.0, t) / geg(k, 1.0, 1) for k in range(10))
     np.testing.assert_allclose(C.numpy(), ref, rtol=1e-12, atol=1e-13)
 
 
