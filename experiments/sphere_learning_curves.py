@@ -14,8 +14,9 @@ n <= 2^--net-log2-max (default 2^8: the nets are the expensive part on 2 CPU cor
 recorded per run).
 Test error: mean over test points of (f^n - f*)^2 / C(1).  Fitted exponents (slope of log mean error against
 log n; error bar: standard error of the per-draw slopes) beside the predictions of ntk_fast.sphere.exponents.
-Spectral-bias check (largest n): the test error's power in each harmonic degree against the target's
-(ntk_fast.spectrum.degree_power), and the kernel-target alignment of both kernels.
+Spectral-bias check (smallest and largest n, kernel predictors): the test error's power in each harmonic degree
+against the target's (ntk_fast.spectrum.degree_power, unbiased U-statistic over the test points) beside
+k_c(n) (the degree where the harmonics first number n), and the kernel-target alignment of both kernels.
 Outputs: <results-dir>/sphere_learning_curves.json and .md (table), <figures-dir>/sphere_learning_curves.png.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from ntk_fast.sphere import fit_exponent, predicted_exponents, sample_field, sample_sphere  # noqa: E402
+from ntk_fast.limits import limit_kernels  # noqa: E402
+from ntk_fast.sphere import fit_exponent, harmonic_dim, predicted_exponents, sample_field, sample_sphere  # noqa: E402
 from ntk_fast.sphere.predictors import (alpha_for_xi, entk_regression, fit_net, make_net,  # noqa: E402
-                                        ntk_inf_regression)
+                                        ntk_inf_regression, to_net_inputs)
 from ntk_fast.spectrum import degree_power, kernel_target_alignment  # noqa: E402
 
 NAME = "sphere_learning_curves"
@@ -60,6 +62,8 @@ def parse(argv=None):
     p.add_argument("--net-log2-max", type=int, default=None, help="train nets only for n <= 2^this (default 8)")
     p.add_argument("--k-cap", type=int, default=2048, help="largest degree of the sampled field (tail reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spectral-only", action="store_true",
+                   help="redo only the spectral check of the recorded <results-dir>/" + NAME + ".json (same options)")
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
     p.add_argument("--results-dir", default=None)
     p.add_argument("--figures-dir", default=None)
@@ -80,8 +84,54 @@ def rel_err(pred, y, var):
     return float(((pred - y) ** 2).mean()) / var
 
 
+def k_crit(n: int, d: int) -> int:
+    """The degree k_c where the harmonics of degree <= k_c first number n or more (sum_{k <= k_c} N(k, d) >= n)."""
+    k, total = 0, 1
+    while total < n:
+        k += 1
+        total += harmonic_dim(k, d)
+    return k
+
+
+def spectral(d, n, ut, yt, un, yn, preds, K_entk) -> dict:
+    """Spectral-bias check at training size n: the power of the target and of each predictor's test error in
+    each harmonic degree (unbiased U-statistic over the m test points), against k_c(n); kernel-target alignment."""
+    kmax = 32 if d == 2 else 12
+    _, Kinf = limit_kernels(to_net_inputs(un), L=1, activation="relu", bias=1.0)
+    return {"n": n, "k_c": k_crit(n, d), "k_max": kmax,
+            "degree_power_target": degree_power(ut, yt, kmax, unbiased=True).tolist(),
+            "degree_power_error": {k: degree_power(ut, v - yt, kmax, unbiased=True).tolist() for k, v in preds.items()},
+            "alignment": {"ntk_inf": kernel_target_alignment(Kinf, yn), "entk": kernel_target_alignment(K_entk, yn)}}
+
+
+def respectral(a, out) -> None:
+    """--spectral-only: redo the spectral check of every draw of a recorded run (kernel predictors only: the
+    same seeds give the same points, field and nets), checked against the recorded Theta_inf errors."""
+    ns = out["ns"]
+    for c in out["curves"]:
+        d, nu = c["d"], c["nu_t"]
+        for draw, info in enumerate(c["draws"]):
+            g = torch.Generator().manual_seed(a.seed + 1000 * d + draw)
+            u = sample_sphere(ns[-1] + a.m_test, d, g)
+            fs = sample_field(u, nu, 1, g, k_cap=a.k_cap)
+            y, ut, yt = fs.values[0], u[ns[-1]:], fs.values[0][ns[-1]:]
+            info["spectral"] = []
+            for n in (ns[0], ns[-1]):
+                preds = {"ntk_inf": ntk_inf_regression(u[:n], y[:n], ut)}
+                r = entk_regression(make_net(d, a.h, a.seed + draw), u[:n], y[:n], ut)
+                preds["entk"] = r["pred"]
+                e = rel_err(preds["ntk_inf"], yt, fs.variance)
+                rec = c["errors"]["ntk_inf"][draw][ns.index(n)]
+                if abs(e - rec) > 1e-6 * rec:
+                    raise RuntimeError(f"--spectral-only: d={d} nu_t={nu} draw {draw} n={n} does not reproduce the "
+                                       f"recorded run ({e} != {rec}): use the run's options")
+                info["spectral"].append(spectral(d, n, ut, yt, u[:n], y[:n], preds, r["K"]))
+            info.pop("degree_power_target", None), info.pop("degree_power_error", None), info.pop("alignment", None)
+        print(f"d={d} nu_t={nu}: spectral check redone", flush=True)
+
+
 def one_draw(a, d, nu, draw, ns):
-    """Errors of every predictor at every n for one draw; the spectral check at the largest n."""
+    """Errors of every predictor at every n for one draw; the spectral check at the smallest and largest n."""
     g = torch.Generator().manual_seed(a.seed + 1000 * d + draw)
     u = sample_sphere(ns[-1] + a.m_test, d, g)
     fs = sample_field(u, nu, 1, g, k_cap=a.k_cap)
@@ -89,7 +139,6 @@ def one_draw(a, d, nu, draw, ns):
     ut, yt = u[ns[-1]:], y[ns[-1]:]
     errs = {k: [] for k in PREDICTORS}
     info = {"k_max": fs.k_max, "tail": fs.tail, "jitter": fs.jitter, "nets": []}
-    kmax = 8 if d > 2 else 32
     for n in ns:
         un, yn = u[:n], y[:n]
         preds = {"ntk_inf": ntk_inf_regression(un, yn, ut)}
@@ -107,15 +156,8 @@ def one_draw(a, d, nu, draw, ns):
                                      "wall": round(o["wall"], 2), "status": o["status"]})
         for k, v in preds.items():
             errs[k].append(rel_err(v, yt, var))
-        if n == ns[-1]:
-            tgt = degree_power(ut, yt, kmax)
-            info["degree_power_target"] = tgt.tolist()
-            info["degree_power_error"] = {k: degree_power(ut, v - yt, kmax).tolist() for k, v in preds.items()}
-            from ntk_fast.limits import limit_kernels
-            from ntk_fast.sphere.predictors import to_net_inputs
-            _, Kinf = limit_kernels(to_net_inputs(un), L=1, activation="relu", bias=1.0)
-            info["alignment"] = {"ntk_inf": kernel_target_alignment(Kinf, yn),
-                                 "entk": kernel_target_alignment(r["K"], yn)}
+        if n in (ns[0], ns[-1]):
+            info.setdefault("spectral", []).append(spectral(d, n, ut, yt, un, yn, preds, r["K"]))
     return errs, info
 
 
@@ -184,6 +226,14 @@ def plot(out, path):
 
 def main(argv=None):
     a = parse(argv)
+    if a.spectral_only:
+        path = os.path.join(a.results_dir, NAME + ".json")
+        with open(path) as fh:
+            out = json.load(fh)
+        respectral(a, out)
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
+        return
     os.makedirs(a.results_dir, exist_ok=True)
     os.makedirs(a.figures_dir, exist_ok=True)
     out = run(a)

@@ -6,7 +6,10 @@ spherical-harmonic degrees for points on the sphere, and kernel-target alignment
                   O(n^2) reads per matrix-vector product, memory O(block n + n k)
     degree power: p_k(v, w) = N(k, d) / n^2 sum_ij v_i w_j P_k(x_i . x_j)  (P_k: degree-k projector of the
                   empirical measure; for n -> inf and v = f on the points, p_k(f, f) -> sum_l f_kl^2, the
-                  field's power in degree k), and the Gram's degree content
+                  field's power in degree k); its diagonal part N(k, d) / n mean(v w) is a bias of relative size
+                  N(k, d) / n, so for a function sampled at independent points the U-statistic
+                  u_k = N(k, d) / (n (n - 1)) sum_{i != j} v_i w_j P_k(x_i . x_j) (unbiased=True) is used where
+                  N(k, d) is not small against n, and the Gram's degree content
                   g_k(K) = N(k, d) / n^2 sum_ij K_ij P_k(x_i . x_j) -> a_k N(k, d) for a dot-product kernel
     alignment:    A(K, y) = y^T K y / (||K||_F ||y||^2)  in [0, 1] for K psd (1: K = c y y^T)
     mode projections: (v_r . y)^2 / ||y||^2 per eigenvector: how much of y lies on each of the first modes.
@@ -82,9 +85,12 @@ def gram_topk(K: Union[np.ndarray, str, os.PathLike], k: int, block: int = 1024,
     return lam[order], V[:, order]
 
 
-def degree_power(x: torch.Tensor, v: torch.Tensor, k_max: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+def degree_power(x: torch.Tensor, v: torch.Tensor, k_max: int, w: Optional[torch.Tensor] = None,
+                 unbiased: bool = False) -> torch.Tensor:
     """p_k(v, w) for k = 0 .. k_max on unit-sphere points x (n, d); v, w: (n,) or (m, n) values (w = v if None).
 
+    unbiased: the off-diagonal U-statistic u_k (module docstring): for v = f(x_i), w = g(x_i) at n independent
+    uniform points, E u_k = sum_l f_kl g_kl exactly (needs n >= 2).
     Returns (k_max + 1,) or (m, k_max + 1).  Cost O(k_max n^2 (1 + m / n)); memory 3 n^2."""
     check_on_sphere(x, "degree_power: x")
     n, d = x.shape
@@ -92,8 +98,12 @@ def degree_power(x: torch.Tensor, v: torch.Tensor, k_max: int, w: Optional[torch
     ww = vv if w is None else w.to(torch.float64).reshape(-1, n)
     if vv.shape[1] != n or ww.shape != vv.shape:
         raise ValueError(f"degree_power: v and w must be (n,) or (m, n) with n = {n}")
+    if unbiased and n < 2:
+        raise ValueError("degree_power: unbiased=True needs n >= 2 points")
     xd = x.to(torch.float64)
     t = (xd @ xd.T).clamp_(-1.0, 1.0)
+    if unbiased:
+        t.fill_diagonal_(0.0)          # P_k(0) on the diagonal, removed below with its exact value
     N = harmonic_dims(k_max, d)
     out = torch.empty(vv.shape[0], k_max + 1, dtype=torch.float64)
     prev, cur = torch.ones_like(t), t.clone()
@@ -103,6 +113,9 @@ def degree_power(x: torch.Tensor, v: torch.Tensor, k_max: int, w: Optional[torch
         if k >= 1:
             nxt = cur.mul((2 * k + d - 2) / (k + d - 2)).mul_(t).sub_(prev, alpha=k / (k + d - 2))
             prev, cur = cur, nxt
+    if unbiased:
+        P0 = gegenbauer(k_max, d, torch.zeros(1, dtype=torch.float64))[:, 0]       # P_k(0): the diagonal used
+        out = (out - N * P0 / n ** 2 * (vv * ww).sum(dim=1, keepdim=True)) * (n / (n - 1))
     return out[0] if v.dim() == 1 else out
 
 

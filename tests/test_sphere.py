@@ -214,12 +214,23 @@ def test_exponents():
 def test_learning_curve_script_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sphere_learning_curves.py"),
-                        "--ds", "2", "3", "--nus", "1.0", "--log2-ns", "3", "5", "--draws", "2", "--m-test", "40",
-                        "--h", "16", "--steps", "30", "--net-log2-max", "4", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    args = [sys.executable, os.path.join(ROOT, "experiments", "sphere_learning_curves.py"),
+            "--ds", "2", "3", "--nus", "1.0", "--log2-ns", "3", "5", "--draws", "2", "--m-test", "40",
+            "--h", "16", "--steps", "30", "--net-log2-max", "4", "--out", str(tmp_path)]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "sphere_learning_curves.json").read_text())
+    for c in out["curves"]:
+        for info in c["draws"]:
+            assert [s["n"] for s in info["spectral"]] == [8, 32]
+            first = info["spectral"][0]
+            assert set(first["degree_power_error"]) == {"ntk_inf", "entk", "lazy_net", "feature_net"}
+            assert first["k_c"] == (4 if c["d"] == 2 else 2)        # 1 + 2 + 2 + 2 + 2 >= 8; 1 + 3 + 5 >= 8
+    r = subprocess.run(args + ["--spectral-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]           # reproduces the recorded errors (else it raises)
+    again = json.loads((tmp_path / "sphere_learning_curves.json").read_text())
+    s0, s1 = out["curves"][0]["draws"][0]["spectral"][1], again["curves"][0]["draws"][0]["spectral"][1]
+    assert np.allclose(s0["degree_power_error"]["ntk_inf"], s1["degree_power_error"]["ntk_inf"], rtol=1e-8)
     assert [(c["d"], c["nu_t"]) for c in out["curves"]] == [(2, 1.0), (3, 1.0)]
     for c in out["curves"]:
         assert set(c["fits"]) == {"ntk_inf", "entk", "lazy_net", "feature_net"}
@@ -228,3 +239,26 @@ def test_learning_curve_script_smoke(tmp_path):
         assert c["predicted"] == predicted_exponents(c["d"], 1.0)
     assert (tmp_path / "sphere_learning_curves.png").stat().st_size > 1000
     assert "| d | nu_t |" in (tmp_path / "sphere_learning_curves.md").read_text()
+
+
+def test_degree_power_unbiased():
+    """unbiased=True is the off-diagonal U-statistic (against a direct sum) and is unbiased for the true degree
+    power of a fixed function: f = P_3(x . e) has power 1 / N(3, d) in degree 3 and none elsewhere."""
+    d, n, reps = 5, 41, 400
+    g = torch.Generator().manual_seed(11)
+    e = sample_sphere(1, d, g)[0]
+    x = sample_sphere(n, d, g)
+    v = gegenbauer(3, d, x @ e)[3]
+    P = gegenbauer(4, d, (x @ x.T).clamp(-1, 1))
+    off = torch.stack([(P[k] * torch.outer(v, v)).sum() - (P[k].diagonal() * v * v).sum() for k in range(5)])
+    N = torch.tensor([float(harmonic_dim(k, d)) for k in range(5)], dtype=torch.float64)
+    assert torch.allclose(degree_power(x, v, 4, unbiased=True), N * off / (n * (n - 1)), rtol=1e-10, atol=1e-14)
+    est = torch.stack([degree_power(xs, gegenbauer(3, d, xs @ e)[3], 4, unbiased=True)
+                       for xs in (sample_sphere(n, d, g) for _ in range(reps))])
+    mean, se = est.mean(0), est.std(0) / math.sqrt(reps)
+    truth = torch.tensor([0, 0, 0, 1 / harmonic_dim(3, d), 0], dtype=torch.float64)
+    assert bool(((mean - truth).abs() < 5 * se + 1e-12).all()), (mean, truth, se)
+    biased = degree_power(x, v, 4)          # the plain estimate carries the diagonal N_k / n mean(v^2)
+    assert float(biased[2]) > 0.5 * float(N[2]) / n * float((v * v).mean())
+    with pytest.raises(ValueError, match="n >= 2"):
+        degree_power(x[:1], v[:1], 2, unbiased=True)
