@@ -200,6 +200,50 @@ def table(out) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spectral_table(out) -> str:
+    """Spectral-bias check: test-error power over target power, summed over degrees 1 <= k < k_c and
+    k_c <= k <= k_max (mean over draws), and the kernel-target alignments."""
+    lines = ["| d | nu_t | n | k_c | predictor | error/target, k < k_c | error/target, k_c..k_max | alignment |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in out["curves"]:
+        draws = [i["spectral"] for i in c["draws"] if "spectral" in i]
+        for j in range(len(draws[0]) if draws else 0):
+            first = draws[0][j]
+            kc, km = first["k_c"], first["k_max"]
+            for key in first["degree_power_error"]:
+                lo, hi = [], []
+                for sp in (dr[j] for dr in draws):
+                    e, t = np.array(sp["degree_power_error"][key]), np.array(sp["degree_power_target"])
+                    lo.append(e[1:kc].sum() / t[1:kc].sum() if kc > 1 else float("nan"))
+                    hi.append(e[kc:km + 1].sum() / t[kc:km + 1].sum() if kc <= km else float("nan"))
+                al = np.mean([dr[j]["alignment"][key] for dr in draws]) if key in first["alignment"] else None
+                lines.append(f"| {c['d']} | {c['nu_t']:g} | {first['n']} | {kc} | {key} | {np.mean(lo):.3g} | "
+                             f"{np.mean(hi):.3g} | {'-' if al is None else format(al, '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def nets_table(out) -> str:
+    """Training of the nets: reached training error (relative to C(1)) and why they stopped."""
+    lines = ["| d | nu_t | net | runs | median train mse / C(1) | max | stopped by |", "|---|---|---|---|---|---|---|"]
+    for c in out["curves"]:
+        runs = [r for i in c["draws"] for r in i["nets"]]
+        for key in ("lazy_net", "feature_net"):
+            rr = [r for r in runs if r["regime"] == key]
+            if rr:
+                mse = np.array([r["train_mse"] for r in rr])
+                why = {}
+                for r in rr:
+                    why[str(r["status"])] = why.get(str(r["status"]), 0) + 1
+                lines.append(f"| {c['d']} | {c['nu_t']:g} | {key} | {len(rr)} | {np.median(mse):.2g} | "
+                             f"{mse.max():.2g} | {', '.join(f'{k}: {v}' for k, v in why.items())} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_md(out, path) -> None:
+    with open(path, "w") as fh:
+        fh.write(table(out) + "\n" + nets_table(out) + "\n" + spectral_table(out))
+
+
 def plot(out, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -233,14 +277,15 @@ def main(argv=None):
         respectral(a, out)
         with open(path, "w") as fh:
             json.dump(out, fh, indent=1)
+        write_md(out, os.path.join(a.results_dir, NAME + ".md"))
+        print(spectral_table(out))
         return
     os.makedirs(a.results_dir, exist_ok=True)
     os.makedirs(a.figures_dir, exist_ok=True)
     out = run(a)
     with open(os.path.join(a.results_dir, NAME + ".json"), "w") as fh:
         json.dump(out, fh, indent=1)
-    with open(os.path.join(a.results_dir, NAME + ".md"), "w") as fh:
-        fh.write(table(out))
+    write_md(out, os.path.join(a.results_dir, NAME + ".md"))
     plot(out, os.path.join(a.figures_dir, NAME + ".png"))
     print(table(out))
 
