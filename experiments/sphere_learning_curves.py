@@ -34,7 +34,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ntk_fast.limits import limit_kernels  # noqa: E402
-from ntk_fast.sphere import fit_exponent, harmonic_dim, predicted_exponents, sample_field, sample_sphere  # noqa: E402
+from ntk_fast.sphere import (fit_exponent, harmonic_dim, harmonic_dims, predicted_exponents, sample_field,  # noqa: E402
+                             sample_sphere, target_power)
 from ntk_fast.sphere.predictors import (alpha_for_xi, entk_regression, fit_net, make_net,  # noqa: E402
                                         ntk_inf_regression, to_net_inputs)
 from ntk_fast.spectrum import degree_power, kernel_target_alignment  # noqa: E402
@@ -122,7 +123,7 @@ def respectral(a, out) -> None:
                 preds["entk"] = r["pred"]
                 e = rel_err(preds["ntk_inf"], yt, fs.variance)
                 rec = c["errors"]["ntk_inf"][draw][ns.index(n)]
-                if abs(e - rec) > 1e-6 * rec:
+                if abs(e - rec) > 1e-3 * rec:           # rounding differs with the thread count
                     raise RuntimeError(f"--spectral-only: d={d} nu_t={nu} draw {draw} n={n} does not reproduce the "
                                        f"recorded run ({e} != {rec}): use the run's options")
                 info["spectral"].append(spectral(d, n, ut, yt, u[:n], y[:n], preds, r["K"]))
@@ -201,8 +202,8 @@ def table(out) -> str:
 
 
 def spectral_table(out) -> str:
-    """Spectral-bias check: test-error power over target power, summed over degrees 1 <= k < k_c and
-    k_c <= k <= k_max (mean over draws), and the kernel-target alignments."""
+    """Spectral-bias check: test-error power (unbiased estimate) over the target's expected power c_k N(k, d),
+    summed over degrees 1 <= k < k_c and k_c <= k <= k_max (mean over draws), and the kernel-target alignments."""
     lines = ["| d | nu_t | n | k_c | predictor | error/target, k < k_c | error/target, k_c..k_max | alignment |",
              "|---|---|---|---|---|---|---|---|"]
     for c in out["curves"]:
@@ -212,8 +213,11 @@ def spectral_table(out) -> str:
             kc, km = first["k_c"], first["k_max"]
             for key in first["degree_power_error"]:
                 lo, hi = [], []
+                # reference: the target's expected power c_k N(k, d); the measured one (recorded too) is
+                # dominated by the U-statistic's noise ~ sqrt(N_k) / m C(1) where c_k N_k is small
+                t = (target_power(c["d"], c["nu_t"], km) * harmonic_dims(km, c["d"])).numpy()
                 for sp in (dr[j] for dr in draws):
-                    e, t = np.array(sp["degree_power_error"][key]), np.array(sp["degree_power_target"])
+                    e = np.array(sp["degree_power_error"][key])
                     lo.append(e[1:kc].sum() / t[1:kc].sum() if kc > 1 else float("nan"))
                     hi.append(e[kc:km + 1].sum() / t[kc:km + 1].sum() if kc <= km else float("nan"))
                 al = np.mean([dr[j]["alignment"][key] for dr in draws]) if key in first["alignment"] else None
