@@ -9,7 +9,8 @@ For each width h and seed: the empirical NTK Theta_h of FCNet(d=784, h, L=3, sof
   * the test outputs of kernel regression (ridgeless, on the parity labels) with Theta_h against those with
     Theta_inf: |f_h - f_inf| / |f_inf|  (the predictor a lazy-regime net trained to zero loss follows,
     up to the net's output at initialisation).
-Both should fall like h^{-1/2}; the fitted slopes are printed.  Plot: docs/limit_convergence.png; numbers: experiments/results/limit_convergence.json.
+Both should fall like h^{-1/2}; the fitted slopes are printed.  Plot: docs/limit_convergence.png; numbers:
+experiments/results/limit_convergence.json.
 
 Lazy-regime nets against the limit (--net-widths; skipped with --no-nets): each net is trained by
 ntk_fast.train (the paper's adaptive gradient flow on the soft hinge loss, stopped when every training margin
