@@ -14,8 +14,10 @@ from ntk_fast.ntk.plan import Plan, ntk_plan
 from ntk_fast.ntk.empirical import empirical_ntk, structured_features, supports_structured
 from ntk_fast.limits import limit_kernels
 from ntk_fast.diagnostics.doctor import check_cuda
+from ntk_fast import sphere, spectrum
 
-__all__ = ["CV", "check_cuda", "FCNet", "FlowResult", "KernelFlowResult", "Plan", "activation_normaliser", "data", "empirical_ntk",
-           "extension_available", "frozen_kernel_run", "gram", "gram_streamed", "kernel_flow", "kernel_regression",
-           "limit_kernels", "mse_flow", "ntk_plan", "structured_features", "supports_structured", "train"]
+__all__ = ["CV", "FCNet", "FlowResult", "KernelFlowResult", "Plan", "activation_normaliser", "check_cuda", "data",
+           "empirical_ntk", "extension_available", "frozen_kernel_run", "gram", "gram_streamed", "kernel_flow",
+           "kernel_regression", "limit_kernels", "mse_flow", "ntk_plan", "sphere", "spectrum", "structured_features",
+           "supports_structured", "train"]
 __version__ = "0.1.0"
