@@ -48,7 +48,13 @@ if world > 1:
     torch.distributed.destroy_process_group()
 status = open("/proc/self/status").read().split("\n")
 mem = {l.split(":")[0]: l.split(":")[1].strip() for l in status if l.startswith(("VmHWM", "RssAnon", "RssFile"))}
-print(json.dumps({"rank": rank, "wall": wall, "mem": mem}))
+done = {}
+if kind != "memory":
+    from ntk_fast.distributed.manifest import done_path
+    blob = json.load(open(done_path(path, rank)))
+    done = {"tiles": len(blob["tiles"]), "compute_seconds": blob.get("compute_seconds"),
+            "write_seconds": blob.get("write_seconds")}
+print(json.dumps({"rank": rank, "wall": wall, "mem": mem, "done": done}))
 '''
 
 
@@ -96,7 +102,7 @@ def main() -> None:
     day = datetime.date.today().isoformat()
     res = {"machine": args.machine, "machine_info": machine_info(), "loadavg_at_start": load0,
            "loadavg_at_end": os.getloadavg(),
-           "args": vars(args), "runs": runs}
+           "args": vars(args), "runs": runs, "medians": medians(runs)}
     base = os.path.join(ROOT, "bench", "results", f"distributed-{day}-n{args.n}-h{args.h}-L{args.L}")
     with open(base + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
@@ -110,7 +116,24 @@ def main() -> None:
                     "disk-per-tile": "gram_to_disk, cache_features=False (empirical_ntk per tile)"}[r["kind"]] + \
                 f", {r['world']} rank(s) x {r['threads']} thread(s)"
             fh.write(f"| {name} | {r['wall']:.2f} |\n")
+        med = medians(runs)
+        fh.write("\n| config (RANKSxTHREADS:KIND) | runs | median wall s |\n|---|---|---|\n")
+        for key, (count, m) in med.items():
+            fh.write(f"| {key} | {count} | {m:.2f} |\n")
+        if "2x1:disk" in med and "1x2:disk" in med:
+            ratio = med["2x1:disk"][1] / med["1x2:disk"][1]
+            fh.write(f"\n2 ranks x 1 thread against 1 process x 2 threads (medians): {ratio:.3f} "
+                     f"({100 * (ratio - 1):+.1f}%)\n")
     print("wrote", base + ".json")
+
+
+def medians(runs) -> dict:
+    """{"RxT:kind": (number of runs, median wall seconds)} in first-seen order."""
+    import statistics
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(f"{r['world']}x{r['threads']}:{r['kind']}", []).append(r["wall"])
+    return {k: (len(v), statistics.median(v)) for k, v in groups.items()}
 
 
 if __name__ == "__main__":

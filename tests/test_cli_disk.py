@@ -53,6 +53,8 @@ def test_torchrun_gram_then_kernel_on_two_ranks(tmp_path):
     assert "max_rel_diff_vs_reference" not in s                     # streaming: reference off by default
     assert [r["rank"] for r in s["per_rank"]] == [0, 1] and all(r["tiles"] > 0 for r in s["per_rank"])
     assert all(r["wall_seconds"] > 0 and r["rss_anon_peak_bytes"] > 0 for r in s["per_rank"])
+    assert all(0 < r["compute_seconds"] <= r["wall_seconds"] and 0 < r["write_seconds"] <= r["wall_seconds"]
+               for r in s["per_rank"])
     r = _torchrun(["kernel", "--gram", g, "--out", k, "--max-steps", "300", "--pg-timeout", "60"])
     assert "on 2 rank(s)" in r.stdout
     s = json.load(open(os.path.join(k, "summary.json")))

@@ -102,9 +102,10 @@ class AnonPeak:
 def _done_state(path: str, rank: int) -> Dict[str, Any]:
     p = manifest.done_path(path, rank)
     if not os.path.exists(p):
-        return {"tiles": 0, "compute_seconds": 0.0}
+        return {"tiles": 0, "compute_seconds": 0.0, "write_seconds": 0.0}
     blob = manifest._read_json(p, "done list")
-    return {"tiles": len(blob.get("tiles", [])), "compute_seconds": float(blob.get("compute_seconds", 0.0))}
+    return {"tiles": len(blob.get("tiles", [])), "compute_seconds": float(blob.get("compute_seconds", 0.0)),
+            "write_seconds": float(blob.get("write_seconds", 0.0))}
 
 
 def gather(obj: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -132,7 +133,8 @@ def gram_to_folder(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, out: 
     wall = time.perf_counter() - t0
     after = _done_state(path, rank)
     mine = {"rank": rank, "wall_seconds": wall, "tiles": after["tiles"] - before["tiles"],
-            "compute_seconds": after["compute_seconds"] - before["compute_seconds"], "rss_anon_peak_bytes": mem.peak}
+            "compute_seconds": after["compute_seconds"] - before["compute_seconds"],
+            "write_seconds": after["write_seconds"] - before["write_seconds"], "rss_anon_peak_bytes": mem.peak}
     ranks = gather(mine)
     if rank == 0:
         np.save(os.path.join(out, "labels.npy"), y.detach().cpu().numpy())
