@@ -122,7 +122,7 @@ def gram_to_folder(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, out: 
                    progress: Optional[bool]) -> Dict[str, Any]:
     """``OUT/gram.npy`` by empirical_ntk(out=...) across the ranks, ``OUT/labels.npy`` (rank 0); returns the
     summary fields: wall seconds, tiles per second, bytes written per second, and per rank (wall, compute
-    seconds and tiles of this run, peak RssAnon)."""
+    and write seconds and tiles of this run, peak RssAnon)."""
     from ntk_fast.ntk.empirical import empirical_ntk
     rank, world = comm.rank_world()
     path = os.path.join(out, "gram.npy")
