@@ -24,18 +24,37 @@ from ntk_fast.diagnostics.machine import machine_info
 
 def cmd_gram(args: argparse.Namespace) -> int:
     """Empirical NTK Gram of the paper's FC net on Fashion-MNIST (or --dataset), timed against the plain-torch
-    reference; writes gram.npy and summary.json to --out."""
+    reference; writes gram.npy and summary.json to --out.  Under ``torchrun --nproc_per_node N``, with
+    --to-disk, or for a Gram above 2 GiB, the Gram is streamed to --out/gram.npy tile by tile across the
+    ranks (resumable: run the same command again after a kill), after a check of the free disk space, with
+    the reference off unless --reference; summary.json then holds per-rank timings (docs/distributed.md)."""
+    from ntk_fast.distributed import commands as dc
+
+    dtype = DTYPES[args.dtype]
+    device = torch.device(args.device)
+    nbytes = float(args.p) ** 2 * torch.empty(0, dtype=dtype).element_size()
+    stream = args.to_disk or dc.torchrun_world() > 1 or nbytes > dc.STREAM_ABOVE_BYTES
+    reference = args.reference or (not args.no_reference and not stream)
+    if stream and not os.path.exists(os.path.join(args.out, "gram.npy")):
+        dc.check_free_space(args.out, nbytes)                  # before any work
+    with dc.process_group(device, args.pg_timeout):
+        return _gram(args, dtype, device, stream, reference)
+
+
+def _gram(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, stream: bool, reference: bool) -> int:
     from ntk_fast import data
+    from ntk_fast.distributed import commands as dc
+    from ntk_fast.distributed.comm import rank_world
     from ntk_fast.models.fc import FCNet
     from ntk_fast.ntk.empirical import empirical_ntk, fcnet_fans, gram_flops, structured_features
     from ntk_fast.ops.reference import gram_reference
     from ntk_fast.diagnostics.machine import matmul_rate
 
-    dtype = DTYPES[args.dtype]
-    device = torch.device(args.device)
+    rank, _ = rank_world()
+    say = print if rank == 0 else (lambda *a, **k: None)
     os.makedirs(args.out, exist_ok=True)
-    print(f"loading {args.dataset} ({args.p} training points, seed {args.seed}) ...", flush=True)
-    x, _, _, _ = data.binary_dataset(args.dataset, p=args.p, p_test=1, seed=args.seed, root=args.data)
+    say(f"loading {args.dataset} ({args.p} training points, seed {args.seed}) ...", flush=True)
+    x, y, _, _ = data.binary_dataset(args.dataset, p=args.p, p_test=1, seed=args.seed, root=args.data)
     x = x.to(dtype=dtype, device=device)
     net = FCNet(x.shape[1], args.h, args.L, activation="softplus", beta=args.beta, dtype=dtype, device=device,
                 generator=torch.Generator(device=device).manual_seed(args.seed))
@@ -44,8 +63,24 @@ def cmd_gram(args: argparse.Namespace) -> int:
     n_weights = sum(p * q for p, q in fans)
     flops_feat = 2.0 * args.p * n_weights + 2.0 * args.p * (n_weights - x.shape[1] * args.h)  # forward + deltas
     flops = flops_gram + flops_feat
+    summary = {"n": args.p, "d": x.shape[1], "h": args.h, "L": args.L, "beta": args.beta, "dtype": args.dtype,
+               "device": str(device), "gram_flops_symmetric_half": flops_gram, "feature_flops": flops_feat,
+               "machine": machine_info()}
+    if stream:
+        summary.update(dc.gram_to_folder(net, x, y, args.out, args.tile, True if args.progress else None))
+        summary["gflops"] = flops / summary["seconds"] / 1e9
+        say(f"ntk_fast      : {summary['seconds']:8.2f} s on {summary['world_size']} rank(s), "
+            f"{summary['tiles_this_run']} tiles ({summary['gflops']:.1f} GFLOP/s), Gram in {summary['path']}", flush=True)
+        if reference and rank == 0:
+            summary.update(dc.reference_check(net, x, summary["path"]))
+            say(f"plain torch   : {summary['reference_seconds']:8.2f} s  (max relative difference "
+                f"{summary['max_rel_diff_vs_reference']:.1e})")
+        if rank == 0:
+            with open(os.path.join(args.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            say(f"saved {summary['path']}, labels.npy and summary.json")
+        return 0
     rate = matmul_rate(dtype, device=device)
-
     t0 = time.perf_counter()
     K = empirical_ntk(net, x, progress=args.progress)
     if device.type == "cuda":
@@ -54,15 +89,12 @@ def cmd_gram(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     A, D, _ = structured_features(net, x)
     t_feat = time.perf_counter() - t0
-    summary = {"n": args.p, "d": x.shape[1], "h": args.h, "L": args.L, "beta": args.beta, "dtype": args.dtype,
-               "device": str(device), "seconds": t_ours, "features_seconds": t_feat,
-               "gram_flops_symmetric_half": flops_gram, "feature_flops": flops_feat, "gflops": flops / t_ours / 1e9,
-               "matmul_gflops_measured": rate / 1e9, "fraction_of_matmul": flops / t_ours / rate,
-               "machine": machine_info()}
+    summary.update({"seconds": t_ours, "features_seconds": t_feat, "gflops": flops / t_ours / 1e9,
+                    "matmul_gflops_measured": rate / 1e9, "fraction_of_matmul": flops / t_ours / rate})
     print(f"ntk_fast      : {t_ours:8.2f} s  ({summary['gflops']:.1f} GFLOP/s counting the features and the Gram's symmetric half, "
           f"{100 * summary['fraction_of_matmul']:.0f}% of torch.mm's {rate / 1e9:.0f} GFLOP/s; features {t_feat:.2f} s)",
           flush=True)
-    if not args.no_reference:
+    if reference:
         D = [d.reshape(d.shape[0], -1) for d in D]
         t0 = time.perf_counter()
         R = gram_reference(A, D)
@@ -75,9 +107,10 @@ def cmd_gram(args: argparse.Namespace) -> int:
         print(f"speedup       : {t_ref / t_ours:8.2f} x   (max relative difference {err:.1e})")
     path = os.path.join(args.out, "gram.npy")
     np.save(path, K.cpu().numpy())
+    np.save(os.path.join(args.out, "labels.npy"), y.cpu().numpy())
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"saved {path} ({K.shape[0]} x {K.shape[1]} {args.dtype}) and summary.json")
+    print(f"saved {path} ({K.shape[0]} x {K.shape[1]} {args.dtype}), labels.npy and summary.json")
     return 0
 
 
@@ -144,11 +177,28 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     """Frozen-kernel dynamics dF/dt = -(1/n) Theta (l'(y F) y) with Theta the empirical NTK at initialisation
     (ntk_fast.dynamics.solver.frozen_kernel_run), same loss, step rule and stop as the trainer: the lazy limit.
     Writes config.json, init_kernel.json, outputs.pt and summary.json to --out."""
+    if args.gram is not None:
+        return _kernel_on_disk(args)
     from ntk_fast.runs.experiment import run_experiment
     cfg = _config_from(args, regular=False, init_kernel=True, final_kernel=False)
     s = run_experiment(cfg, args.out, progress=False if args.no_progress else None)
     _print_summary(s)
     print(f"run folder: {args.out}")
+    return 0
+
+
+def _kernel_on_disk(args: argparse.Namespace) -> int:
+    """kernel --gram DIR: kernel_flow on the on-disk Gram (ntk_fast.distributed.commands.kernel_on_folder)."""
+    from ntk_fast.distributed import commands as dc
+    from ntk_fast.distributed.comm import rank_world
+    with dc.process_group(torch.device("cpu"), args.pg_timeout):
+        s = dc.kernel_on_folder(args)
+        if rank_world()[0] == 0:
+            with open(os.path.join(args.out, "summary.json"), "w") as f:
+                json.dump(s, f, indent=2)
+            print(f"status={s['status']} steps={s['steps']} t={[_g(v) for v in s['t']]} train_err={_g(s['train_err'])} "
+                  f"on {s['world_size']} rank(s) in {s['seconds']:.2f} s", flush=True)
+            print(f"run folder: {args.out}")
     return 0
 
 
@@ -283,9 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dataset", default="fashion", help="dataset (default fashion; see ntk_fast.data.DATASETS)")
     g.add_argument("--data", default=None, help="folder with the dataset's files (default: Debian's Fashion-MNIST)")
-    g.add_argument("--out", default="runs/gram", help="output folder (gram.npy + summary.json)")
-    g.add_argument("--no-reference", action="store_true", help="skip the plain-torch reference timing")
-    g.add_argument("--progress", action="store_true", help="progress bar over row panels")
+    g.add_argument("--out", default="runs/gram", help="output folder (gram.npy, labels.npy, summary.json)")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--no-reference", action="store_true", help="skip the plain-torch reference timing")
+    r.add_argument("--reference", action="store_true",
+                   help="run the reference also when streaming to disk (needs the n x n reference in memory)")
+    g.add_argument("--to-disk", action="store_true",
+                   help="stream the Gram to --out/gram.npy tile by tile, resumable (default under torchrun "
+                        "or above 2 GiB)")
+    g.add_argument("--tile", type=int, default=None, help="rows per tile when streaming (default 1024)")
+    g.add_argument("--pg-timeout", type=float, default=1800.0,
+                   help="seconds a rank waits for the others in a collective under torchrun (default 1800)")
+    g.add_argument("--progress", action="store_true", help="progress bar over row panels / tiles (rank 0)")
     g.set_defaults(func=cmd_gram)
 
     t = sub.add_parser("train", help="train the alpha-scaled net by gradient flow (run folder)",
@@ -300,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_kernel.__doc__)
     _add_run_args(k)
     k.add_argument("--out", default="runs/kernel", help="run folder (default runs/kernel)")
+    k.add_argument("--gram", default=None, metavar="DIR",
+                   help="run kernel_flow on DIR/gram.npy and DIR/labels.npy (written by `gram --out DIR`), read "
+                        "by row blocks, rows split across ranks under torchrun; the data and network options are "
+                        "then unused")
+    k.add_argument("--pg-timeout", type=float, default=1800.0,
+                   help="with --gram under torchrun: seconds a rank waits for the others (default 1800)")
     k.set_defaults(func=cmd_kernel)
 
     s = sub.add_parser("sweep", help="grid over alpha, h and seeds; skips finished runs, resumes, --jobs",

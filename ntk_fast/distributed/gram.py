@@ -106,13 +106,16 @@ def _compute_tiles(path: str, meta: Dict[str, Any], mine: List[Tuple[int, int]],
         for t in mine:
             (i0, i1), (j0, j1) = rows[t[0]], cols[t[1]]
             t0 = time.perf_counter()
-            if meta["mode"] == "diagonal":
-                mm[i0:i1] = compute_tile(source, (i0, i1), None)
+            diag = meta["mode"] == "diagonal"
+            rj = None if (diag or (meta["symmetric"] and t[0] == t[1])) else (j0, j1)
+            block = compute_tile(source, (i0, i1), rj)
+            t1 = time.perf_counter()
+            if diag:
+                mm[i0:i1] = block
             else:
-                rj = None if (meta["symmetric"] and t[0] == t[1]) else (j0, j1)
-                mm[i0:i1, j0:j1] = compute_tile(source, (i0, i1), rj)
+                mm[i0:i1, j0:j1] = block
             mm.flush()                      # data on disk before the tile is listed as done
-            log.tile_done(t, time.perf_counter() - t0)
+            log.tile_done(t, t1 - t0, time.perf_counter() - t1)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -129,12 +132,13 @@ def _mirror_rows(path: str, meta: Dict[str, Any], mine: List[int], log: manifest
     mm = layout.open_npy(path, tuple(meta["shape"]), np.dtype(meta["dtype"]))
     try:
         for b in mine:
+            t0 = time.perf_counter()
             i0, i1 = rows[b]
             for j in range(b):
                 j0, j1 = rows[j]
                 mm[i0:i1, j0:j1] = _mirror(np.asarray(mm[j0:j1, i0:i1]), full_k)
             mm.flush()
-            log.mirror_done(b)
+            log.mirror_done(b, time.perf_counter() - t0)
     finally:
         del mm
 

@@ -129,23 +129,27 @@ class DoneLog:
         self.rank = rank
         self.tiles: List[List[int]] = []
         self.mirrors: List[int] = []
-        self.seconds = 0.0
+        self.seconds = 0.0              # computing tiles (features included)
+        self.write_seconds = 0.0        # copying tiles into the map and flushing them, mirrors included
         if os.path.exists(self.file):
             old = _read_json(self.file, "list of finished tiles")
             self.tiles = [list(t) for t in old.get("tiles", [])]
             self.mirrors = list(old.get("mirrors", []))
             self.seconds = float(old.get("compute_seconds", 0.0))
+            self.write_seconds = float(old.get("write_seconds", 0.0))
 
     def _save(self) -> None:
         _write_json_atomic(self.file, {"format": FORMAT, "version": VERSION, "rank": self.rank,
                                        "tiles": self.tiles, "mirrors": self.mirrors,
-                                       "compute_seconds": self.seconds})
+                                       "compute_seconds": self.seconds, "write_seconds": self.write_seconds})
 
-    def tile_done(self, t: Tuple[int, int], seconds: float) -> None:
+    def tile_done(self, t: Tuple[int, int], seconds: float, write_seconds: float = 0.0) -> None:
         self.tiles.append([int(t[0]), int(t[1])])
         self.seconds += seconds
+        self.write_seconds += write_seconds
         self._save()
 
-    def mirror_done(self, block: int) -> None:
+    def mirror_done(self, block: int, write_seconds: float = 0.0) -> None:
         self.mirrors.append(int(block))
+        self.write_seconds += write_seconds
         self._save()

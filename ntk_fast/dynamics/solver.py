@@ -27,21 +27,23 @@ gradient flow at any t from one eigendecomposition).
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 
 from ntk_fast.ops.gram import all_finite
-from ntk_fast.ops.kernel_flow import kernel_flow_step
 from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
 from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, renamed_kwargs
 from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.ops.packed import pack_symmetric, packed_tile
 from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.dynamics.theta_op import InMemoryTheta, fingerprint
 from ntk_fast.guards import DEFAULT_MAX_STEPS, DivergenceMonitor, check_gram, require_memory, solve_report
 from ntk_fast.guards.estimates import kernel_flow_bytes, kernel_regression_bytes
 
@@ -117,27 +119,18 @@ class StepStats(NamedTuple):
     gp_max: float        # max|g'|
 
 
-def _fingerprint(K: torch.Tensor) -> List[float]:
-    """Cheap identity check of a kernel for resume: shape-independent sums of a few rows."""
-    Kb = K if K.dim() == 3 else K.unsqueeze(0)
-    n = Kb.shape[-1]
-    rows = sorted({0, n // 2, n - 1})
-    return [float(Kb[:, i].double().sum()) for i in rows]
-
-
 @dataclass
 class _Problem:
-    """The inputs of kernel_flow, checked and laid out: Theta (dense or packed), labels Y (E, n), the test kernel
-    (m, n) / (E, m, n) and labels (E, m), and the op's tiling."""
-    theta: torch.Tensor
+    """The inputs of kernel_flow, checked and laid out: the Theta operator (ntk_fast.dynamics.theta_op: in memory,
+    dense or packed, or on disk by row blocks / rows split across ranks), labels Y (E, n), the test kernel
+    (m, n) / (E, m, n) and labels (E, m), and the tiling (block)."""
+    op: Any
     Y: torch.Tensor
     Kte: Optional[torch.Tensor]
     Yte: Optional[torch.Tensor]
     E: int
     EK: int
     n: int
-    packed_block: int
-    step_block: int
     block: int
 
 
@@ -172,6 +165,8 @@ def _check_test(K_test_train, y_test, n: int, E: int, dtype, device, validate: b
 def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int], validate: bool,
              loss: str) -> _Problem:
     """Check kernel_flow's tensors and lay them out (see :class:`_Problem`)."""
+    if not isinstance(K_train, torch.Tensor) and _on_disk(K_train):
+        return _prepare_disk(K_train, y, K_test_train, y_test, packed, block, validate, loss)
     if not isinstance(K_train, torch.Tensor) or K_train.dim() not in (2, 3):
         raise ValueError("kernel_flow: K_train must be a tensor (n, n) or (E, n, n), got "
                          f"{tuple(K_train.shape) if isinstance(K_train, torch.Tensor) else type(K_train).__name__}")
@@ -205,7 +200,42 @@ def _prepare(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int
         packed_block = packed_tile(device)
         theta = pack_symmetric(theta, packed_block)
     step_block = 0 if (packed or device.type == "cuda") else block
-    return _Problem(theta, Y, Kte, Yte, E, EK, n, packed_block, step_block, block)
+    return _Problem(InMemoryTheta(theta, n, packed_block, step_block), Y, Kte, Yte, E, EK, n, block)
+
+
+def _on_disk(K: Any) -> bool:
+    """A Theta that kernel_flow reads from disk by row blocks: a ``.npy`` path or a numpy array / memmap."""
+    return isinstance(K, (str, os.PathLike, np.ndarray))
+
+
+def _prepare_disk(K_train, y, K_test_train, y_test, packed: bool, block: Optional[int], validate: bool,
+                  loss: str) -> _Problem:
+    """Theta (n, n) in a ``.npy`` file or numpy memmap: this rank's rows by blocks of ``block`` rows
+    (ntk_fast.distributed.flow.RowShard; all rows without a process group).  Memory: one block plus O(E n)."""
+    from ntk_fast.distributed.flow import RowShard, check_disk_theta
+    if packed:
+        raise ValueError("kernel_flow: packed=True packs an in-memory K_train; an on-disk K_train is read by row "
+                         "blocks (leave packed=False)")
+    if block is not None and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"kernel_flow: block (rows per read of an on-disk K_train) must be an int >= 1, got {block!r}")
+    shard = RowShard.from_file(K_train, block=block)
+    n, dtype = shard.n, shard.dtype
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if validate:
+        check_labels(y, "y", n, pm1=is_margin(loss))
+    elif y.dim() not in (1, 2) or y.shape[-1] != n:
+        raise ValueError(f"kernel_flow: y must be ({n},) or (E, {n}), got {tuple(y.shape)}")
+    E = y.shape[0] if y.dim() == 2 else 1
+    Y = y.to(dtype=dtype).reshape(-1, n).expand(E, n).contiguous()
+    Kte, Yte = _check_test(K_test_train, y_test, n, E, dtype, shard.device, validate, loss)
+    esize = shard.arr.itemsize
+    require_memory(float(esize) * (2 * shard.block * n + 14 * E * n), f"kernel_flow: one block of {shard.block} rows "
+                   f"of the on-disk K_train (n = {n}) and the vectors of {E} problem(s)", "cpu",
+                   "Pass a smaller block (rows per read).")
+    if validate:
+        check_disk_theta(shard, "K_train")
+    return _Problem(shard, Y, Kte, Yte, E, 1, n, shard.block)
 
 
 def _read_kernel_checkpoint(path: Any, config: Dict[str, Any]) -> Dict[str, Any]:
@@ -250,7 +280,8 @@ class _KernelRun:
         # Initial gradient: g = Theta r(0) / n (a dt = 0 call of the op).
         dt0 = torch.zeros(E, dtype=self.dtype, device=self.device)
         active = torch.ones(E, dtype=torch.bool, device=self.device)
-        self.F, self.r, self.g, self.c, st0 = kernel_flow_step(pb.theta, pb.Y, zeros, zeros, zeros, zeros, dt0, active, self.cfg.loss, self.cfg.loss_beta, pb.packed_block, pb.step_block)
+        self.F, self.r, self.g, self.c, st0 = pb.op.step(pb.Y, zeros, zeros, zeros, zeros, dt0, active, self.cfg.loss,
+                                                         self.cfg.loss_beta, clock=0.0)
         self.gmax = [float(v) for v in st0[:, StepStats._fields.index("gp_max")].tolist()]
         self.dt, self.tt = [1.0] * E, [0.0] * E
         self.steps, self.attempts = [0] * E, [0] * E
@@ -300,6 +331,8 @@ class _KernelRun:
         self.history[e].append(rec)
 
     def save(self) -> None:
+        if self.pb.op.rank != 0:                           # one writer when Theta is split across ranks
+            return
         atomic_save({"kind": "kernel_flow", "F": self.F, "r": self.r, "g": self.g, "c": self.c, "dt": self.dt,
                      "t": self.tt, "gmax": self.gmax, "steps": self.steps, "attempts": self.attempts,
                      "statuses": self.status, "history": self.history, "next_record": self.next_record,
@@ -309,7 +342,7 @@ class _KernelRun:
         """Decide the stops before an attempt; returns the problems that attempt a step.  Attempts that fail on
         dout alone are decided here without reading Theta (dout = dt max|g|)."""
         cfg, out = self.cfg, []
-        elapsed = self.wall()
+        elapsed = self.pb.op.agreed_wall(self.wall())      # the same number on every rank
         max_dout_, shrink_ = self.rule.max_dout, self.rule.shrink
         for e in range(self.pb.E):
             if self.status[e] != "running":
@@ -344,7 +377,8 @@ class _KernelRun:
             active[running] = True
             active = active.to(self.device)
         dt_t = torch.tensor(self.dt, dtype=self.dtype, device=self.device)
-        Fn, rn, gn, cn, stats = kernel_flow_step(pb.theta, pb.Y, self.F, self.g, self.r, self.c, dt_t, active, self.cfg.loss, self.cfg.loss_beta, pb.packed_block, pb.step_block, check=False)
+        Fn, rn, gn, cn, stats = pb.op.step(pb.Y, self.F, self.g, self.r, self.c, dt_t, active, self.cfg.loss,
+                                           self.cfg.loss_beta, clock=self.wall())
         rows = [StepStats(*s) for s in stats.tolist()]
         acc = [False] * E
         for e in running:
@@ -389,7 +423,7 @@ class _KernelRun:
     def loop(self) -> None:
         cfg = self.cfg
         total = cfg.max_steps if math.isfinite(cfg.max_steps) and cfg.max_steps != DEFAULT_MAX_STEPS else None
-        bar = progress_bar(cfg.progress, desc="kernel_flow", unit="step", total=total, leave=False)
+        bar = progress_bar(cfg.progress if self.pb.op.rank == 0 else False, desc="kernel_flow", unit="step", total=total, leave=False)
         last_save = self.start
         try:
             while True:
@@ -433,7 +467,7 @@ class _KernelRun:
                                 history=self.history, final=final, config=self.config, wall=self.wall(), c=self.c)
 
 
-def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optional[torch.Tensor] = None,
+def kernel_flow(K_train: Union[torch.Tensor, PathLike, np.ndarray], y: torch.Tensor, *, K_test_train: Optional[torch.Tensor] = None,
                 y_test: Optional[torch.Tensor] = None, loss: str = "softhinge", loss_beta: float = 20.0,
                 max_dgrad: float = 1e-4, max_dout: float = 0.1, grow: float = 1.1, shrink: float = 10.0,
                 grow_fraction: float = 0.5, record_rate: float = 0.01, record_spacing: int = 100,
@@ -447,6 +481,12 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
 
     Args:
         K_train: Theta on the training points, (n, n) or (E, n, n); symmetric (only its upper triangle is read).
+            Or Theta (n, n) on disk: a ``.npy`` path (as written by ``empirical_ntk(..., out=PATH)``) or a numpy
+            array / memmap, read by blocks of ``block`` rows (default about 32 MiB) at every attempt: memory
+            O(block n + E n), never O(n^2).  Under an initialised torch.distributed process group the call is
+            collective: each rank reads only its rows [r n / W, (r + 1) n / W), one all-reduce per attempt
+            combines the product, every rank gets the same numbers and returns the same result (rank 0 alone
+            writes the checkpoint and shows the bar; max_wall uses rank 0's clock).  docs/distributed.md.
         y: labels +-1, (n,) or (E, n).  With K (n, n) and y (E, n): E label vectors share one Theta; with
             K (E, n, n) and y (n,): one label vector for E kernels.
         K_test_train: Theta_test,train, (m, n) or (E, m, n); y_test: (m,) or (E, m).  Test outputs
@@ -463,7 +503,8 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
         stop_margin: stop a problem once y_i F_i >= 1 for all i.  max_iterations: passes over Theta (all
             problems stop together, so a run resumed from there continues bit for bit).
         packed: store Theta as the tile-packed upper triangle (half the memory of the solver's copy; the
-            caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64).
+            caller may then free K_train); block: tile edge (default 256 on CPUs; the CUDA kernel uses 64), or
+            rows per read of an on-disk K_train.
         validate: check K (finite, symmetric, non-negative diagonal, no eigenvalue below -eps ||K|| by a few
             Lanczos iterations: ntk_fast.guards.check_gram) and the labels (+-1 for the margin losses).
         Default step budget: max_steps=None means ntk_fast.guards.DEFAULT_MAX_STEPS = 1_000_000 accepted steps
@@ -494,7 +535,7 @@ def kernel_flow(K_train: torch.Tensor, y: torch.Tensor, *, K_test_train: Optiona
               "stop_margin": stop_margin, "max_steps": cfg.max_steps, "max_time": cfg.max_time, "max_wall": cfg.max_wall,
               "record_rate": cfg.record_rate, "record_spacing": cfg.record_spacing, "packed": packed,
               "block": pb.block, "dtype": str(pb.Y.dtype), "shared_kernel": pb.EK == 1 and pb.E > 1,
-              "fingerprint": _fingerprint(K_train)}
+              "fingerprint": fingerprint(K_train) if isinstance(K_train, torch.Tensor) else pb.op.fingerprint()}
     run = _KernelRun(pb, cfg, stop_margin, max_iterations, checkpoint_every_steps, config)
     run.loop()
     return run.result()
@@ -516,11 +557,31 @@ class KernelRegression:
     status: str = "solved"
 
 
-def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_test: Optional[torch.Tensor] = None,
-                      max_jitter: float = 1e-6, on_unsolved: str = "raise") -> KernelRegression:
+def _regression_in_core(K: Any, y: Any, K_test: Any) -> torch.Tensor:
+    """An on-disk K (``.npy`` path or numpy memmap) read into memory for kernel_regression, when the copy and
+    the factorisation fit (ntk_fast.guards.memory); MemoryBudgetError otherwise."""
+    from ntk_fast.distributed.flow import open_theta
+    arr = open_theta(K, "K")
+    n = arr.shape[0]
+    E = y.numel() // max(n, 1) if isinstance(y, torch.Tensor) else 1
+    m = K_test.shape[0] if isinstance(K_test, torch.Tensor) and K_test.dim() == 2 else 0
+    require_memory(float(arr.itemsize) * n * n + kernel_regression_bytes(n, E, m, arr.itemsize),
+                   f"kernel_regression: the in-core copy of the on-disk K (n = {n}) and its Cholesky factorisation",
+                   "cpu", "An out-of-core or distributed Cholesky is not implemented: use kernel_flow on the file "
+                   "(it reads K by row blocks, any n, and splits it across torch.distributed ranks) or fewer points.")
+    return torch.from_numpy(np.array(arr))
+
+
+def kernel_regression(K: Union[torch.Tensor, PathLike, np.ndarray], y: torch.Tensor, ridge: float = 0.0,
+                      K_test: Optional[torch.Tensor] = None, max_jitter: float = 1e-6,
+                      on_unsolved: str = "raise") -> KernelRegression:
     """Kernel (ridge) regression: solve (K + ridge I) coef = y by Cholesky, predict K_test coef.
 
     K: (n, n) symmetric positive (semi-)definite; y: (n,) or (E, n) (several right-hand sides); K_test: (m, n).
+    K may live on disk (a ``.npy`` path or numpy memmap, e.g. from ``empirical_ntk(..., out=PATH)``): it is read
+    into memory when the copy and the factorisation fit (about 4 n^2 numbers in all, checked against the
+    available memory: ntk_fast.guards.memory), else MemoryBudgetError (no out-of-core Cholesky; kernel_flow
+    reads an on-disk K by row blocks at any n).
     When the Cholesky factorisation fails, a jitter eps = 1e-12 (float32: 1e-7) * mean(diag K) is added and
     multiplied by 10 until it succeeds or exceeds max_jitter * mean(diag K): then ValueError (K is not
     positive definite).  Cost: n^3 / 3 + 2 n^2 E (+ 2 m n E) flops.
@@ -532,6 +593,8 @@ def kernel_regression(K: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, K_te
     """
     if on_unsolved not in ("raise", "status"):
         raise ValueError(f"kernel_regression: on_unsolved must be 'raise' or 'status', got {on_unsolved!r}")
+    if not isinstance(K, torch.Tensor) and _on_disk(K):
+        K = _regression_in_core(K, y, K_test)
     check_kernel(K, "K", batch_ok=False)
     check_gram(K, "K", symmetric_checked=True)
     n = K.shape[0]

@@ -16,7 +16,7 @@ line of defence).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,12 +42,14 @@ def _matvec(K: Any, v: torch.Tensor, chunk: int) -> torch.Tensor:
     return out
 
 
-def lanczos_extremes(K: Any, iters: int = 30, seed: int = 0) -> Tuple[float, float]:
+def lanczos_extremes(K: Any, iters: int = 30, seed: int = 0,
+                     matvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[float, float]:
     """(lambda_min, lambda_max) estimates of a symmetric (n, n) tensor, numpy array or memmap.
 
     Lanczos from a seeded random start: Q_j orthonormal (reorthogonalised twice against all earlier vectors),
     T = Q^T K Q tridiagonal with alpha_j = q_j^T K q_j and beta_j = ||w_j||; the extremes of eig(T) are returned.
-    Exact when iters >= n (up to rounding).  Work in float64.
+    Exact when iters >= n (up to rounding).  Work in float64.  ``matvec`` (v (n,) float64 -> K v) replaces the
+    row-chunked product, e.g. by a product split across ranks (ntk_fast.distributed.flow.check_disk_theta).
     """
     n = int(K.shape[0])
     if n == 0:
@@ -63,7 +65,7 @@ def lanczos_extremes(K: Any, iters: int = 30, seed: int = 0) -> Tuple[float, flo
     scale = 0.0
     for j in range(m):
         Q[j] = q
-        w = _matvec(K, q, chunk)
+        w = _matvec(K, q, chunk) if matvec is None else matvec(q).to(torch.float64)
         a = float(q @ w)
         alphas.append(a)
         scale = max(scale, float(w.norm()))
