@@ -82,6 +82,18 @@ def test_adam_matches_torch_adam_step_for_step(gen):
     assert res.final[0]["t"] == pytest.approx(25 * 1e-2) and res.final[0]["epoch"] == pytest.approx(25 * 7 / 29)
 
 
+def test_cnn_adam_matches_torch_adam(gen):
+    """The Table 1 recipe on the package's CNN: hinge with 1/alpha, ADAM, seeded randperm minibatches."""
+    x, y = _data(gen, n=13, d=36)
+    alpha, seed = 40.0, int(torch.randint(0, 1000, (), generator=gen))
+    res = train_any(_cv(3, 2), x, y, alpha, dynamics="adam", lr=3e-3, batch_size=5, seed=seed, max_steps=9)
+    ref = _ref_minibatch_loop(_cv(3, 2), x, y, alpha, 9, 5, seed, lambda p: torch.optim.Adam(p, lr=3e-3),
+                              lambda F, yy: torch.relu(1 - F * yy).mean() / alpha)
+    got = torch.cat([p.detach().reshape(-1) for p in res.net.parameters()])
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-12, atol=1e-13)
+    assert not torch.equal(ref, torch.cat([p.detach().reshape(-1) for p in _cv(3, 2).parameters()]))
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_momentum_matches_torch_sgd(gen, nesterov):
     x, y = _data(gen, n=17, real=True)
@@ -170,6 +182,23 @@ def test_bad_input(gen):
     xb[0, 0] = math.nan
     with pytest.raises(ValueError, match="x contains NaN"):
         train_any(_mlp(), xb, y, 1.0, max_steps=2)
+    xb[0, 0] = math.inf
+    with pytest.raises(ValueError, match="x contains NaN or infinite"):
+        train_any(_mlp(), xb, y, 1.0, dynamics="adam", max_steps=2)
+    for bad, loss in ((math.inf, "softhinge"), (math.nan, "mse")):
+        yb = y.clone()
+        yb[3] = bad
+        with pytest.raises(ValueError, match="y contains NaN or infinite"):
+            train_any(_mlp(), x, yb, 1.0, loss=loss, max_steps=2)
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(8,\)"):
+        train_any(_mlp(), x, y[:7], 1.0, max_steps=2)
+    for a in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="alpha must be a positive finite"):
+            train_any(_mlp(), x, y, a, max_steps=2)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, n = 8\], got 0"):
+        train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=0, max_steps=2)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        train_any(_mlp(), x, y, 1.0, dynamics="sgd", lr=-1.0, max_steps=2)
     with pytest.raises(ValueError, match="budget"):
         train_any(_mlp(), x, y, 1.0, max_steps=math.inf)      # the default budget (1e6 steps) lifted, no other
     with pytest.raises(ValueError, match="record_spacing"):
