@@ -148,6 +148,19 @@ def test_ensemble_vmap_equals_loop(gen, dynamics):
         assert torch.allclose(a.outputs["train"][1], c.outputs["train"][0], atol=1e-11, rtol=0)
 
 
+def test_batched_default_loops_over_convolutions_on_cpu(gen):
+    """batched=None: vmap for the MLP, the loop for the CNN on the CPU (grouped convolutions are slower there);
+    both paths give the same trajectory."""
+    from ntk_fast.dynamics.generic.functional import FlatEnsemble
+    x, y = _data(gen, n=9, d=36)
+    mlp = FlatEnsemble([_mlp(36, 5, s) for s in range(2)])
+    cnn = FlatEnsemble([_cv(2, s) for s in range(2)])
+    mlp.forward(mlp.W, x), cnn.forward(cnn.W, x)
+    assert mlp.batched is True and cnn.batched is False
+    forced = FlatEnsemble([_cv(2, s) for s in range(2)], batched=True)
+    assert torch.allclose(forced.forward(forced.W, x), cnn.forward(cnn.W, x), atol=1e-12, rtol=0)
+
+
 def test_margin_stop_and_status(gen):
     x, y = _data(gen, n=12)
     res = train_any(_mlp(), x, y, 10.0, dynamics="adam", lr=3e-2, batch_size=12, max_steps=3000,

@@ -69,7 +69,8 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
             |Theta(w_t) - Theta(w0)|_F / |Theta(w0)|_F at the end (and every kernel_every-th scheduled record)
             through :func:`ntk_fast.ntk.empirical.empirical_ntk`.  Cost: one Jacobian of m points per model
             (about m forward+backward passes) and an (m, m) Gram of P columns, m^2 P flops; 0 (default) is off.
-        batched: vmap over the K models (None: when the model allows it), False: loop.  chunk: points per
+        batched: vmap over the K models (None: when the model allows it, except convolutions on the CPU),
+            False: loop, True: vmap.  chunk: points per
             forward call when evaluating full sets (memory).  test_every: test observables at every
             test_every-th scheduled record (and at every other record).
         Old names checkpoint_rate / checkpoint_spacing (now record_rate / record_spacing) warn and still work.
