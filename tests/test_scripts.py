@@ -65,6 +65,8 @@ def test_table1_rows_table_and_plot(tmp_path):
     assert rows["fc5-flow-pca10"]["label"] == "FC (L = 5), digits 10 PCA, flow"
     assert all(s["better"] in ("feature", "lazy", "tie") for s in res["summary"])
     assert rows["cnn-adam"]["errors"]["1000.0"][2] == 2                     # two seeds per point
-    assert "| CNN, MNIST (5k), ADAM |" in (tmp_path / "table1.md").read_text()
+    md = (tmp_path / "table1.md").read_text()
+    assert "| CNN, MNIST (5k), ADAM |" in md and f"Machine: {os.cpu_count()} cores, " in md
+    assert res["training_wall"] == pytest.approx(sum(x["wall"] for x in res["runs"])) and res["training_wall"] > 0
     cfg = json.loads((tmp_path / "runs" / "fc5-flow-pca10" / "h16_asqrth1_s1" / "config.json").read_text())
     assert (cfg["L"], cfg["d"], cfg["model"], cfg["data_seed"]) == (5, 10, "fc", 1)
