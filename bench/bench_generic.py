@@ -146,7 +146,8 @@ def main(argv=None):
         "adam-mlp torch.optim loop (s/epoch)": lambda: reference_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
         "adam-mlp generic (s/epoch)": lambda: generic_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
     }
-    generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings
+    generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings,
+    generic_flow([mlp(64, 8, s, dt) for s in range(2)], xs[:10], ys[:10], 1.0, 2, batched=True)   # vmap's too
     times = {k: [] for k in cases}
     load_before = os.getloadavg()
     for r in range(args.rounds):
