@@ -1,14 +1,17 @@
 """Side-by-side speed of the generic trainer (ntk_fast.dynamics.generic.train_any).
 
 Three comparisons, each timed in alternated rounds (this shared machine's speed drifts), medians reported:
-  * flow-cnn:   seconds per attempt of the generic adaptive flow on the paper's CNN (a local copy of ``CV``,
+  * flow-cnn:   seconds per attempt of the generic adaptive flow on the paper's CNN (``ntk_fast.CV``,
                 h channels, 28 x 28 inputs) against a reference-code-style loop written by us (deepcopy of the
                 model every step, full-batch autograd step, gradient flattened with cat, the step-rule statistics);
   * ensemble:   K models trained together (vmap over the flat (K, P) buffer) against the same K models one
-                after the other, for a plain nn.Module MLP (width 64, n = 1000) and the CNN;
+                after the other, for a plain nn.Module MLP (width 64, n = 1000) and the CNN (for the CNN also
+                batched=False: the K models looped inside one call, the fallback where vmap's grouped
+                convolutions are slower);
   * adam-epoch: seconds per epoch of dynamics="adam" (batch 32) against a plain torch.optim.Adam loop on the
                 reference recipe (randperm(n)[:bs], f0 once), for the MLP.
-Prints a table and writes JSON into bench/results/generic_vm_<date>.json.  Defaults take a few minutes.
+Prints a table and writes bench/results/generic_vm_<date>.json and .md (with the load average before and
+after: this machine is shared).  Defaults take a few minutes.
 
     python bench/bench_generic.py [--rounds 3] [--n 1000] [--K 8] [--cnn-h 8]
 """
@@ -27,11 +30,9 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-from table1 import LocalCV  # noqa: E402
-
-from ntk_fast.dynamics.generic import train_any  # noqa: E402
-from ntk_fast.dynamics.losses import softhinge  # noqa: E402
+from ntk_fast import CV
+from ntk_fast.dynamics.generic import train_any
+from ntk_fast.dynamics.losses import softhinge
 
 
 def data(n, d, dtype, seed=0):
@@ -45,6 +46,11 @@ def mlp(d, h, seed, dtype):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d, h), nn.Softplus(beta=5.0), nn.Linear(h, h), nn.Softplus(beta=5.0),
                          nn.Linear(h, 1)).to(dtype)
+
+
+def cnn(h, seed=0, dtype=torch.float64):
+    """The paper's CNN (2 blocks of 2 5x5 convolutions, h channels)."""
+    return CV(h, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def reference_flow(model, x, y, alpha, attempts):
@@ -82,7 +88,7 @@ def reference_flow(model, x, y, alpha, attempts):
 def generic_flow(models, x, y, alpha, attempts, batched=None):
     # max_steps accepted steps; the time is divided by the attempts made (rejections included)
     t0 = time.perf_counter()
-    res = train_any(models, x, y, alpha, max_steps=attempts, checkpoint_rate=1.0, checkpoint_spacing=10 ** 9,
+    res = train_any(models, x, y, alpha, max_steps=attempts, record_rate=1.0, record_spacing=10 ** 9,
                     batched=batched)                        # records at steps 0, 1, 3, 7, 15, ...
     wall = time.perf_counter() - t0
     return wall / max(f["attempts"] for f in res.final)
@@ -105,8 +111,8 @@ def reference_adam(model, x, y, alpha, epochs, bs=32):
 
 def generic_adam(model, x, y, alpha, epochs, bs=32):
     t0 = time.perf_counter()
-    train_any(model, x, y, alpha, dynamics="adam", batch_size=bs, max_epochs=epochs, checkpoint_rate=1.0,
-              checkpoint_spacing=10 ** 9)
+    train_any(model, x, y, alpha, dynamics="adam", batch_size=bs, max_epochs=epochs, record_rate=1.0,
+              record_spacing=10 ** 9)
     return (time.perf_counter() - t0) / epochs
 
 
@@ -117,29 +123,33 @@ def main(argv=None):
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--cnn-h", type=int, default=8)
     ap.add_argument("--attempts", type=int, default=20)
-    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     dt = torch.float64
     x, y = data(args.n, 784, dt)
     xs, ys = data(args.n, 64, dt)
     cases = {
-        "flow-cnn ref (s/attempt)": lambda: reference_flow(LocalCV(args.cnn_h), x, y, 1.0, args.attempts),
-        "flow-cnn generic (s/attempt)": lambda: generic_flow(LocalCV(args.cnn_h), x, y, 1.0, args.attempts),
+        "flow-cnn ref (s/attempt)": lambda: reference_flow(cnn(args.cnn_h), x, y, 1.0, args.attempts),
+        "flow-cnn generic (s/attempt)": lambda: generic_flow(cnn(args.cnn_h), x, y, 1.0, args.attempts),
         "ensemble-mlp vmap K (s/attempt)": lambda: generic_flow([mlp(64, 64, s, dt) for s in range(args.K)], xs, ys,
                                                                 1.0, args.attempts, batched=True),
         "ensemble-mlp sequential K (s/attempt)": lambda: sum(generic_flow(mlp(64, 64, s, dt), xs, ys, 1.0,
                                                                           args.attempts) for s in range(args.K)),
-        "ensemble-cnn vmap K (s/attempt)": lambda: generic_flow([LocalCV(args.cnn_h, seed=s) for s in range(args.K)],
+        "ensemble-cnn vmap K (s/attempt)": lambda: generic_flow([cnn(args.cnn_h, s) for s in range(args.K)],
                                                                 x, y, 1.0, args.attempts // 4 or 1, batched=True),
-        "ensemble-cnn sequential K (s/attempt)": lambda: sum(generic_flow(LocalCV(args.cnn_h, seed=s), x, y, 1.0,
+        "ensemble-cnn loop K (s/attempt)": lambda: generic_flow([cnn(args.cnn_h, s) for s in range(args.K)],
+                                                                x, y, 1.0, args.attempts // 4 or 1, batched=False),
+        "ensemble-cnn sequential K (s/attempt)": lambda: sum(generic_flow(cnn(args.cnn_h, s), x, y, 1.0,
                                                                           args.attempts // 4 or 1)
                                                              for s in range(args.K)),
         "adam-mlp torch.optim loop (s/epoch)": lambda: reference_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
         "adam-mlp generic (s/epoch)": lambda: generic_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
     }
-    generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings
+    generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings,
+    generic_flow([mlp(64, 8, s, dt) for s in range(2)], xs[:10], ys[:10], 1.0, 2, batched=True)   # vmap's too
     times = {k: [] for k in cases}
+    load_before = os.getloadavg()
     for r in range(args.rounds):
         for k, fn in cases.items():
             times[k].append(fn())
@@ -150,19 +160,36 @@ def main(argv=None):
               / med["ensemble-mlp vmap K (s/attempt)"],
               "ensemble-cnn sequential / vmap": med["ensemble-cnn sequential K (s/attempt)"]
               / med["ensemble-cnn vmap K (s/attempt)"],
+              "ensemble-cnn sequential / loop": med["ensemble-cnn sequential K (s/attempt)"]
+              / med["ensemble-cnn loop K (s/attempt)"],
               "adam torch.optim / generic": med["adam-mlp torch.optim loop (s/epoch)"] / med["adam-mlp generic (s/epoch)"]}
     machine = "2-core AMD EPYC VM, no GPU (shared with other jobs)"
     out = dict(machine=machine, platform=platform.platform(), torch=torch.__version__, args=vars(args),
-               times=times, median=med, ratios=ratios, threads=torch.get_num_threads())
+               times=times, median=med, ratios=ratios, threads=torch.get_num_threads(),
+               loadavg_before=load_before, loadavg_after=os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, time.strftime("generic_vm_%Y%m%d-%H%M%S.json"))
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
+    with open(path[:-5] + ".md", "w") as fh:
+        fh.write(markdown(out))
     for k, v in med.items():
         print(f"{k:45s} {v:.4g}")
     for k, v in ratios.items():
         print(f"{k:45s} {v:.3g}x")
     print(path)
+
+
+def markdown(out) -> str:
+    """The medians and ratios as a markdown table, with the machine and its load."""
+    lines = [f"# bench_generic: {out['machine']}", "", f"torch {out['torch']}, {out['threads']} threads, load average "
+             f"(1, 5, 15 min) {tuple(round(v, 1) for v in out['loadavg_before'])} before, "
+             f"{tuple(round(v, 1) for v in out['loadavg_after'])} after; medians of {out['args']['rounds']} "
+             "alternated rounds.", "", "| case | median |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in out["median"].items()]
+    lines += ["", "| ratio (> 1: the second is faster) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g}x |" for k, v in out["ratios"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Command line: ``python -m ntk_fast <subcommand> ...`` (``--help`` on each).
 
-Subcommands: gram (NTK Gram timing, the README's main job), train (gradient flow of the alpha-scaled net),
+Subcommands: gram (NTK Gram timing, the README's main job), train (the alpha-scaled net: FC, CNN or
+Wide-ResNet, by gradient flow, ADAM or SGD),
 kernel (frozen-kernel dynamics), sweep (grid over alpha, h and seeds), bench (the benchmark runner),
 demo (a tiny end-to-end example on scikit-learn's digits) and doctor (self-check of the compiled ops).  Article notation: last layer over sqrt(h),
 F = alpha (f - f0); the reference code's alpha is alpha sqrt(h) (``--alpha-sqrt-h``).
@@ -123,17 +124,25 @@ def _alpha_from(args: argparse.Namespace, h: int) -> float:
 
 
 def _config_from(args: argparse.Namespace, **over) -> "RunConfig":
+    """The RunConfig of the parsed arguments.  Defaults that depend on the model or the dynamics: --loss
+    (softhinge for the flow, hinge for ADAM/SGD: the paper's ADAM runs) and --kernel-points (256 for the FC
+    net, 0 (off) for the CNN and the ResNet: see ntk_fast.dynamics.trainer.train)."""
     from ntk_fast.runs.experiment import RunConfig
     h = over.pop("h", args.h)
     alpha = over.pop("alpha", None)
+    dynamics = getattr(args, "dynamics", "flow")
+    loss = args.loss or ("softhinge" if dynamics == "flow" else "hinge")
+    kernel_points = args.kernel_points if args.kernel_points is not None else 256 if args.model == "fc" else 0
     cfg = RunConfig(dataset=args.dataset, p=args.p, p_test=args.p_test, data_seed=args.data_seed, d=args.d or None,
                     whitening=not args.no_whitening, data_root=args.data, h=h, L=args.L, act_beta=args.act_beta,
                     seed=args.seed, ensemble=args.ensemble,
                     alpha=alpha if alpha is not None else _alpha_from(args, h),
-                    loss=args.loss, loss_beta=args.loss_beta, max_dgrad=args.max_dgrad, max_dout=args.max_dout,
+                    loss=loss, loss_beta=args.loss_beta, max_dgrad=args.max_dgrad, max_dout=args.max_dout,
                     tau=args.tau, max_time=args.max_time, max_steps=args.max_steps, max_wall=args.max_wall,
-                    kernel_points=args.kernel_points, dtype=args.dtype, device=args.device,
-                    checkpoint_every=args.checkpoint_every)
+                    kernel_points=kernel_points, dtype=args.dtype, device=args.device,
+                    checkpoint_every=args.checkpoint_every, model=args.model, depth=args.depth, dynamics=dynamics,
+                    lr=getattr(args, "lr", 1e-3), batch_size=getattr(args, "batch_size", 32),
+                    momentum=getattr(args, "momentum", 0.0), max_epochs=getattr(args, "epochs", None))
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
@@ -161,8 +170,10 @@ def _g(v) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the alpha-scaled FC net by the paper's adaptive gradient flow (ntk_fast.dynamics.trainer.train) until every
-    training point has y F >= 1 (or a budget runs out); optionally also the frozen-kernel runs with Theta(w0)
+    """Train the alpha-scaled model (--model fc: the FC net, cnn: the paper's CNN, resnet: the Wide-ResNet without
+    batch norm) by the paper's adaptive gradient flow, or by ADAM / SGD on minibatches (--dynamics; --lr,
+    --batch-size, --momentum, --epochs) (ntk_fast.dynamics.trainer.train) until every training point has
+    y F >= 1 (or a budget runs out); optionally also the frozen-kernel runs with Theta(w0)
     (--init-kernel) and Theta(w_T) (--final-kernel).  Writes config.json, train.pt/.json, outputs.pt and
     summary.json to --out; an interrupted run resumes from its checkpoint when run again."""
     from ntk_fast.runs.experiment import run_experiment
@@ -271,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
+def _add_run_args(p: argparse.ArgumentParser, single: bool = True, minibatch: bool = True) -> None:
     from .data import DATASETS
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
@@ -283,8 +294,14 @@ def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     g.add_argument("--d", type=int, default=None, help="PCA dimension (default: no PCA)")
     g.add_argument("--no-whitening", action="store_true", help="PCA without whitening")
     g = p.add_argument_group("network")
+    g.add_argument("--model", choices=("fc", "cnn", "resnet"), default="fc",
+                   help="fc: FC net (width h, L hidden layers); cnn: the paper's CNN (h channels, 2 blocks of 2 5x5 "
+                        "convs); resnet: Wide-ResNet without batch norm (--depth, h = readout channels = 64 widen). "
+                        "cnn and resnet take square images (no --d)")
+    g.add_argument("--depth", type=int, default=10, help="resnet depth 6 N + 4 (default 10)")
     if single:
-        g.add_argument("--h", type=int, default=100, help="width (default 100)")
+        g.add_argument("--h", type=int, default=100,
+                       help="readout width: FC width, CNN channels, ResNet 64 widen (default 100)")
         g.add_argument("--seed", type=int, default=0, help="init seed; net r of an ensemble uses seed + r")
     g.add_argument("--L", type=int, default=3, help="hidden layers (default 3)")
     g.add_argument("--act-beta", type=float, default=5.0, help="softplus beta of the activation (default 5)")
@@ -297,7 +314,15 @@ def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
         a.add_argument("--alpha", type=float, default=1.0, help="alpha of F = alpha (f - f0) (default 1)")
         a.add_argument("--alpha-sqrt-h", type=float, default=None,
                        help="alpha * sqrt(h) instead (= the reference code's alpha)")
-    g.add_argument("--loss", choices=("softhinge", "qhinge"), default="softhinge")
+    if minibatch:
+        g.add_argument("--dynamics", choices=("flow", "adam", "sgd"), default="flow",
+                       help="flow: adaptive gradient flow (default); adam / sgd: minibatch optimizers")
+        g.add_argument("--lr", type=float, default=1e-3, help="adam/sgd learning rate (default 1e-3)")
+        g.add_argument("--batch-size", type=int, default=32, help="adam/sgd minibatch size (default 32)")
+        g.add_argument("--momentum", type=float, default=0.0, help="sgd momentum (default 0)")
+        g.add_argument("--epochs", type=float, default=None, help="adam/sgd: stop after this many epochs")
+    g.add_argument("--loss", choices=("softhinge", "qhinge", "hinge"), default=None,
+                   help="default softhinge for the flow, hinge (with 1/alpha) for adam/sgd")
     g.add_argument("--loss-beta", type=float, default=20.0, help="soft-hinge beta (default 20)")
     g.add_argument("--max-dgrad", type=float, default=1e-4, help="step rule: gradient change bound (1e-4)")
     g.add_argument("--max-dout", type=float, default=0.1, help="step rule: output change bound (0.1)")
@@ -305,8 +330,9 @@ def _add_run_args(p: argparse.ArgumentParser, single: bool = True) -> None:
     g.add_argument("--max-time", type=float, default=math.inf, help="stop at flow time t (default: none)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many accepted steps")
     g.add_argument("--max-wall", type=float, default=math.inf, help="seconds per training / kernel run")
-    g.add_argument("--kernel-points", type=int, default=256,
-                   help="test points of the kernel change |Theta_T - Theta_0|/|Theta_0| (0: off)")
+    g.add_argument("--kernel-points", type=int, default=None,
+                   help="test points of the kernel change |Theta_T - Theta_0|/|Theta_0| (0: off; default 256 for "
+                        "fc, 0 for cnn/resnet, whose Jacobians cost ~m^2 P flops)")
     g.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: on only when stderr is a terminal)")
 
@@ -347,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", action="store_true", help="progress bar over row panels / tiles (rank 0)")
     g.set_defaults(func=cmd_gram)
 
-    t = sub.add_parser("train", help="train the alpha-scaled net by gradient flow (run folder)",
+    t = sub.add_parser("train", help="train the alpha-scaled net (fc/cnn/resnet; flow/adam/sgd) (run folder)",
                        description=cmd_train.__doc__)
     _add_run_args(t)
     t.add_argument("--init-kernel", action="store_true", help="also the frozen-kernel run with Theta(w0)")
@@ -357,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernel", help="frozen-kernel dynamics with the NTK at initialisation (run folder)",
                        description=cmd_kernel.__doc__)
-    _add_run_args(k)
+    _add_run_args(k, minibatch=False)
     k.add_argument("--out", default="runs/kernel", help="run folder (default runs/kernel)")
     k.add_argument("--gram", default=None, metavar="DIR",
                    help="run kernel_flow on DIR/gram.npy and DIR/labels.npy (written by `gram --out DIR`), read "
@@ -408,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Checks argparse cannot express: a usable --device, a non-negative --max-steps (ValueError naming it)."""
+    """Checks argparse cannot express: a usable --device, a non-negative --max-steps, options of the other
+    dynamics (ValueError naming the option)."""
     devs = getattr(args, "device", None)
     for dev in ([] if devs is None else devs if isinstance(devs, list) else [devs]):   # doctor: repeatable
         try:
@@ -419,6 +446,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {dev}: this torch has no usable CUDA device (use --device cpu)")
     if getattr(args, "max_steps", None) is not None and args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if getattr(args, "epochs", None) is not None and args.dynamics == "flow":
+        raise ValueError("--epochs is for --dynamics adam/sgd (the flow is full batch: use --max-steps or --max-time)")
+    if getattr(args, "dynamics", "flow") != "flow":
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    elif getattr(args, "momentum", 0.0):
+        raise ValueError("--momentum is for --dynamics sgd")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

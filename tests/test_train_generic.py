@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from ntk_fast.dynamics.generic import train_any
+from ntk_fast.dynamics.observables import loglinspace
 from ntk_fast.dynamics.trainer import train
-from ntk_fast.models.fc import FCNet, activation_and_derivative
+from ntk_fast import CV
+from ntk_fast.models.fc import FCNet
 from ntk_fast.models.resnet import WideResNet
 
 DT = torch.float64
@@ -26,22 +28,9 @@ def _mlp(d=5, h=11, seed=0):
                          nn.Linear(h, 1)).to(DT)
 
 
-class _CV(nn.Module):
-    """Minimal local copy of the paper's CNN (blocks of convs, 1/sqrt(C_in k^2) filters, global average pool,
-    readout over sqrt(h)) for these tests; the package's CV (ntk_fast.models.cnn) is written in parallel."""
-
-    def __init__(self, h=4, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.ws = nn.ParameterList([nn.Parameter(torch.randn(h, c, 3, 3, dtype=DT, generator=g)) for c in (1, h)])
-        self.w = nn.Parameter(torch.randn(h, dtype=DT, generator=g))
-        self.sigma = activation_and_derivative("softplus", 5.0)[0]
-
-    def forward(self, x):
-        a = x.view(x.shape[0], 1, 6, 6)
-        for i, w in enumerate(self.ws):
-            a = self.sigma(nn.functional.conv2d(a, w / math.sqrt(w[0].numel()), stride=1 + i, padding=1))
-        return a.mean((2, 3)) @ self.w / math.sqrt(self.w.numel())
+def _cv(h=4, seed=0):
+    """The package's CNN (ntk_fast.CV) at test size: one block of two 3x3 convolutions, on 6 x 6 inputs."""
+    return CV(h, L1=1, L2=2, kernel=3, dtype=DT, generator=torch.Generator().manual_seed(seed))
 
 
 def _hist(res, k=0):
@@ -93,6 +82,18 @@ def test_adam_matches_torch_adam_step_for_step(gen):
     assert res.final[0]["t"] == pytest.approx(25 * 1e-2) and res.final[0]["epoch"] == pytest.approx(25 * 7 / 29)
 
 
+def test_cnn_adam_matches_torch_adam(gen):
+    """The Table 1 recipe on the package's CNN: hinge with 1/alpha, ADAM, seeded randperm minibatches."""
+    x, y = _data(gen, n=13, d=36)
+    alpha, seed = 40.0, int(torch.randint(0, 1000, (), generator=gen))
+    res = train_any(_cv(3, 2), x, y, alpha, dynamics="adam", lr=3e-3, batch_size=5, seed=seed, max_steps=9)
+    ref = _ref_minibatch_loop(_cv(3, 2), x, y, alpha, 9, 5, seed, lambda p: torch.optim.Adam(p, lr=3e-3),
+                              lambda F, yy: torch.relu(1 - F * yy).mean() / alpha)
+    got = torch.cat([p.detach().reshape(-1) for p in res.net.parameters()])
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-12, atol=1e-13)
+    assert not torch.equal(ref, torch.cat([p.detach().reshape(-1) for p in _cv(3, 2).parameters()]))
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_momentum_matches_torch_sgd(gen, nesterov):
     x, y = _data(gen, n=17, real=True)
@@ -124,6 +125,7 @@ def test_resume_is_bit_exact(gen, tmp_path, dynamics):
     strip = lambda h: [{k: ("nan" if v != v else v) for k, v in r.items() if k != "wall"} for r in h]  # noqa: E731
     for ha, hb in zip(full.history, rest.history):
         assert strip(ha) == strip(hb)
+    assert len(full.ensemble_history) > 2 and strip(full.ensemble_history) == strip(rest.ensemble_history)
     with pytest.raises(ValueError, match="alpha"):
         train_any(models, x, y, 3.0, max_steps=30, resume=ck, **kw)
 
@@ -131,7 +133,7 @@ def test_resume_is_bit_exact(gen, tmp_path, dynamics):
 @pytest.mark.parametrize("dynamics", ["flow", "adam"])
 def test_ensemble_vmap_equals_loop(gen, dynamics):
     x, y = _data(gen, n=36, d=36)
-    for make in (lambda s: _mlp(36, 7, s), lambda s: _CV(3, s)):
+    for make in (lambda s: _mlp(36, 7, s), lambda s: _cv(3, s)):
         models = [make(s) for s in range(3)]
         kw = dict(dynamics=dynamics, batch_size=6, lr=1e-2, max_steps=15)
         a = train_any(models, x, y, 1.0, batched=True, **kw)
@@ -146,10 +148,23 @@ def test_ensemble_vmap_equals_loop(gen, dynamics):
         assert torch.allclose(a.outputs["train"][1], c.outputs["train"][0], atol=1e-11, rtol=0)
 
 
+def test_batched_default_loops_over_convolutions_on_cpu(gen):
+    """batched=None: vmap for the MLP, the loop for the CNN on the CPU (grouped convolutions are slower there);
+    both paths give the same trajectory."""
+    from ntk_fast.dynamics.generic.functional import FlatEnsemble
+    x, y = _data(gen, n=9, d=36)
+    mlp = FlatEnsemble([_mlp(36, 5, s) for s in range(2)])
+    cnn = FlatEnsemble([_cv(2, s) for s in range(2)])
+    mlp.forward(mlp.W, x), cnn.forward(cnn.W, x)
+    assert mlp.batched is True and cnn.batched is False
+    forced = FlatEnsemble([_cv(2, s) for s in range(2)], batched=True)
+    assert torch.allclose(forced.forward(forced.W, x), cnn.forward(cnn.W, x), atol=1e-12, rtol=0)
+
+
 def test_margin_stop_and_status(gen):
     x, y = _data(gen, n=12)
     res = train_any(_mlp(), x, y, 10.0, dynamics="adam", lr=3e-2, batch_size=12, max_steps=3000,
-                    checkpoint_rate=0.1, checkpoint_spacing=10)
+                    record_rate=0.1, record_spacing=10)
     assert res.status == "converged"
     last = res.history[0][-1]
     assert last["train_nd"] == 0 and last["train_err"] == 0.0
@@ -180,8 +195,31 @@ def test_bad_input(gen):
     xb[0, 0] = math.nan
     with pytest.raises(ValueError, match="x contains NaN"):
         train_any(_mlp(), xb, y, 1.0, max_steps=2)
+    xb[0, 0] = math.inf
+    with pytest.raises(ValueError, match="x contains NaN or infinite"):
+        train_any(_mlp(), xb, y, 1.0, dynamics="adam", max_steps=2)
+    for bad, loss in ((math.inf, "softhinge"), (math.nan, "mse")):
+        yb = y.clone()
+        yb[3] = bad
+        with pytest.raises(ValueError, match="y contains NaN or infinite"):
+            train_any(_mlp(), x, yb, 1.0, loss=loss, max_steps=2)
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(8,\)"):
+        train_any(_mlp(), x, y[:7], 1.0, max_steps=2)
+    for a in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="alpha must be a positive finite"):
+            train_any(_mlp(), x, y, a, max_steps=2)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, n = 8\], got 0"):
+        train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=0, max_steps=2)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        train_any(_mlp(), x, y, 1.0, dynamics="sgd", lr=-1.0, max_steps=2)
     with pytest.raises(ValueError, match="budget"):
-        train_any(_mlp(), x, y, 1.0)
+        train_any(_mlp(), x, y, 1.0, max_steps=math.inf)      # the default budget (1e6 steps) lifted, no other
+    with pytest.raises(ValueError, match="record_spacing"):
+        train_any(_mlp(), x, y, 1.0, max_steps=2, record_spacing=0)
+    with pytest.raises(ValueError, match="max_wall"):
+        train_any(_mlp(), x, y, 1.0, dynamics="adam", max_wall=-1.0)
+    with pytest.raises(ValueError, match="grow"):
+        train_any(_mlp(), x, y, 1.0, max_steps=2, grow=0.5)
     with pytest.raises(ValueError, match="dynamics"):
         train_any(_mlp(), x, y, 1.0, dynamics="lbfgs", max_steps=2)
     with pytest.raises(ValueError, match="same parameters"):
@@ -208,8 +246,58 @@ def test_resnet_preactivations_order_one_and_trains(gen):
 def test_cnn_kernel_change_falls_like_one_over_alpha(gen):
     """Lazy regime: trained to the margin, the CNN's weights move by O(1/alpha), so does its NTK."""
     x, y = _data(gen, n=10, d=36)
-    kc = [train_any(_CV(3, 0), x, y, a, max_steps=3000, max_dgrad=1e-2, kernel_points=x[:6]).final[0]
+    kc = [train_any(_cv(3, 0), x, y, a, max_steps=3000, max_dgrad=1e-2, kernel_points=x[:6]).final[0]
           for a in (100.0, 1000.0)]
     assert all(f["status"] == "converged" for f in kc)
     ratio = kc[0]["kernel_change"] / kc[1]["kernel_change"]
     assert 7.0 < ratio < 14.0, ratio
+
+
+def test_generic_flow_ensemble_records_equal_fused_ones(gen):
+    """The generic path's ensemble records (EnsembleTracker: variance, error of the mean predictor) are the fused
+    FC trainer's on the same weights; per-model statuses and step sizes are kept."""
+    x, y = _data(gen, n=23, d=6)
+    xt, yt = _data(gen, n=31, d=6)
+    nets = [FCNet(6, 9, 2, dtype=DT, generator=gen) for _ in range(3)]
+    kw = dict(x_test=xt, y_test=yt, max_steps=40, record_spacing=5)
+    a = train(nets, x, y, 0.5, progress=False, **kw)
+    b = train_any(nets, x, y, 0.5, **kw)
+    ea, eb = a.ensemble_history, b.ensemble_history
+    assert len(ea) == len(eb) > 5 and [r["event"] for r in ea] == [r["event"] for r in eb]
+    for ra, rb in zip(ea, eb):
+        assert ra["step"] == rb["step"] and ra["nets_stopped"] == rb["nets_stopped"]
+        # at step 0, F = alpha (f - f0) is rounding noise (~1e-16) whose sign decides the errors: skip those
+        for key in ("var", "t_mean", "t_min", "t_max") + (("ens_err", "mean_err") if ra["step"] > 0 else ()):
+            assert abs(ra[key] - rb[key]) <= 1e-10 * max(1.0, abs(ra[key])), key
+    assert b.ensemble["K"] == 3 and abs(b.ensemble["var"] - a.ensemble["var"]) <= 1e-10 * a.ensemble["var"]
+    assert b.statuses == a.statuses and [r["event"] for r in b.history[0]] == [r["event"] for r in a.history[0]]
+    assert [r["dt"] for r in b.history[2]] == pytest.approx([r["dt"] for r in a.history[2]], rel=1e-12)
+    # minibatch dynamics: records at every scheduled step of the lockstep models
+    c = train_any([_mlp(6, 5, s) for s in range(3)], x, y, 1.0, dynamics="sgd", lr=0.05, batch_size=5,
+                  x_test=xt, y_test=yt, max_steps=30, record_spacing=4)
+    steps = [r["step"] for r in c.ensemble_history if r["event"] == "scheduled"]
+    assert steps == [r["step"] for r in c.history[0] if r["event"] == "scheduled"]
+    assert all(r["var"] > 0 and 0 <= r["ens_err"] <= 1 for r in c.ensemble_history)
+
+
+def test_one_config_for_both_trainers(gen):
+    """train_any takes the FlowConfig keywords under train's names; old names still work with a warning; the
+    kernel change is off by default on the generic path (on for the fused FC path)."""
+    x, y = _data(gen, n=12)
+    with pytest.warns(DeprecationWarning, match="is now .record_"):
+        old = train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=4, max_steps=40,
+                        checkpoint_rate=0.5, checkpoint_spacing=3)
+    new = train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=4, max_steps=40, record_rate=0.5,
+                    record_spacing=3)
+    assert [r["step"] for r in old.history[0]] == [r["step"] for r in new.history[0]]
+    sched = [r["step"] for r in new.history[0] if r["event"] == "scheduled"]
+    assert sched == loglinspace(40, 0.5, 3) and sched != loglinspace(40, 0.1, 1000)     # not the ADAM default
+    net = FCNet(5, 7, 2, dtype=DT, generator=gen)
+    rule = dict(grow=1.4, shrink=3.0, grow_fraction=0.9, max_dout=0.05, max_steps=30)
+    a, b = train(net, x, y, 2.0, progress=False, **rule), train_any(net, x, y, 2.0, **rule)
+    assert [r["dt"] for r in b.history[0]] == pytest.approx([r["dt"] for r in a.history[0]], rel=1e-9)
+    assert b.final[0]["attempts"] == a.final[0]["attempts"] and b.config["grow"] == 1.4
+    assert b.final[0]["attempts"] != train_any(net, x, y, 2.0, max_steps=30).final[0]["attempts"]
+    assert "kernel_change" not in train(_mlp(), x, y, 1.0, max_steps=3, progress=False).final[0]
+    assert "kernel_change" in train(FCNet(5, 6, 1, dtype=DT, generator=gen), x, y, 1.0, max_steps=3,
+                                    progress=False).final[0]

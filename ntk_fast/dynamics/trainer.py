@@ -361,7 +361,7 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
           max_time: Optional[float] = None, max_steps: Optional[int] = None, max_wall: Optional[float] = None,
           checkpoint: Optional[PathLike] = None, checkpoint_every: float = 600.0, resume: Optional[PathLike] = None,
           progress: Optional[bool] = None, tau: float = 0.0, kernel_every: int = 0,
-          kernel_points: Union[int, torch.Tensor, None] = 256, t1_fraction: float = 0.5, grow_factor: float = 1.0,
+          kernel_points: Union[int, torch.Tensor, None] = None, t1_fraction: float = 0.5, grow_factor: float = 1.0,
           max_rejections: int = 40, use_cuda_graph: bool = True, dynamics: str = "flow", **kw: Any) -> FlowResult:
     """Train ``net`` (an FCNet, or a list of K FCNets: an ensemble) by the paper's adaptive gradient flow.
 
@@ -382,7 +382,11 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         tau: momentum time (0: plain gradient flow).
         kernel_every: compute the kernel change |Theta_t - Theta_0|_F / |Theta_0|_F every that many records
             (0: only at the end); kernel_points: an int m (first m test points, or train points without a test
-            set; 0 disables) or a (m, d) tensor of points.
+            set; 0 disables) or a (m, d) tensor of points.  Default (None): 256 on the fused FC path (the Gram op on
+            the net's layer features: m^2 sum_l (fan_in_l + fan_out_l) flops, ~0.1 GFLOP for h = 100), 0 (off)
+            on the generic path, where each evaluation is a Jacobian of m points through the any-model NTK
+            (about 3 m forward passes and m^2 P flops per model and record: 256 points of the paper's CNN with
+            h = 32, P = 77.6k, are ~11 GFLOP); pass kernel_points=m to ask for it.
         t1_fraction: t1 is the first t with mean l <= t1_fraction * (mean l at t = 0) (the paper's t1 for 0.5).
         grow_factor: t_grow is the first t with rms(f - f0) >= grow_factor * rms(f0) on the training set.
         max_rejections: consecutive rejections (dt divided by 10 each) after which a net stops as "nonfinite" or
@@ -395,15 +399,14 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
     renamed = {k: kw.pop(k) for k in ("checkpoint_spacing", "checkpoint_rate") if k in kw}
     if dynamics != "flow" or kw or not _fused_ok(net):
         from ntk_fast.dynamics.generic import train_any
-        inf = lambda v: math.inf if v is None else v  # noqa: E731  (the generic trainer's "no limit")
         return train_any(net, x, y, alpha, dynamics=dynamics, x_test=x_test, y_test=y_test, loss=loss,
-                         loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, tau=tau,
-                         max_time=inf(max_time), max_wall=inf(max_wall),
-                         max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps, kernel_every=kernel_every,
-                         kernel_points=kernel_points, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                         resume=resume, progress=progress_enabled(progress), t1_fraction=t1_fraction,
-                         checkpoint_rate=renamed.get("checkpoint_rate", record_rate),
-                         checkpoint_spacing=renamed.get("checkpoint_spacing", record_spacing), **kw)
+                         loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow, shrink=shrink,
+                         grow_fraction=grow_fraction, record_rate=record_rate, record_spacing=record_spacing,
+                         max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every, resume=resume, progress=progress, tau=tau,
+                         max_rejections=max_rejections, kernel_every=kernel_every,
+                         kernel_points=0 if kernel_points is None else kernel_points, t1_fraction=t1_fraction,
+                         **renamed, **kw)
     nets = _check_nets(net)
     a = nets[0]
     like = a.weights[0]
@@ -427,7 +430,8 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
         cfg = FlowConfig(**shared)
     except ValueError as exc:
         raise ValueError(f"train: {exc}") from None
-    opt = TrainOptions(tau=float(tau), kernel_every=int(kernel_every), kernel_points=kernel_points,
+    opt = TrainOptions(tau=float(tau), kernel_every=int(kernel_every),
+                       kernel_points=TrainOptions.kernel_points if kernel_points is None else kernel_points,
                        t1_fraction=float(t1_fraction), grow_factor=float(grow_factor),
                        max_rejections=int(max_rejections), use_cuda_graph=use_cuda_graph)
     x, y = _check_data(x, y, a.d, like, "x", "y", loss)

@@ -18,6 +18,13 @@ version 1, newer versions are refused with an error naming the version)::
 ``run_experiment`` skips a done folder, and resumes an interrupted training from checkpoint.pt.
 Networks: net r of an ensemble of K is initialised with torch.Generator().manual_seed(seed + r), so an
 ensemble of K equals K single runs with seeds seed .. seed + K - 1 (same init for every alpha and h-free).
+Models (``model``): "fc" (FCNet, width h, L hidden layers), "cnn" (the paper's CV, h channels), "resnet"
+(WideResNet without batch norm, ``depth``, h = readout channels 64 widen, a multiple of 64); the CNN and the
+ResNet take the images as squares (1 channel, or 3 for CIFAR's 3 x 32 x 32), so no PCA.  ``h`` is always the
+width of the readout (1/sqrt(h)), so alpha sqrt(h) is the reference code's alpha for every model.
+Dynamics (``dynamics``): "flow" (the adaptive gradient flow: the fused trainer for "fc", the generic one
+otherwise), "adam" / "sgd" (minibatches of ``batch_size``, ``lr``, ``momentum`` (sgd), ``max_epochs``; model r's
+minibatch order is seeded with seed + r); see ntk_fast.dynamics.trainer.train.
 """
 from __future__ import annotations
 
@@ -34,10 +41,12 @@ import torch
 from ntk_fast import data
 from ntk_fast.data import DTYPES
 from ntk_fast.models.fc import FCNet
+from ntk_fast.dynamics.generic import DYNAMICS
 from ntk_fast.dynamics.results import FormatVersionError, atomic_save, read_json, write_json
 
 SUMMARY = "summary.json"
 _OPERATIONAL = ("alpha_sqrt_h", "checkpoint_every", "max_wall")     # may change when a run is resumed
+MODELS = ("fc", "cnn", "resnet")
 
 
 @dataclass
@@ -45,9 +54,12 @@ class RunConfig:
     """Everything that defines a run (article notation; alpha multiplies F = f - f0).
 
     Data: dataset, p (train points), p_test, data_seed, d (PCA dim, None = none), whitening, data_root.
-    Net: h, L, activation, act_beta (softplus beta), seed (init seed), ensemble (K nets, seeds seed + r).
-    Dynamics: alpha, loss, loss_beta, max_dgrad, max_dout, tau; budgets max_time (flow time t), max_steps,
-    max_wall (seconds, per training and per kernel run).  Runs: regular (train the net), init_kernel /
+    Net: model ("fc", "cnn", "resnet"), h (readout width: FC width, CNN channels, ResNet 64 widen), L (FC hidden
+    layers), depth (ResNet), activation, act_beta (softplus beta), seed (init seed), ensemble (K nets, seeds
+    seed + r).
+    Dynamics: dynamics ("flow", "adam", "sgd"), alpha, loss, loss_beta, max_dgrad, max_dout, tau (flow);
+    lr, batch_size, momentum (sgd), max_epochs (adam/sgd); budgets max_time (t), max_steps, max_wall (seconds,
+    per training and per kernel run).  Runs: regular (train the net), init_kernel /
     final_kernel (frozen-kernel dynamics with Theta(w0) / Theta(w_T)), kernel_points (test points for
     the kernel change |Theta_T - Theta_0| / |Theta_0|), checkpoint_every (seconds).
     """
@@ -80,6 +92,13 @@ class RunConfig:
     dtype: str = "float64"
     device: str = "cpu"
     checkpoint_every: float = 60.0
+    model: str = "fc"
+    depth: int = 10
+    dynamics: str = "flow"
+    lr: float = 1e-3
+    batch_size: int = 32
+    momentum: float = 0.0
+    max_epochs: Optional[float] = None
 
     @property
     def alpha_sqrt_h(self) -> float:
@@ -111,6 +130,14 @@ class RunConfig:
             raise ValueError("nothing to run: ask for regular training and/or the init-kernel run")
         if self.final_kernel and not self.regular:
             raise ValueError("final_kernel needs regular training (Theta at the end of training)")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.dynamics not in DYNAMICS:
+            raise ValueError(f"dynamics must be one of {DYNAMICS}, got {self.dynamics!r}")
+        if self.model == "resnet" and (self.h < 64 or self.h % 64):
+            raise ValueError(f"h of the resnet is its readout width 64 widen: a multiple of 64, got {self.h}")
+        if self.model != "fc" and self.d is not None:
+            raise ValueError(f"the {self.model} takes images: no PCA (d must be None, got {self.d})")
 
 
 LOCK = "running.pid"
@@ -177,12 +204,35 @@ def read_summary(folder: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def make_nets(cfg: RunConfig, d: int) -> List[FCNet]:
-    """The K nets of a run: net r initialised from torch.Generator().manual_seed(seed + r) (on the CPU)."""
+def make_nets(cfg: RunConfig, d: int) -> List[torch.nn.Module]:
+    """The K models of a run (``cfg.model``) for inputs of d features: model r initialised from
+    torch.Generator().manual_seed(seed + r) (on the CPU)."""
     dtype = DTYPES[cfg.dtype]
-    return [FCNet(d, cfg.h, cfg.L, activation=cfg.activation, beta=cfg.act_beta, dtype=dtype,
-                  generator=torch.Generator().manual_seed(cfg.seed + r)).to(cfg.device)
-            for r in range(cfg.ensemble)]
+    gens = [torch.Generator().manual_seed(cfg.seed + r) for r in range(cfg.ensemble)]
+    if cfg.model == "fc":
+        return [FCNet(d, cfg.h, cfg.L, activation=cfg.activation, beta=cfg.act_beta, dtype=dtype,
+                      generator=g).to(cfg.device) for g in gens]
+    channels = next((c for c in (1, 3) if d % c == 0 and math.isqrt(d // c) ** 2 == d // c), None)
+    if channels is None:
+        raise ValueError(f"the {cfg.model} needs square images of 1 or 3 channels, got {d} input features")
+    if cfg.model == "cnn":
+        from ntk_fast.models.cnn import CV
+        return [CV(cfg.h, in_channels=channels, activation=cfg.activation, beta=cfg.act_beta, dtype=dtype,
+                   generator=g).to(cfg.device) for g in gens]
+    from ntk_fast.models.resnet import WideResNet
+    return [WideResNet(cfg.depth, cfg.h // 64, in_channels=channels, activation=cfg.activation,
+                       beta=cfg.act_beta, dtype=dtype, generator=g).to(cfg.device) for g in gens]
+
+
+def _dynamics_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    """train's keywords for cfg.dynamics: none for the flow, the optimizer's for ADAM/SGD."""
+    if cfg.dynamics == "flow":
+        return {}
+    kw: Dict[str, Any] = dict(dynamics=cfg.dynamics, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                              max_epochs=cfg.max_epochs)
+    if cfg.dynamics == "sgd":
+        kw["momentum"] = cfg.momentum
+    return kw
 
 
 def load_run_data(cfg: RunConfig):
@@ -273,11 +323,12 @@ def run_experiment(cfg: RunConfig, folder: str, progress: Optional[bool] = None,
                 log(f"{folder}: resuming from {ckpt}")
             res = train(nets if cfg.ensemble > 1 else nets[0], xtr, ytr, cfg.alpha, x_test=xte, y_test=yte,
                         **_shared_kwargs(cfg), tau=cfg.tau, kernel_points=cfg.kernel_points, checkpoint=ckpt,
-                        checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress)
+                        checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress,
+                        **_dynamics_kwargs(cfg))
             res.save(os.path.join(folder, "train"))
             trained = res
             fin = res.final[0]
-            keep = ("status", "step", "attempts", "t", "t_code_over_h", "train_err", "train_nd", "test_err",
+            keep = ("status", "step", "attempts", "t", "epoch", "t_code_over_h", "train_err", "train_nd", "test_err",
                     "test_nd", "train_mean_l", "test_rms_F", "kernel_change", "t1", "t1_code_over_h", "t_grow",
                     "weight_change", "wall")
             summary.update({"status": res.status, "resumed": resume is not None,

@@ -17,7 +17,7 @@ from torch import nn
 
 from ntk_fast.dynamics.generic.common import GenericResult, Run
 from ntk_fast.dynamics.generic.losses import GENERIC_LOSSES, get_spec, prefactor
-from ntk_fast.dynamics.steprule import StepRule
+from ntk_fast.dynamics.config import FlowConfig, PathLike, renamed_kwargs
 
 DYNAMICS = ("flow", "adam", "sgd")
 __all__ = ["DYNAMICS", "GENERIC_LOSSES", "GenericResult", "train_any"]
@@ -34,16 +34,19 @@ def _models(model_or_models) -> list:
 
 def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: torch.Tensor, alpha: float, *,
               dynamics: str = "flow", x_test: Optional[torch.Tensor] = None, y_test: Optional[torch.Tensor] = None,
-              loss: Optional[str] = None, loss_beta: float = 20.0, loss_prefactor: Optional[float] = None,
-              max_dgrad: float = 1e-4, max_dout: float = 0.1, tau: float = 0.0,
+              loss: Optional[str] = None, loss_beta: float = 20.0, max_dgrad: float = 1e-4, max_dout: float = 0.1,
+              grow: float = 1.1, shrink: float = 10.0, grow_fraction: float = 0.5,
+              record_rate: Optional[float] = None, record_spacing: Optional[int] = None,
+              max_time: Optional[float] = None, max_steps: Optional[float] = None, max_wall: Optional[float] = None,
+              checkpoint: Optional[PathLike] = None, checkpoint_every: float = 600.0,
+              resume: Optional[PathLike] = None, progress: Optional[bool] = None,
+              loss_prefactor: Optional[float] = None, tau: float = 0.0, max_rejections: int = 40,
               lr: float = 1e-3, batch_size: int = 32, seed: int = 0, betas=(0.9, 0.999), eps: float = 1e-8,
               momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-              max_time: float = math.inf, max_steps: Optional[int] = None, max_epochs: Optional[float] = None,
-              max_wall: float = math.inf, kernel_every: int = 0, kernel_points: Union[int, torch.Tensor, None] = 0,
-              checkpoint: Optional[str] = None, checkpoint_every: float = 600.0, resume: Optional[str] = None,
-              progress: bool = False, t1_fraction: float = 0.5, checkpoint_rate: Optional[float] = None,
-              checkpoint_spacing: Optional[int] = None, max_rejections: int = 40, batched: Optional[bool] = None,
-              chunk: Optional[int] = None, test_every: int = 1) -> GenericResult:
+              max_epochs: Optional[float] = None, kernel_every: int = 0,
+              kernel_points: Union[int, torch.Tensor, None] = 0, t1_fraction: float = 0.5,
+              batched: Optional[bool] = None, chunk: Optional[int] = None, test_every: int = 1,
+              **renamed: Any) -> GenericResult:
     """Train a module (or K modules of one architecture: an ensemble) on (x, y) in the alpha-scaled setting.
 
     Args:
@@ -51,23 +54,29 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
             trained, biases included; BatchNorm/Dropout must be in eval mode.
         x (n, ...), y (n,): training set (labels in {-1, +1} for margin losses, real for "mse").
         alpha > 0: F = alpha (f - f0).  dynamics: "flow", "adam" or "sgd".
-        x_test, y_test: optional test set, evaluated at checkpoints and at the end.
-        loss: "softhinge" (beta_l = loss_beta), "qhinge", "hinge", "mse"; default "softhinge" for the flow and
-            "hinge" for ADAM/SGD (the paper's ADAM runs).  loss_prefactor: overrides c(alpha).
-        max_dgrad, max_dout, tau, max_rejections: the flow's step rule and momentum (as the fused trainer).
+        x_test, y_test: optional test set, evaluated at the records and at the end.
+        Shared with train and kernel_flow, under the same names and defaults
+            (:class:`ntk_fast.dynamics.config.FlowConfig`): loss ("softhinge" with beta_l = loss_beta, "qhinge",
+            "hinge", "mse"; default "softhinge" for the flow and "hinge" for ADAM/SGD, the paper's ADAM runs),
+            the flow's step rule (max_dgrad, max_dout, grow, shrink, grow_fraction), the record schedule
+            (record_rate, record_spacing: default 0.01, 100 for the flow, 0.1, 1000 for ADAM/SGD), the limits
+            (max_time on t, max_steps (default 1e6, math.inf lifts it), max_wall seconds; None = no limit), the
+            resume file (checkpoint, checkpoint_every, resume) and progress (None: only on a terminal).
+        loss_prefactor: overrides c(alpha).  tau, max_rejections: the flow's momentum time and stall rule.
         lr, batch_size, seed (minibatch order of model k: seed + k), betas, eps (ADAM), momentum, dampening,
-            nesterov (SGD): the minibatch optimizers (torch.optim's update rules).
-        max_time (t), max_steps, max_epochs (ADAM/SGD), max_wall (seconds of this call): budgets.
+            nesterov (SGD): the minibatch optimizers (torch.optim's update rules).  max_epochs: ADAM/SGD budget.
         kernel_points: m > 0 (first m test points, else train points) or an (m, ...) tensor: the kernel change
-            |Theta(w_t) - Theta(w0)|_F / |Theta(w0)|_F at the end (and every kernel_every-th checkpoint) through
-            :func:`ntk_fast.ntk.empirical.empirical_ntk`.
-        checkpoint, checkpoint_every, resume: resumable checkpoint file (bit-exact resume: weights, optimizer
-            state and minibatch generators included).
-        checkpoint_rate, checkpoint_spacing: record schedule (flow default 0.01, 100; ADAM/SGD 0.1, 1000).
-        batched: vmap over the K models (None: when the model allows it), False: loop.  chunk: points per
+            |Theta(w_t) - Theta(w0)|_F / |Theta(w0)|_F at the end (and every kernel_every-th scheduled record)
+            through :func:`ntk_fast.ntk.empirical.empirical_ntk`.  Cost: one Jacobian of m points per model
+            (about m forward+backward passes) and an (m, m) Gram of P columns, m^2 P flops; 0 (default) is off.
+        batched: vmap over the K models (None: when the model allows it, except convolutions on the CPU),
+            False: loop, True: vmap.  chunk: points per
             forward call when evaluating full sets (memory).  test_every: test observables at every
-            test_every-th scheduled checkpoint (and at every other record).
-    Returns a :class:`GenericResult` (a FlowResult: status, statuses, history, nets, final, ensemble, outputs, config).
+            test_every-th scheduled record (and at every other record).
+        Old names checkpoint_rate / checkpoint_spacing (now record_rate / record_spacing) warn and still work.
+    Returns a :class:`GenericResult` (a FlowResult: status, statuses, history, nets, final, ensemble,
+    ensemble_history, outputs, config).  Ensembles with a test set get ensemble records (variance and error of
+    the mean predictor) through :class:`ntk_fast.dynamics.ensemble.EnsembleTracker`, as the FC trainer.
     """
     if dynamics not in DYNAMICS:
         raise ValueError(f"train: dynamics must be one of {DYNAMICS}, got {dynamics!r}")
@@ -80,28 +89,35 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
         raise ValueError(f"train: alpha must be a positive finite number, got {alpha}")
     spec = get_spec(loss or ("softhinge" if dynamics == "flow" else "hinge"))
     c = prefactor(spec, alpha, loss_prefactor)
-    for name, v in (("max_steps", max_steps), ("max_epochs", max_epochs)):
-        if v is not None and not v >= 0:
-            raise ValueError(f"train: {name} must be >= 0, got {v}")
-    if math.isinf(max_time) and math.isinf(max_wall) and max_steps is None and max_epochs is None:
+    rate, spacing = (0.01, 100) if dynamics == "flow" else (0.1, 1000)
+    shared = dict(loss=spec.name, loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow,
+                  shrink=shrink, grow_fraction=grow_fraction,
+                  record_rate=rate if record_rate is None else record_rate,
+                  record_spacing=spacing if record_spacing is None else record_spacing,
+                  max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
+                  checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
+    shared.update(renamed_kwargs("train", renamed, ("checkpoint_spacing", "checkpoint_rate")))
+    try:
+        cfg = FlowConfig(**shared)
+    except ValueError as exc:
+        raise ValueError(f"train: {exc}") from None
+    if max_epochs is not None and not max_epochs >= 0:
+        raise ValueError(f"train: max_epochs must be >= 0, got {max_epochs}")
+    if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and max_epochs is None:
         raise ValueError("train: give a budget (max_time, max_steps, max_epochs or max_wall): the margin stop "
                          "alone may never be met")
-    run = Run(models, x, y, alpha, spec, c, float(loss_beta), x_test, y_test, batched, chunk, kernel_points,
-              kernel_every)
     if not isinstance(test_every, int) or test_every < 1:
         raise ValueError(f"train: test_every must be a positive int, got {test_every!r}")
+    run = Run(models, x, y, alpha, spec, c, cfg.loss_beta, x_test, y_test, batched, chunk, kernel_points,
+              kernel_every)
     run.test_every = test_every
     if dynamics == "flow":
         if max_epochs is not None:
             raise ValueError("train: max_epochs is for dynamics 'adam'/'sgd' (the flow is full batch: use max_steps)")
         from ntk_fast.dynamics.generic.flow import run_flow
-        rule = StepRule(max_dgrad=max_dgrad, max_dout=max_dout)
         if not (tau >= 0 and math.isfinite(tau)):
             raise ValueError(f"train: tau must be a finite number >= 0, got {tau}")
-        return run_flow(run, rule, float(tau), float(max_time), max_steps, float(max_wall), checkpoint,
-                        float(checkpoint_every), resume, progress, float(t1_fraction),
-                        0.01 if checkpoint_rate is None else float(checkpoint_rate),
-                        100 if checkpoint_spacing is None else int(checkpoint_spacing), int(max_rejections))
+        return run_flow(run, cfg, float(tau), float(t1_fraction), int(max_rejections))
     from ntk_fast.dynamics.generic.minibatch import run_minibatch
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"train: lr must be a positive finite number, got {lr}")
@@ -109,7 +125,5 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
         raise ValueError(f"train: batch_size must be an int, got {batch_size!r}")
     opt_kwargs: Dict[str, Any] = dict(betas=tuple(betas), eps=eps) if dynamics == "adam" else \
         dict(momentum=momentum, dampening=dampening, nesterov=nesterov)
-    return run_minibatch(run, dynamics, float(lr), batch_size, int(seed), opt_kwargs, float(max_time), max_steps,
-                         max_epochs, float(max_wall), checkpoint, float(checkpoint_every), resume, progress,
-                         float(t1_fraction), 0.1 if checkpoint_rate is None else float(checkpoint_rate),
-                         1000 if checkpoint_spacing is None else int(checkpoint_spacing))
+    return run_minibatch(run, cfg, dynamics, float(lr), batch_size, int(seed), opt_kwargs, max_epochs,
+                         float(t1_fraction))

@@ -1,12 +1,17 @@
 """Shared state of a generic run: data and model checks, the alpha-scaled loss, records, checkpoints, result.
 
-Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "checkpoint" on
-the schedule, "converged" where the margin is met, "stop" where a budget stops a model off the schedule,
-"final" at the end of the call; a resumed run drops the "stop" and "final" records of the file it resumes)
+Records (``history``, one dict per record and model, key ``net`` = model index; ``event`` is "scheduled" on
+the record schedule, "converged" where the margin is met, "stopped" where a budget stops a model off the
+schedule, "final" at the end of the call, as in the FC trainer; a resumed run drops the "stopped" and "final"
+records of the file it resumes)
 hold the fields of the fused trainer's records that make sense for any model: step, t, wall, train_loss (L), train_mean_l (mean l), train_err,
 train_nd (points with y F < 1), train_rms_F, dw (|w - w0| per parameter tensor), dw_total, w0_norm, and with a
 test set test_loss, test_err, test_nd, test_rms_F; optionally kernel_change.  The flow adds attempts, dt,
 next_dt, dgrad, dout, grad_norm; ADAM/SGD add epoch and batch_loss.
+
+Ensembles (K > 1) with a test set also get ensemble records (``ensemble_history``: variance of the K test
+outputs and error of the mean predictor at every scheduled step, then "final") from the FC trainer's
+:class:`ntk_fast.dynamics.ensemble.EnsembleTracker`, saved in the resume file with the rest.
 """
 from __future__ import annotations
 
@@ -22,12 +27,13 @@ import torch
 from torch import nn
 
 from ntk_fast.dynamics import observables as obs
+from ntk_fast.dynamics.ensemble import EnsembleTracker
 from ntk_fast.dynamics.generic.functional import FlatEnsemble
 from ntk_fast.dynamics.generic.losses import LossSpec, check_labels, is_pm1
 from ntk_fast.dynamics.results import DynamicsResult, atomic_save, load_checkpoint, stem_of
 from ntk_fast.dynamics.trainer import FlowResult
 
-CKPT_VERSION = 1
+CKPT_VERSION = 2          # 2: record events as the FC trainer's, ensemble tracker state
 # budget stops that a resumed run re-decides with its own limits
 RESUMABLE = ("running", "max_time", "max_steps", "max_epochs", "max_wall")
 
@@ -76,6 +82,8 @@ class Run:
         self.f0_test = self.ens.forward(self.W0, self.x_test, chunk) if self.x_test is not None else None
         self.w0_norm = torch.linalg.norm(self.W0.double(), dim=1).tolist()
         self.history: List[Dict[str, Any]] = []
+        self.tracker = EnsembleTracker(self.K)
+        self.track = self.K > 1 and self.x_test is not None
         self.wall0, self.wall_before = time.perf_counter(), 0.0
         self._setup_kernel(kernel_points, kernel_every)
 
@@ -113,21 +121,34 @@ class Run:
         return empirical_ntk(self.ens.load_into(self._work[k], row), self.xk)
 
     # --------------------------------------------------------------------------------------------- records
-    def record(self, k: int, W: torch.Tensor, F: torch.Tensor, extra: Dict[str, Any], event: str, n_ckpt: int
-               ) -> Dict[str, Any]:
-        """Append the record of model k (weights row W[k], train outputs F (n,) = alpha (f - f0))."""
+    def record(self, k: int, W: torch.Tensor, F: torch.Tensor, extra: Dict[str, Any], event: str, n_sched: int,
+               scheduled: bool) -> Dict[str, Any]:
+        """Append the record of model k (weights row W[k], train outputs F (n,) = alpha (f - f0)); ``scheduled``:
+        a step of the record schedule, the n_sched-th of model k (test_every, kernel_every count these)."""
         dw = [float(torch.linalg.norm((a[k] - b[k]).double())) for a, b in
               zip(self.ens.param_rows(W), self.ens.param_rows(self.W0))]
         rec = dict(net=int(k), event=event, **extra, wall=self.wall())
         rec.update({f"train_{kk}": v for kk, v in self.stats(F, self.y).items()})
         rec.update(dw=dw, dw_total=math.sqrt(sum(v * v for v in dw)), w0_norm=self.w0_norm[k])
-        if self.x_test is not None and (event != "checkpoint" or n_ckpt % self.test_every == 0):
+        if self.x_test is not None and (not scheduled or n_sched % self.test_every == 0):
             Ft = self.test_outputs(W[k:k + 1], [k])[0]
             rec.update({f"test_{kk}": v for kk, v in self.stats(Ft, self.y_test).items()})
-        if self.theta0 is not None and (event == "final" or (self.kernel_every > 0 and n_ckpt % self.kernel_every == 0)):
+            if self.track:
+                self.tracker.add(k, int(extra["step"]), float(extra["t"]), Ft, scheduled)
+        if self.theta0 is not None and (event == "final" or (self.kernel_every > 0 and scheduled
+                                                             and n_sched % self.kernel_every == 0)):
             rec["kernel_change"] = obs.kernel_change(self.theta(k, W[k]), self.theta0[k])
         self.history.append(rec)
         return rec
+
+    def flush_ensemble(self, status: List[str], at_end: bool = False) -> None:
+        """Ensemble records of the scheduled steps every model has passed (models not running count as stopped)."""
+        if not self.track:
+            return
+        for k, s in enumerate(status):
+            if s != "running":
+                self.tracker.stop(k)
+        self.tracker.flush(self.y_test, self.wall(), at_end=at_end)
 
     def test_outputs(self, Wsub: torch.Tensor, ks: List[int]) -> torch.Tensor:
         """alpha (f - f0) on the test set for the models ks whose rows are Wsub."""
@@ -147,28 +168,33 @@ class Run:
         if path is None:
             return
         atomic_save(dict(version=CKPT_VERSION, kind="generic", config=config, state=state, host=copy.deepcopy(S),
-                         history=list(self.history), wall=self.wall(), W0=self.W0.cpu(), f0=self.f0.cpu()), path)
+                         history=list(self.history), ensemble=self.tracker.state(), wall=self.wall(),
+                         W0=self.W0.cpu(), f0=self.f0.cpu()), path)
 
     def load(self, path: str, config: Dict[str, Any]) -> Dict[str, Any]:
         blob = load_checkpoint(path, "train(resume=...)", ("version", "kind", "config", "state", "host", "history"))
         if blob["kind"] != "generic" or blob["version"] != CKPT_VERSION:
             raise ValueError(f"train: {path} is not a generic-trainer checkpoint of version {CKPT_VERSION}")
         for key, v in config.items():
-            if key != "checkpoint_rate" and blob["config"].get(key) != v:
+            if blob["config"].get(key) != v:
                 raise ValueError(f"train: resume={path} was written with {key}={blob['config'].get(key)!r}, "
                                  f"but this call has {key}={v!r}")
         self.W0.copy_(blob["W0"])
         self.f0.copy_(blob["f0"])
-        self.history = [r for r in blob["history"] if r["event"] not in ("final", "stop")]
+        self.history = [r for r in blob["history"] if r["event"] not in ("final", "stopped")]
         self.wall_before = blob["wall"]
-        for k, s in enumerate(blob["host"]["status"]):
+        status = blob["host"]["status"]
+        for k, s in enumerate(status):
             if s in RESUMABLE:
-                blob["host"]["status"][k] = "running"
+                status[k] = "running"
+        self.tracker = EnsembleTracker.from_state(blob["ensemble"], self.K, self.ens.device)
+        self.tracker.resumed([k for k, s in enumerate(status) if s == "running"])
         return blob
 
     # --------------------------------------------------------------------------------------------- result
     def result(self, W: torch.Tensor, S: Dict[str, Any], config: Dict[str, Any]) -> "GenericResult":
         from ntk_fast.dynamics.results import overall_status
+        self.flush_ensemble(S["status"], at_end=True)
         F = self.train_outputs(W)
         outputs = {"train": F, "f0_train": self.f0.clone()}
         ens = None
@@ -192,7 +218,8 @@ class Run:
         return GenericResult(status=overall_status(statuses), statuses=statuses, F_train=F,
                              F_test=outputs.get("test"), t=t, steps=steps, attempts=attempts, history=history,
                              final=finals, config=config, nets=nets, f0_train=outputs["f0_train"],
-                             f0_test=outputs.get("f0_test"), ensemble=ens)
+                             f0_test=outputs.get("f0_test"), ensemble=ens,
+                             ensemble_history=list(self.tracker.records))
 
 
 @dataclass

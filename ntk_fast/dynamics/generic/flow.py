@@ -7,18 +7,19 @@
 
 One forward and one backward pass (torch.func.grad of the full-batch loss) per attempt; an accepted trial's
 (F', g') become the state.  ``t`` is the sum of the accepted dt, as in the fused trainer, so the same FC
-weights give the same trajectory (to float64 rounding).  Checkpoints: accepted-step numbers of
-``observables.next_record(step, checkpoint_rate, checkpoint_spacing)`` (default 0.01, 100).
+weights give the same trajectory (to float64 rounding).  Records: accepted-step numbers of
+``observables.next_record(step, record_rate, record_spacing)`` (default 0.01, 100); limits, step rule,
+resume file and progress bar from the shared :class:`ntk_fast.dynamics.config.FlowConfig`.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Optional
 
 import torch
 
 from ntk_fast.dynamics import observables as obs
+from ntk_fast.dynamics.config import FlowConfig
 from ntk_fast.dynamics.generic.common import Run, step_bar, still_running
 from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
 
@@ -38,24 +39,24 @@ def _fresh_state(run: Run, lv, G: torch.Tensor, F: torch.Tensor) -> dict:
     gsq = (G.double() ** 2).sum(1).tolist()
     nd = [int(obs.under_margin(F[k], run.y)) for k in range(K)]
     return dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K, gsq=gsq,
-                l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_ckpt=[0] * K, n_ckpt=[0] * K,
+                l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_rec=[0] * K, n_sched=[0] * K,
                 last=[(0.0, 0.0, 0.0)] * K, t1=[math.nan] * K, nd=nd,
                 status=["running" if math.isfinite(lv[k]) else "nonfinite" for k in range(K)])
 
 
-def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: Optional[int], max_wall: float,
-             checkpoint: Optional[str], checkpoint_every: float, resume: Optional[str], progress: bool,
-             t1_fraction: float, ckpt_rate: float, ckpt_spacing: int, max_rejections: int):
-    K, alpha = run.K, run.alpha
+def run_flow(run: Run, cfg: FlowConfig, tau: float, t1_fraction: float, max_rejections: int):
+    """The flow loop of the K models of ``run`` (see the module docstring); returns the GenericResult."""
+    K, alpha, rule = run.K, run.alpha, cfg.rule
     dev, dtype = run.ens.device, run.ens.dtype
-    config = run.config("flow", max_dgrad=rule.max_dgrad, max_dout=rule.max_dout, tau=tau)
+    config = run.config("flow", max_dgrad=rule.max_dgrad, max_dout=rule.max_dout, grow=rule.grow,
+                        shrink=rule.shrink, grow_fraction=rule.grow_fraction, tau=tau)
 
     def vg(W):
         lv, G, f = run.ens.value_and_grad(W, run.x, run.y, run.f0, run.loss_fn, shared=True)
         return lv, G, alpha * (f - run.f0)
 
-    if resume is not None:
-        blob = run.load(resume, config)
+    if cfg.resume is not None:
+        blob = run.load(cfg.resume, config)
         st = blob["state"]
         W, G, F = (st[k].to(dev) for k in ("W", "G", "F"))
         V = st["V"].to(dev) if tau > 0 else None
@@ -66,26 +67,26 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         V = torch.zeros_like(W) if tau > 0 else None
         S = _fresh_state(run, lv, G, F)
 
-    def record(k, event):
+    def record(k, event, scheduled=False):
         dt_, dg, do = S["last"][k]
         extra = dict(step=S["step"][k], attempts=S["attempts"][k], t=S["t"][k], dt=dt_, next_dt=S["dt"][k],
                      dgrad=dg, dout=do, grad_norm=math.sqrt(S["gsq"][k]))
-        run.record(k, W, F[k], extra, event, S["n_ckpt"][k])
-        if event == "checkpoint":
-            S["n_ckpt"][k] += 1
+        run.record(k, W, F[k], extra, event, S["n_sched"][k], scheduled)
+        if scheduled:
+            S["n_sched"][k] += 1
 
     def limit(k):
-        if S["t"][k] >= max_time:
+        if S["t"][k] >= cfg.time_limit:
             return "max_time"
-        if max_steps is not None and S["step"][k] >= max_steps:
+        if S["step"][k] >= cfg.max_steps:
             return "max_steps"
         return None
 
-    if resume is None:
+    if cfg.resume is None:
         for k in range(K):
             if S["status"][k] == "running":
-                record(k, "checkpoint")
-                S["next_ckpt"][k] = obs.next_record(0, ckpt_rate, ckpt_spacing)
+                record(k, "scheduled", True)
+                S["next_rec"][k] = obs.next_record(0, cfg.record_rate, cfg.record_spacing)
                 if run.margin_stop and S["nd"][k] == 0:
                     S["status"][k] = "converged"
     for k in range(K):
@@ -96,13 +97,13 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
         state = dict(W=W.cpu().clone(), G=G.cpu().clone(), F=F.cpu().clone())
         if V is not None:
             state["V"] = V.cpu().clone()
-        run.save(checkpoint, config, state, S)
+        run.save(cfg.checkpoint, config, state, S)
 
-    bar = step_bar(progress, f"flow K={K} alpha={alpha:g}")
+    bar = step_bar(cfg.progress, f"flow K={K} alpha={alpha:g}")
     t_wall, last_save = time.perf_counter(), time.perf_counter()
     try:
         while True:
-            active = still_running(S, K, t_wall, max_wall)
+            active = still_running(S, K, t_wall, cfg.wall_limit)
             if not active:
                 break
             dts = torch.tensor([S["dt"][k] if k in active else 0.0 for k in range(K)], dtype=dtype, device=dev)
@@ -120,16 +121,18 @@ def run_flow(run: Run, rule: StepRule, tau: float, max_time: float, max_steps: O
                 if math.isnan(S["t1"][k]) and st["mean_l"] <= t1_fraction * S["l0"][k]:
                     S["t1"][k] = S["t"][k]
                 stop = "converged" if (run.margin_stop and st["nd"] == 0) else limit(k)
-                scheduled = S["step"][k] >= S["next_ckpt"][k]
+                scheduled = S["step"][k] >= S["next_rec"][k]
                 if scheduled or stop is not None:
                     if scheduled:
-                        S["next_ckpt"][k] = obs.next_record(S["step"][k], ckpt_rate, ckpt_spacing)
-                    record(k, "converged" if stop == "converged" else "checkpoint" if scheduled else "stop")
+                        S["next_rec"][k] = obs.next_record(S["step"][k], cfg.record_rate, cfg.record_spacing)
+                    record(k, "converged" if stop == "converged" else "scheduled" if scheduled else "stopped",
+                           scheduled)
                 if stop is not None:
                     S["status"][k] = stop
+            run.flush_ensemble(S["status"])
             if bar is not None:
                 bar.update(len(acc))
-            if checkpoint is not None and time.perf_counter() - last_save >= checkpoint_every:
+            if cfg.checkpoint is not None and time.perf_counter() - last_save >= cfg.checkpoint_every:
                 save()
                 last_save = time.perf_counter()
     finally:

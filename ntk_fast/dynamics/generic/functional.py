@@ -6,7 +6,9 @@ Model k is ``template`` with its trainable parameters taken from row k of ``W`` 
 
 For K > 1 the rows are evaluated in one call by ``torch.func.vmap`` over the stacked rows and buffers
 (``torch.func.stack_module_state``) when the model allows it (``batched=None`` tries it once on two points
-and falls back to a loop over the rows when vmap raises); ``batched=False`` forces the loop.  Gradients come
+and falls back to a loop over the rows when vmap raises; it also loops for a model with convolutions on the
+CPU, where the grouped convolutions vmap makes are slower than K plain ones); ``batched=False`` forces the
+loop, ``batched=True`` forces vmap.  Gradients come
 from ``torch.func.grad`` of the scalar loss with respect to the flat row, so a step is one forward and one
 backward pass per model and never copies the module.
 """
@@ -97,9 +99,15 @@ class FlatEnsemble:
     def _fixed_row(self, k: int) -> Dict[str, torch.Tensor]:
         return {n: t[k] for n, t in self.fixed.items()}
 
+    def _conv_on_cpu(self) -> bool:
+        """True for a model with a convolution on the CPU: vmap turns its K convolutions into one grouped
+        convolution, measured 1.1-1.6x slower there than the loop (bench/bench_generic.py, CV with 8 channels)."""
+        return self.device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd)
+                                                 for m in self.template.modules())
+
     def _decide_batched(self, x: torch.Tensor) -> bool:
         if self.batched is None:
-            if self.K == 1:
+            if self.K == 1 or self._conv_on_cpu():
                 self.batched = False
             else:
                 try:
