@@ -77,13 +77,25 @@ def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
 
 
 def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[Piece]:
-    """Pieces of every plan entry for all points of x, captured ``block`` points at a time."""
-    parts = [_block_pieces(model, x[i:i + block], plan) for i in range(0, x.shape[0], block)]
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts)
-    return [Piece(ps[0].form, cat([p.a for p in ps]), cat([p.d for p in ps]), cat([p.g for p in ps]))
-            for ps in zip(*parts)]
+    """Pieces of every plan entry for all points of x, captured ``block`` points at a time.
+
+    The first block fixes each feature's shape; the full (n, ...) tensors are allocated then and every block
+    is copied into its rows (no concatenation at the end: one copy of the features, not two, at the peak).
+    """
+    n = x.shape[0]
+    first = _block_pieces(model, x[:block], plan)
+    if n <= block:
+        return first
+    grow = lambda t: None if t is None else t.new_empty((n,) + tuple(t.shape[1:]))   # noqa: E731
+    full = [Piece(p.form, grow(p.a), grow(p.d), grow(p.g)) for p in first]
+    for i in range(0, n, block):
+        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan)
+        for dst, src in zip(full, part):
+            for name in ("a", "d", "g"):
+                t = getattr(dst, name)
+                if t is not None:
+                    t[i:i + block].copy_(getattr(src, name))
+    return full
 
 
 # ---------------------------------------------------------------------------------------------- blocks
