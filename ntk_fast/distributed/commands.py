@@ -182,7 +182,7 @@ def kernel_on_folder(args: Any) -> Dict[str, Any]:
     comm.agree(None)
     ck = os.path.join(args.out, "kernel_flow.ck.pt")
     t0 = time.perf_counter()
-    res = kernel_flow(path, y, loss=args.loss, loss_beta=args.loss_beta, max_dgrad=args.max_dgrad,
+    res = kernel_flow(path, y, loss=args.loss or "softhinge", loss_beta=args.loss_beta, max_dgrad=args.max_dgrad,
                       max_dout=args.max_dout, max_time=None if args.max_time == float("inf") else args.max_time,
                       max_steps=args.max_steps, max_wall=None if args.max_wall == float("inf") else args.max_wall,
                       checkpoint=ck, checkpoint_every=args.checkpoint_every,
