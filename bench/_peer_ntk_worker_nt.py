@@ -20,9 +20,30 @@ import json
 import os
 import sys
 import time
-import traceback
+
+from _peer_record import record    # this folder is sys.path[0] when run as a script
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def timed(impl, apply_fn, x, params, spec, m):
+    """Time the jitted empirical NTK of one implementation (first call with compile, best later call) and save
+    its Gram next to the spec's output prefix."""
+    import jax
+    import numpy as np
+    import neural_tangents as nt
+    kfn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,), vmap_axes=0, implementation=impl))
+    t = time.perf_counter()
+    K = kfn(x, None, params).block_until_ready()
+    first = time.perf_counter() - t
+    best = None
+    for _ in range(int(spec.get("repeats", 1))):
+        t = time.perf_counter()
+        K = kfn(x, None, params).block_until_ready()
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    np.save(f"{spec['out']}_{m}.npy", np.asarray(K, dtype=np.float64).reshape(x.shape[0], x.shape[0]))
+    return {"first_s": first, "s": best if best is not None else first}
 
 
 def main(path: str) -> int:
@@ -76,25 +97,7 @@ def main(path: str) -> int:
              "nt_jacobian": nt.NtkImplementation.JACOBIAN_CONTRACTION}
     res = {"versions": {"jax": jax.__version__, "neural_tangents": getattr(nt, "__version__", "?")}}
     for m in spec["methods"]:
-        try:
-            kfn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,), vmap_axes=0, implementation=impls[m]))
-            t = time.perf_counter()
-            K = kfn(x, None, params).block_until_ready()
-            first = time.perf_counter() - t
-            best = None
-            for _ in range(int(spec.get("repeats", 1))):
-                t = time.perf_counter()
-                K = kfn(x, None, params).block_until_ready()
-                dt = time.perf_counter() - t
-                best = dt if best is None else min(best, dt)
-            np.save(f"{spec['out']}_{m}.npy", np.asarray(K, dtype=np.float64).reshape(x.shape[0], x.shape[0]))
-            res[m] = {"first_s": first, "s": best if best is not None else first}
-            del K
-        except Exception as e:  # noqa: BLE001 - recorded in the table instead of a number
-            res[m] = {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-1500:]}
-        print(m, res[m], flush=True)
-        with open(spec["out"] + ".json", "w") as f:
-            json.dump(res, f)
+        record(res, m, spec["out"], lambda: timed(impls[m], apply_fn, x, params, spec, m))
     return 0
 
 

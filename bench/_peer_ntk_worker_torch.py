@@ -31,23 +31,17 @@ from __future__ import annotations
 import json
 import math
 import sys
+import os
 import time
-import traceback
 
 import numpy as np
 import torch
 from torch import nn
 
+from _peer_record import record    # this folder is sys.path[0] when run as a script
 
-class Scale(nn.Module):
-    """Multiply by a constant; no parameters, so no peer collects it as a layer."""
-
-    def __init__(self, s: float):
-        super().__init__()
-        self.s = float(s)
-
-    def forward(self, x):
-        return x * self.s
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner"))
+from peer_worker import Scale  # noqa: E402  (the runner's constant-scale module: torch only, no ntk_fast)
 
 
 class SpatialMean(nn.Module):
@@ -111,6 +105,16 @@ def version(dist):
         return "?"
 
 
+def timed(method, model, x, wn, out):
+    """One warm-up call on wn points, then the timed Gram of every point (saved next to ``out``)."""
+    kernel_fn(method, model, x[:wn].contiguous())
+    t = time.perf_counter()
+    K = kernel_fn(method, model, x)
+    dt = time.perf_counter() - t
+    np.save(f"{out}_{method}.npy", K.detach().double().numpy())
+    return {"s": dt}
+
+
 def main(path: str) -> int:
     with open(path) as f:
         spec = json.load(f)
@@ -124,18 +128,7 @@ def main(path: str) -> int:
                         "asdfghjkl": version("asdfghjkl")}}
     wn = int(spec.get("warmup_n", 16))
     for m in spec["methods"]:
-        try:
-            kernel_fn(m, model, x[:wn].contiguous())
-            t = time.perf_counter()
-            K = kernel_fn(m, model, x)
-            dt = time.perf_counter() - t
-            np.save(f"{spec['out']}_{m}.npy", K.detach().double().numpy())
-            res[m] = {"s": dt}
-        except Exception as e:  # noqa: BLE001 - recorded in the table instead of a number
-            res[m] = {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-1500:]}
-        print(m, res[m], flush=True)
-        with open(spec["out"] + ".json", "w") as f:
-            json.dump(res, f)
+        record(res, m, spec["out"], lambda: timed(m, model, x, wn, spec["out"]))
     return 0
 
 

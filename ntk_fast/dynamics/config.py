@@ -98,7 +98,7 @@ class FlowConfig:
         return progress_enabled(self.progress)
 
 
-def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple) -> Dict[str, Any]:
+def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple, stacklevel: int = 3) -> Dict[str, Any]:
     """Map old keyword names of ``caller`` (those in ``allowed``) to the new ones, with a DeprecationWarning;
     TypeError for any other unknown keyword."""
     out = {}
@@ -106,6 +106,16 @@ def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple) -> Dict[
         if old not in allowed:
             raise TypeError(f"{caller}() got an unexpected keyword argument {old!r}")
         new = RENAMED[old]
-        warnings.warn(f"{caller}: the keyword {old!r} is now {new!r}", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"{caller}: the keyword {old!r} is now {new!r}", DeprecationWarning, stacklevel=stacklevel)
         out[new] = v
     return out
+
+
+def flow_config(caller: str, shared: Dict[str, Any], legacy: Dict[str, Any], allowed: tuple) -> "FlowConfig":
+    """The FlowConfig of a public entry point (train, kernel_flow): its keywords plus the old names in ``legacy``
+    (renamed_kwargs), every validation error prefixed by ``caller``."""
+    shared = {**shared, **renamed_kwargs(caller, legacy, allowed, stacklevel=4)}
+    try:
+        return FlowConfig(**shared)
+    except ValueError as exc:
+        raise ValueError(f"{caller}: {exc}") from None

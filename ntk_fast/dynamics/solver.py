@@ -38,7 +38,7 @@ import torch
 
 from ntk_fast.ops.gram import all_finite
 from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
-from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, renamed_kwargs
+from ntk_fast.dynamics.config import FlowConfig, PathLike, flow_config, progress_bar
 from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.ops.packed import pack_symmetric, packed_tile
 from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
@@ -524,11 +524,7 @@ def kernel_flow(K_train: Union[torch.Tensor, PathLike, np.ndarray], y: torch.Ten
                   max_time=max_time, max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps,
                   max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
-    shared.update(renamed_kwargs("kernel_flow", renamed, ("beta", "checkpoint_step", "checkpoint_rate")))
-    try:
-        cfg = FlowConfig(**shared)
-    except ValueError as exc:
-        raise ValueError(f"kernel_flow: {exc}") from None
+    cfg = flow_config("kernel_flow", shared, renamed, ("beta", "checkpoint_step", "checkpoint_rate"))
     pb = _prepare(K_train, y, K_test_train, y_test, packed, block, validate, loss)
     config = {"n": pb.n, "E": pb.E, "loss": loss, "loss_beta": cfg.loss_beta, "max_dgrad": max_dgrad,
               "max_dout": max_dout, "grow": grow, "shrink": shrink, "grow_fraction": grow_fraction,

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ntk_fast.dynamics import observables as obs
-from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, progress_enabled, renamed_kwargs
+from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, flow_config, progress_enabled
 from ntk_fast.dynamics.engine import AttemptStats, FlowEngine
 from ntk_fast.dynamics.ensemble import EnsembleTracker
 from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_value
@@ -425,11 +425,7 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
                   max_time=max_time, max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps,
                   max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
-    shared.update(renamed_kwargs("train", renamed, ("checkpoint_spacing", "checkpoint_rate")))
-    try:
-        cfg = FlowConfig(**shared)
-    except ValueError as exc:
-        raise ValueError(f"train: {exc}") from None
+    cfg = flow_config("train", shared, renamed, ("checkpoint_spacing", "checkpoint_rate"))
     opt = TrainOptions(tau=float(tau), kernel_every=int(kernel_every),
                        kernel_points=TrainOptions.kernel_points if kernel_points is None else kernel_points,
                        t1_fraction=float(t1_fraction), grow_factor=float(grow_factor),

@@ -17,7 +17,7 @@ from torch import nn
 
 from ntk_fast.dynamics.generic.common import GenericResult, Run
 from ntk_fast.dynamics.generic.losses import GENERIC_LOSSES, get_spec, prefactor
-from ntk_fast.dynamics.config import FlowConfig, PathLike, renamed_kwargs
+from ntk_fast.dynamics.config import PathLike, flow_config
 
 DYNAMICS = ("flow", "adam", "sgd")
 __all__ = ["DYNAMICS", "GENERIC_LOSSES", "GenericResult", "train_any"]
@@ -96,11 +96,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
                   record_spacing=spacing if record_spacing is None else record_spacing,
                   max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
-    shared.update(renamed_kwargs("train", renamed, ("checkpoint_spacing", "checkpoint_rate")))
-    try:
-        cfg = FlowConfig(**shared)
-    except ValueError as exc:
-        raise ValueError(f"train: {exc}") from None
+    cfg = flow_config("train", shared, renamed, ("checkpoint_spacing", "checkpoint_rate"))
     if max_epochs is not None and not max_epochs >= 0:
         raise ValueError(f"train: max_epochs must be >= 0, got {max_epochs}")
     if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and max_epochs is None:
