@@ -101,3 +101,61 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     wa, wb = FlowResult.load(ref / "train_result"), FlowResult.load(run / "train_result")
     for pa, pb in zip(wa.nets[0].parameters(), wb.nets[0].parameters()):
         assert torch.equal(pa, pb)
+
+
+GENERIC_WORKER = r'''
+import os, sys
+import torch
+torch.set_num_threads(1)
+from torch import nn
+from ntk_fast.dynamics.generic import train_any
+out = globals().get("OUT") or sys.argv[1]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(37, 6, generator=g, dtype=torch.float64)
+y = torch.sign(x[:, 0] - 0.4 * x[:, 2]); y[y == 0] = 1
+torch.manual_seed(5)
+models = [nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 1)).double() for _ in range(2)]
+ck = os.path.join(out, "generic_ckpt.pt")
+res = train_any(models, x, y, 2.0, dynamics="adam", loss="mse", lr=1e-2, batch_size=5, seed=3, max_steps=400,
+                checkpoint=ck, checkpoint_every=0.0, resume=ck if os.path.exists(ck) else None, progress=False)
+flat = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in res.nets]
+torch.save({"params": flat, "statuses": res.statuses,
+            "steps": [[r["step"] for r in h] for h in res.history]}, os.path.join(out, "generic_result.pt"))
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_generic_adam_and_resume_is_bit_exact(tmp_path):
+    """The generic trainer (ADAM on minibatches, optimizer state and minibatch RNG in the checkpoint), killed at
+    a seeded random moment after its first checkpoint and run again, ends with exactly the uninterrupted run."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir()
+    run.mkdir()
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(GENERIC_WORKER, "worker", "exec"), {"OUT": str(ref)})
+    finally:
+        torch.set_num_threads(threads)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    rng, killed = random.Random(14), 0
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, "-c", GENERIC_WORKER, str(run)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not os.path.exists(run / "generic_ckpt.pt") and p.poll() is None:
+            assert time.time() < deadline, "the worker wrote no checkpoint"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.1, 0.5))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait(timeout=60)
+    assert killed >= 1, "no kill landed while the worker was running"
+    saved = load_checkpoint(run / "generic_ckpt.pt", "test", ("host",))["host"]["step"]
+    assert 0 < max(saved) < 400, saved           # the last run resumes from the middle
+    p = subprocess.run([sys.executable, "-c", GENERIC_WORKER, str(run)], env=env, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    a, b = torch.load(ref / "generic_result.pt"), torch.load(run / "generic_result.pt")
+    assert a["statuses"] == b["statuses"] and a["steps"] == b["steps"]
+    for pa, pb in zip(a["params"], b["params"]):
+        assert torch.equal(pa, pb)
