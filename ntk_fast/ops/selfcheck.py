@@ -102,6 +102,9 @@ def native_on(op: str, device: DeviceLike) -> bool:
         return False
     if compiling():                  # traced, not run: no check, no dictionary lookups in the graph
         return True
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if dev_type not in CHECKED_DEVICE_TYPES:     # the CPU hot path (every trainer step): nothing more to decide
+        return True
     if should_check(op, device):
         _check(op, _device(device))
     return _loader.native(op)
