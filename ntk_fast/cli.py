@@ -131,7 +131,8 @@ def _config_from(args: argparse.Namespace, **over) -> "RunConfig":
     h = over.pop("h", args.h)
     alpha = over.pop("alpha", None)
     dynamics = getattr(args, "dynamics", "flow")
-    loss = args.loss or ("softhinge" if dynamics == "flow" else "hinge")
+    from ntk_fast.dynamics.generic.losses import default_loss
+    loss = args.loss or default_loss(dynamics)
     kernel_points = args.kernel_points if args.kernel_points is not None else 256 if args.model == "fc" else 0
     cfg = RunConfig(dataset=args.dataset, p=args.p, p_test=args.p_test, data_seed=args.data_seed, d=args.d or None,
                     whitening=not args.no_whitening, data_root=args.data, h=h, L=args.L, act_beta=args.act_beta,

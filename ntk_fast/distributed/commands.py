@@ -168,6 +168,7 @@ def reference_check(net: torch.nn.Module, x: torch.Tensor, path: str) -> Dict[st
 def kernel_on_folder(args: Any) -> Dict[str, Any]:
     """kernel_flow on ``GRAM/gram.npy`` with ``GRAM/labels.npy`` (collective under torchrun); rank 0 writes
     OUT/kernel_flow.pt and returns the summary (statuses, t, steps, errors, per-rank wall seconds)."""
+    from ntk_fast.dynamics.generic.losses import default_loss
     from ntk_fast.dynamics.solver import kernel_flow
     path, lab = os.path.join(args.gram, "gram.npy"), os.path.join(args.gram, "labels.npy")
     for p in (path, lab):
@@ -182,7 +183,7 @@ def kernel_on_folder(args: Any) -> Dict[str, Any]:
     comm.agree(None)
     ck = os.path.join(args.out, "kernel_flow.ck.pt")
     t0 = time.perf_counter()
-    res = kernel_flow(path, y, loss=args.loss or "softhinge", loss_beta=args.loss_beta, max_dgrad=args.max_dgrad,
+    res = kernel_flow(path, y, loss=args.loss or default_loss("flow"), loss_beta=args.loss_beta, max_dgrad=args.max_dgrad,
                       max_dout=args.max_dout, max_time=None if args.max_time == float("inf") else args.max_time,
                       max_steps=args.max_steps, max_wall=None if args.max_wall == float("inf") else args.max_wall,
                       checkpoint=ck, checkpoint_every=args.checkpoint_every,

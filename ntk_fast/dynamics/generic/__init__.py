@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ntk_fast.dynamics.generic.common import GenericResult, Run
-from ntk_fast.dynamics.generic.losses import GENERIC_LOSSES, get_spec, prefactor
+from ntk_fast.dynamics.generic.losses import GENERIC_LOSSES, default_loss, get_spec, prefactor
 from ntk_fast.dynamics.config import PathLike, flow_config
 
 DYNAMICS = ("flow", "adam", "sgd")
@@ -87,7 +87,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
         raise ValueError(f"train: alpha must be a number, got {alpha!r}") from None
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"train: alpha must be a positive finite number, got {alpha}")
-    spec = get_spec(loss or ("softhinge" if dynamics == "flow" else "hinge"))
+    spec = get_spec(loss or default_loss(dynamics))
     c = prefactor(spec, alpha, loss_prefactor)
     rate, spacing = (0.01, 100) if dynamics == "flow" else (0.1, 1000)
     shared = dict(loss=spec.name, loss_beta=loss_beta, max_dgrad=max_dgrad, max_dout=max_dout, grow=grow,

@@ -58,6 +58,12 @@ SPECS = {
 GENERIC_LOSSES = tuple(SPECS)
 
 
+def default_loss(dynamics: str) -> str:
+    """The loss when none is given: the soft hinge for the flow, the plain hinge (with 1/alpha) for ADAM/SGD, as
+    in the paper's runs."""
+    return "softhinge" if dynamics == "flow" else "hinge"
+
+
 def get_spec(name: str) -> LossSpec:
     if name not in SPECS:
         raise ValueError(f"train: loss must be one of {GENERIC_LOSSES}, got {name!r}")
