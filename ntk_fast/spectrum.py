@@ -51,9 +51,11 @@ def gram_eigh(K: torch.Tensor, k: Optional[int] = None) -> Tuple[torch.Tensor, t
     return lam, V
 
 
-def gram_topk(K: Union[np.ndarray, str, os.PathLike], k: int, block: int = 1024, tol: float = 0.0,
+def gram_topk(K: Union[np.ndarray, str, os.PathLike, torch.Tensor], k: int, block: int = 1024, tol: float = 0.0,
               maxiter: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Top k eigenpairs (descending) of a symmetric (n, n) Gram stored as a .npy file or a numpy (memmap) array.
+    """Top k eigenpairs (descending) of a symmetric (n, n) float Gram stored as a .npy file or a numpy (memmap)
+    array (or a tensor): read and checked as kernel_flow reads an on-disk Theta (clear errors for a missing,
+    unreadable, non-square or non-float file).
 
     Lanczos (ARPACK through scipy.sparse.linalg.eigsh, which="LA") with K v computed over row blocks, so only
     ``block`` rows are in memory at a time.  tol: ARPACK's relative accuracy (0: machine precision); maxiter:
@@ -63,9 +65,10 @@ def gram_topk(K: Union[np.ndarray, str, os.PathLike], k: int, block: int = 1024,
         from scipy.sparse.linalg import LinearOperator, eigsh
     except ImportError as e:                                  # pragma: no cover
         raise ImportError("gram_topk needs scipy (pip install scipy)") from e
-    A = np.load(K, mmap_mode="r") if isinstance(K, (str, os.PathLike)) else K
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"gram_topk: K must be a square (n, n) array, got {A.shape}")
+    from ntk_fast.distributed.flow import open_theta      # the one reader of an on-disk Gram
+    if isinstance(K, torch.Tensor):
+        K = K.detach().cpu().numpy()
+    A = open_theta(K, "gram_topk: K")
     n = A.shape[0]
     if not isinstance(k, int) or not 1 <= k < n:
         raise ValueError(f"gram_topk: k must be an int in [1, {n - 1}] (use gram_eigh for all), got {k!r}")
