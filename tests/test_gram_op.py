@@ -429,7 +429,7 @@ def test_fakes_registered_at_import():
     import sys
     code = ("import torch, ntk_fast\n"
             "from torch._library.simple_registry import singleton\n"
-            "for op in ('gram', 'flow_step', 'flow_grad_stats', 'flow_loss', 'softplus_act', 'kernel_flow_step'):\n"
+            "for op in ('gram', 'gram_full', 'flow_step', 'flow_grad_stats', 'flow_loss', 'softplus_act', 'kernel_flow_step'):\n"
             "    assert singleton.find('ntk_fast::' + op).fake_impl.kernel is not None, op\n"
             "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ import torch
 
 from ntk_fast.ops import _loader
 from ntk_fast.ops import reference as ref_flow
-from ntk_fast.ops.reference import gram_reference
+from ntk_fast.ops.reference import gram_full_reference, gram_reference
 from ntk_fast.ops.packed import pack_symmetric
 from ntk_fast.ops.reference import kernel_flow_step_ref
 
@@ -90,6 +90,20 @@ def _check_gram(dev, dtype, precision, gen):
     non = op(on[0], on[1], on[2], on[3], scales, 0, precision)
     return [(sym, gram_reference(rA1, rD1, None, None, scales)),
             (non, gram_reference(rA1, rD1, rA2, rD2, scales))]
+
+
+def _check_gram_full(dev, dtype, precision, gen):
+    n1, n2, k = 13, 6, 3                 # tiles not filled; one token layer, one Hadamard layer, a width-1 D
+    layers = [(2, 5, 3), (1, 4, 1)]
+    A1 = [_rand(gen, n1, T, p) for T, p, _ in layers]
+    D1 = [_rand(gen, n1, k, T, q) for T, _, q in layers]
+    A2 = [_rand(gen, n2, T, p) for T, p, _ in layers]
+    D2 = [_rand(gen, n2, k, T, q) for T, _, q in layers]
+    on = [[t.to(dev, dtype) for t in lst] for lst in (A1, D1, A2, D2)]
+    rA1, rD1, rA2, rD2 = ([t.to(F64).cpu() for t in lst] for lst in on)
+    op = _native("gram_full")
+    return [(op(on[0], on[1], None, None, [0.5, 2.0], 0), gram_full_reference(rA1, rD1, None, None, [0.5, 2.0])),
+            (op(on[0], on[1], on[2], on[3], [0.5, 2.0], 2), gram_full_reference(rA1, rD1, rA2, rD2, [0.5, 2.0]))]
 
 
 def _check_flow_step(dev, dtype, precision, gen):
@@ -197,6 +211,7 @@ def _check_limit_kernels(dev, dtype, precision, gen):
 # op -> (check, precisions); precision names map to (dtype, the op's precision argument).
 OPS: Dict[str, Tuple[Callable, Sequence[str]]] = {
     "gram": (_check_gram, ("float64", "float32", "tf32")),
+    "gram_full": (_check_gram_full, ("float64", "float32")),
     "flow_step": (_check_flow_step, ("float64", "float32")),
     "flow_grad_stats": (_check_flow_grad_stats, ("float64", "float32")),
     "flow_loss": (_check_flow_loss, ("float64", "float32")),

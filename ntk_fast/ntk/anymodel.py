@@ -5,15 +5,16 @@ each piece already in the form the plan chose:
 
 * hadamard: a (n, p), d (n, k, q);  pair: a (n, T, p), d (n, k, T, q);  grads: g (n, k, P).
 
-Assembly, per row panel of the result:
+Assembly (by row panels of the result when asked for, e.g. to stream into a memory-mapped ``out``):
 
 * trace (and full with k = 1): one call of the fused C++ op ``ntk_fast.gram`` over all hadamard pieces
-  (A, D flattened to (n, k q)), plus one call per pair piece on rows (point, token), summed over token
-  pairs; grads pieces (G flattened to (n, k P)) by torch.mm on upper row panels, mirrored (``sym_gram``).
-* full (k > 1): the A products are shared across the k x k output pairs,
-  Theta[i, j, c, c'] = sum_l (A_i . A_j) (D_ic . D_jc'): per piece one (r, c) A Gram and one (r k, c k) D Gram
-  (torch.mm), combined by an in-place multiply-add; grads pieces are one (r k, c k) Gram of G.
-  Cost n^2 sum_l (p_l + k^2 q_l) for the symmetric half instead of (n k)^2 sum_l (p_l + q_l).
+  (A, D flattened to (n, k q)); pair pieces through the C++ op ``ntk_fast.gram_full`` with the outputs
+  folded into D's features (the token-pair form sum_{t,t'} (A_it . A_jt') (D_it . D_jt'), no (n T)^2
+  matrix); grads pieces (G flattened to (n, k P)) by torch.mm on upper row panels, mirrored (``sym_gram``).
+* full (k > 1): one call of ``ntk_fast.gram_full`` over the hadamard and pair pieces, the A products shared
+  by the k x k output pairs, Theta[i, j, c, c'] = sum_l sum_{t,t'} (A_it . A_jt') (D_ict . D_jc't'), each
+  tile combined in cache and written once (with its mirror); grads pieces are one (n k, n k) Gram of G.
+  Cost n^2 sum_l T_l^2 (p_l + k^2 q_l) / 2 for the symmetric half instead of (n k)^2 sum_l T_l^2 (p_l + q_l) / 2.
 
 Symmetric results (x2=None) in panels compute rows [r0, r1) against columns [r0, n) only and mirror.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ntk_fast.ops import gram as _ops
+from ntk_fast.ops import gram_full as _opsf
 from ntk_fast.ntk import capture
 from ntk_fast.ntk.plan import Plan, make_plan
 
@@ -130,21 +132,18 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
     """sum over outputs c of Theta[i, j, c, c] for rows P1 and columns P2 (None: P1 with itself)."""
     sym = P2 is None
     P2 = P1 if sym else P2
-    a1, d1, a2, d2, g1, g2 = [], [], [], [], [], []
+    a1, d1, a2, d2, g1, g2, t1, t2 = [], [], [], [], [], [], [], []
     res = None
     for p, q in zip(P1, P2):
         if p.form == "hadamard":
             a1.append(p.a); d1.append(p.d.flatten(1)); a2.append(q.a); d2.append(q.d.flatten(1))
         elif p.form == "grads":     # torch.mm on the concatenated gradients (below)
             g1.append(p.g.flatten(1)); g2.append(q.g.flatten(1))
-        else:       # pair: rows are (point, token)
-            r, T = p.a.shape[0], p.a.shape[1]
-            c = q.a.shape[0]
-            fl = lambda u: (u.a.flatten(0, 1), u.d.transpose(1, 2).flatten(2).flatten(0, 1))
-            (pa, pd), (qa, qd) = fl(p), fl(q)
-            blk = _ops.gram([pa], [pd], None if sym else [qa], None if sym else [qd], precision=precision)
-            blk = blk.view(r, T, c, T).sum(dim=(1, 3))
-            res = blk if res is None else res + blk
+        else:       # pair: the token-pair form in the gram_full op, outputs traced (op_features)
+            t1.append(p); t2.append(q)
+    if t1:
+        (ta1, td1), (ta2, td2) = op_features(t1, trace=True), op_features(t2, trace=True)
+        res = _opsf.gram_full(ta1, td1, None if sym else ta2, None if sym else td2)[:, :, 0, 0]
     if a1:
         blk = _ops.gram(a1, d1, None if sym else a2, None if sym else d2, precision=precision)
         res = blk if res is None else res + blk
@@ -154,39 +153,48 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
     return res
 
 
-def _full_block(P1: List[Piece], P2: List[Piece], k: int) -> torch.Tensor:
-    """Theta (r, c, k, k) for rows P1 and columns P2, the A products shared across output pairs.
+def op_features(P: List[Piece], trace: bool = False):
+    """The hadamard and pair pieces as the gram_full op's lists: a (n, T, p), d (n, k, T, q).
 
-    The first piece writes the (r k, c k) buffer directly (mm into it, then an in-place scale by its A Gram);
-    later ones go through one reused scratch buffer, so no (r k, c k) matrix is allocated per piece.
-    """
-    r = (P1[0].a if P1[0].a is not None else P1[0].g).shape[0]
-    c = (P2[0].a if P2[0].a is not None else P2[0].g).shape[0]
-    ref = P1[0].d if P1[0].d is not None else P1[0].g
-    buf = torch.empty(r * k, c * k, dtype=ref.dtype, device=ref.device)
-    view = buf.view(r, k, c, k)
-    tmp = None
-    for i, (p, q) in enumerate(zip(P1, P2)):
-        if p.form == "grads":
-            g1, g2 = p.g.flatten(0, 1), q.g.flatten(0, 1)
-            torch.mm(g1, g2.T, out=buf) if i == 0 else buf.addmm_(g1, g2.T)
-        elif p.form == "hadamard":
-            ka = (p.a @ q.a.T)[:, None, :, None]                              # (r, 1, c, 1)
-            d1, d2 = p.d.flatten(0, 1), q.d.flatten(0, 1)
-            if i == 0:
-                torch.mm(d1, d2.T, out=buf)
-                view.mul_(ka)
-            else:
-                tmp = torch.empty_like(buf) if tmp is None else tmp
-                torch.mm(d1, d2.T, out=tmp)
-                view.addcmul_(tmp.view(r, k, c, k), ka)
+    trace: d as (n, 1, T, k q), so that the op's single output pair is sum_c D_ict . D_jct' (the trace over
+    outputs).  Grads pieces are left out (see ``_grads_full``)."""
+    A, D = [], []
+    for p in P:
+        if p.form == "hadamard":
+            a, d = p.a[:, None, :], p.d[:, :, None, :]
+        elif p.form == "pair":
+            a, d = p.a, p.d
         else:
-            T = p.a.shape[1]
-            ka = (p.a.flatten(0, 1) @ q.a.flatten(0, 1).T).view(r, T, c, T)
-            dd = (p.d.flatten(0, 2) @ q.d.flatten(0, 2).T).view(r, k, T, c, k, T)
-            term = torch.einsum("itju,ictjdu->icjd", ka, dd)
-            view.copy_(term) if i == 0 else view.add_(term)
-    return view.permute(0, 2, 1, 3)
+            continue
+        A.append(a)
+        D.append(d.transpose(1, 2).flatten(2).unsqueeze(1) if trace else d)
+    return A, D
+
+
+def _grads_full(P1: List[Piece], P2: Optional[List[Piece]], k: int) -> Optional[torch.Tensor]:
+    """Theta (r, c, k, k) of the grads pieces: one Gram of G flattened to (r k, P) by torch.mm (``sym_gram``:
+    for very wide G a single large product beats per-tile products), as a permuted view, or None."""
+    g1 = [p.g.flatten(0, 1) for p in P1 if p.form == "grads"]
+    if not g1:
+        return None
+    g2 = None if P2 is None else [p.g.flatten(0, 1) for p in P2 if p.form == "grads"]
+    G = sym_gram(g1, g2)
+    r, c = G.shape[0] // k, G.shape[1] // k
+    return G.view(r, k, c, k).permute(0, 2, 1, 3)
+
+
+def _full_into(res: torch.Tensor, P1: List[Piece], P2: Optional[List[Piece]], k: int) -> None:
+    """res (r, c, k, k) = Theta for rows P1 and columns P2 (None: P1 with itself, symmetric), the A products
+    shared by the k x k output pairs: one call of the C++ op ``gram_full`` over the hadamard and pair pieces
+    (Theta[i, j, c, c'] = sum_l sum_{t, t'} (A_it . A_jt') (D_ict . D_jc't'), written once into res), plus the
+    Gram of the materialised gradients."""
+    A1, D1 = op_features(P1)
+    A2, D2 = (None, None) if P2 is None else op_features(P2)
+    if A1:
+        _opsf.gram_full(A1, D1, A2, D2, out=res)
+    g = _grads_full(P1, P2, k)
+    if g is not None:
+        res.add_(g) if A1 else res.copy_(g)
 
 
 def _diagonal(P1: List[Piece]) -> torch.Tensor:
@@ -221,27 +229,38 @@ def assemble(P1: List[Piece], P2: Optional[List[Piece]], k: int, mode: str, out:
     full = mode == "full" and k > 1
     shape = (n1, n2, k, k) if full else (n1, n2)
     res = out if out is not None else torch.empty(shape, dtype=first.dtype, device=first.device)
-    if panel is None and not full:
+    if panel is None and not (full and progress):
+        if full:
+            _full_into(res, P1, P2, k)
+            return res
         blk = _trace_block(P1, P2, precision)
         return blk if out is None else res.copy_(blk)
     if panel is None:
-        panel = n1 if not sym else max(64, math.ceil(n1 / 8))
+        panel = max(64, math.ceil(n1 / 8))
     starts = range(0, n1, panel)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc="ntk", unit="panel")
     for r0 in starts:
         r1 = min(n1, r0 + panel)
-        c0 = r0 if sym else 0
         rows = [p.rows(r0, r1) for p in P1]
-        cols = [p.rows(c0, n2) for p in Pc]
-        blk = _full_block(rows, cols, k) if full else _trace_block(rows, cols, precision)
-        res[r0:r1, c0:] = blk
-        if sym:
-            d = res[r0:r1, r0:r1]
-            d.copy_((d + (d.permute(1, 0, 3, 2) if full else d.T)) / 2)
+        if not sym:
+            if full:
+                _full_into(res[r0:r1], rows, Pc, k)
+            else:
+                res[r0:r1] = _trace_block(rows, Pc, precision)
+            continue
+        if full:     # the diagonal block symmetric (exactly), the rest of the row panel, then the mirror
+            _full_into(res[r0:r1, r0:r1], rows, None, k)
             if r1 < n1:
-                res[r1:, r0:r1] = res[r0:r1, r1:].permute(1, 0, 3, 2) if full else res[r0:r1, r1:].T
+                _full_into(res[r0:r1, r1:], rows, [p.rows(r1, n1) for p in P1], k)
+                res[r1:, r0:r1] = res[r0:r1, r1:].permute(1, 0, 3, 2)
+            continue
+        res[r0:r1, r0:] = _trace_block(rows, [p.rows(r0, n1) for p in P1], precision)
+        d = res[r0:r1, r0:r1]
+        d.copy_((d + d.T) / 2)
+        if r1 < n1:
+            res[r1:, r0:r1] = res[r0:r1, r1:].T
     return res
 
 

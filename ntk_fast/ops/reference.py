@@ -8,6 +8,11 @@ wrapper (``ntk_fast/ops/<family>.py``) falls back to them when its compiled op i
       out = sum_l s_l (D1_l D2_l^T) o (A1_l A2_l^T)            (n1 x n2)
 
   It materialises two n1 x n2 matrices per layer; cost 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops.
+* ``gram_full_reference``: the op ``ntk_fast::gram_full`` by einsums over whole (point, token) Grams,
+
+      out[i, j, c, c'] = sum_l s_l sum_{t, t'} (A1_l[i, t] . A2_l[j, t']) (D1_l[i, c, t] . D2_l[j, c', t'])
+
+  It materialises (n1 T) x (n2 T) and (n1 k T) x (n2 k T) matrices per layer.
 * ``jacobian_ntk_reference``: the empirical NTK of any module by full per-sample Jacobians (torch.func)
   and one contraction, Theta[i, j, c, c'] = sum_p J[i, c, p] J[j, c', p].  Memory n k P.
 * gradient-flow ops (``flow_step``, ``flow_grad_stats``, ``flow_loss``, ``softplus_act``): K nets, P parameters
@@ -44,6 +49,24 @@ def gram_reference(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     out = None
     for s, a, d, b, e in zip(scales, a1, d1, a2, d2):
         term = (d @ e.T) * (a @ b.T) * s
+        out = term if out is None else out + term
+    return out
+
+
+def gram_full_reference(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
+                        a2: Optional[Sequence[torch.Tensor]] = None, d2: Optional[Sequence[torch.Tensor]] = None,
+                        scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """sum_l s_l einsum over tokens of (a1[l] a2[l]^T) and (d1[l] d2[l]^T): (n1, n2, k, k); a2/d2 default to a1/d1.
+
+    a[l] (n, T_l, p_l), d[l] (n, k, T_l, q_l)."""
+    a2 = a1 if a2 is None else a2
+    d2 = d1 if d2 is None else d2
+    scales = [1.0] * len(a1) if scales is None else scales
+    out = None
+    for s, x1, y1, x2, y2 in zip(scales, a1, d1, a2, d2):
+        ga = torch.einsum("itp,jup->itju", x1, x2)
+        gd = torch.einsum("ictq,jduq->ictjdu", y1, y2)
+        term = s * torch.einsum("itju,ictjdu->ijcd", ga, gd)
         out = term if out is None else out + term
     return out
 

@@ -1,6 +1,6 @@
 """First-use self-check of the compiled ops on a GPU: the policy, kept apart from the checks themselves.
 
-The first time an op (``gram``, ``flow_step``, ``flow_grad_stats``, ``flow_loss``, ``softplus_act``,
+The first time an op (``gram``, ``gram_full``, ``flow_step``, ``flow_grad_stats``, ``flow_loss``, ``softplus_act``,
 ``kernel_flow_step``, ``limit_kernels``) is about to run natively on a CUDA device in a process, its doctor
 check (:mod:`ntk_fast.diagnostics.doctor`: small edge-case inputs, every precision of the op, compared with
 the op's pure-torch reference in float64) runs once on that device.  If the op gives wrong values or raises,

@@ -1,0 +1,126 @@
+"""The op ``ntk_fast::gram_full`` (and ``.out``): the structured NTK Gram with outputs and tokens.
+
+    out[i, j, c, c'] = sum_l s_l sum_{t, t'} (A1_l[i, t] . A2_l[j, t']) (D1_l[i, c, t] . D2_l[j, c', t'])
+
+a[l] (n, T_l, p_l): the layer's input per token; d[l] (n, k, T_l, q_l): the signal back-propagated to its
+output, per model output c and token; out (n1, n2, k, k).  Special cases:
+
+* T_l = 1: the Hadamard identity with the A products shared by the k x k output pairs ("full" mode);
+* T_l > 1: the token-pair form (a Linear layer applied to every token of a sequence);
+* a = ones (n, 1, 1), d = per-sample gradients (n, k, 1, P): the Gram of materialised gradients.
+
+Cost: n1 n2 sum_l T_l^2 (p_l + k^2 q_l) multiply-adds (half of it, plus the diagonal tiles, with a2 = d2 = None,
+which computes the upper tiles and mirrors them: the result is exactly symmetric); memory: the output and per
+thread three tiles.  Reference: :func:`ntk_fast.ops.reference.gram_full_reference`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from ntk_fast.ops._loader import register_fake, use_reference
+from ntk_fast.ops.checks import FLOAT_DTYPES, all_finite, compiling
+from ntk_fast.ops.reference import gram_full_reference
+from ntk_fast.ops.selfcheck import native_on
+
+OP = "gram_full"
+
+
+@register_fake("gram_full")
+def _gram_full_fake(a1, d1, a2, d2, scales, block=0):
+    n2 = a1[0].shape[0] if a2 is None else a2[0].shape[0]
+    k = d1[0].shape[1]
+    return a1[0].new_empty((a1[0].shape[0], n2, k, k))
+
+
+@register_fake("gram_full.out")
+def _gram_full_out_fake(a1, d1, a2, d2, scales, block, *, out):
+    return None
+
+
+def _check_list(name: str, ts, dim: int, n_layers: Optional[int], rows: Optional[int],
+                like: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    if not isinstance(ts, (list, tuple)) or len(ts) == 0:
+        raise ValueError(f"gram_full: {name} must be a non-empty list of {dim}-D tensors, got {type(ts).__name__}")
+    if n_layers is not None and len(ts) != n_layers:
+        raise ValueError(f"gram_full: {name} must hold {n_layers} layers (one per layer of a1), got {len(ts)}")
+    for l, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"gram_full: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            what = "(points, tokens, features)" if dim == 3 else "(points, outputs, tokens, features)"
+            raise ValueError(f"gram_full: {name}[{l}] must be {dim}-D {what}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"gram_full: {name}[{l}] must be float32 or float64, got {t.dtype}")
+        if like is not None and (t.dtype != like.dtype or t.device != like.device):
+            raise ValueError(f"gram_full: {name}[{l}] is {t.dtype} on {t.device}, expected {like.dtype} on "
+                             f"{like.device} like a1[0]")
+        if rows is not None and t.shape[0] != rows:
+            raise ValueError(f"gram_full: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
+        if not compiling() and not all_finite(t):
+            raise ValueError(f"gram_full: {name}[{l}] contains NaN or inf")
+        like = t if like is None else like
+        rows = t.shape[0] if rows is None else rows
+    return list(ts)
+
+
+def _check_layers(a1, d1, a2, d2) -> None:
+    k = d1[0].shape[1]
+    for l in range(len(a1)):
+        T, p, q = a1[l].shape[1], a1[l].shape[2], d1[l].shape[3]
+        if d1[l].shape[1] != k or d2[l].shape[1] != k:
+            raise ValueError(f"gram_full: d1[{l}] and d2[{l}] must have {k} outputs like d1[0], got "
+                             f"{d1[l].shape[1]} and {d2[l].shape[1]}")
+        if (a2[l].shape[1], d1[l].shape[2], d2[l].shape[2]) != (T, T, T):
+            raise ValueError(f"gram_full: layer {l} has {T} tokens in a1 but a2, d1, d2 have "
+                             f"{a2[l].shape[1]}, {d1[l].shape[2]}, {d2[l].shape[2]}")
+        if a2[l].shape[2] != p or d2[l].shape[3] != q:
+            raise ValueError(f"gram_full: layer {l}: a2/d2 have {a2[l].shape[2]}/{d2[l].shape[3]} features, "
+                             f"expected {p}/{q} like a1/d1")
+
+
+def gram_full(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
+              a2: Optional[Sequence[torch.Tensor]] = None, d2: Optional[Sequence[torch.Tensor]] = None,
+              scales: Optional[Sequence[float]] = None, *, out: Optional[torch.Tensor] = None,
+              block: int = 0) -> torch.Tensor:
+    """out[i, j, c, c'] = sum_l s_l sum_{t, t'} (A1_l[i, t] . A2_l[j, t']) (D1_l[i, c, t] . D2_l[j, c', t']).
+
+    Shapes: a1[l] (n1, T_l, p_l), d1[l] (n1, k, T_l, q_l), a2[l] (n2, T_l, p_l), d2[l] (n2, k, T_l, q_l);
+    out (n1, n2, k, k) on the features' device, any strides (e.g. a memory-mapped array or a view of a larger
+    tensor).  a2 = d2 = None: symmetric (upper tiles only, exactly symmetric).  ``block``: points per tile
+    (0 = automatic).  Cost n1 n2 sum_l T_l^2 (p_l + k^2 q_l) multiply-adds.  Traceable by
+    ``torch.compile(fullgraph=True)`` (the NaN checks are skipped while compiling).
+    """
+    if (a2 is None) != (d2 is None):
+        raise ValueError("gram_full: pass both a2 and d2, or neither (symmetric Gram)")
+    a1 = _check_list("a1", a1, 3, None, None, None)
+    like, n1, L = a1[0], a1[0].shape[0], len(a1)
+    d1 = _check_list("d1", d1, 4, L, n1, like)
+    if a2 is not None:
+        a2 = _check_list("a2", a2, 3, L, None, like)
+        d2 = _check_list("d2", d2, 4, L, a2[0].shape[0], like)
+    _check_layers(a1, d1, a1 if a2 is None else a2, d1 if d2 is None else d2)
+    n2, k = (n1 if a2 is None else a2[0].shape[0]), d1[0].shape[1]
+    try:
+        scales = [1.0] * L if scales is None else [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"gram_full: scales must be a list of numbers, got {scales!r}") from None
+    if len(scales) != L or not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"gram_full: scales must be {L} finite numbers (one per layer), got {scales}")
+    if not isinstance(block, int) or block < 0:
+        raise ValueError(f"gram_full: block must be an int >= 0 (0 = automatic), got {block!r}")
+    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (n1, n2, k, k)
+                            or out.dtype != like.dtype or out.device != like.device):
+        got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gram_full: out must be a ({n1}, {n2}, {k}, {k}) {like.dtype} tensor on {like.device}, "
+                         f"got {got}")
+    if not native_on(OP, like.device):
+        use_reference(OP)
+        res = gram_full_reference(a1, d1, a2, d2, scales)
+        return res if out is None else out.copy_(res)
+    if out is None:
+        return torch.ops.ntk_fast.gram_full(a1, d1, a2, d2, scales, block)
+    torch.ops.ntk_fast.gram_full.out(a1, d1, a2, d2, scales, block, out=out)
+    return out

@@ -1,0 +1,148 @@
+"""The op ``ntk_fast::gram_full`` (outputs and tokens) on every device against its plain-torch reference:
+odd shapes, tokens, block sizes, exact symmetry, strided and memory-mapped out, opcheck, fakes, torch.compile,
+bad input.  Tolerances relative to max |ref|: float64 1e-12, float32 1e-5."""
+import numpy as np
+import pytest
+import torch
+
+import ntk_fast
+from ntk_fast.ops.reference import gram_full_reference
+from conftest import DEVICES
+
+f64 = torch.float64
+
+
+def feats(n, k, layers, gen, dtype=f64, device="cpu"):
+    """layers: [(T, p, q)] -> a [(n, T, p)], d [(n, k, T, q)] (a >= 0 like post-activation inputs)."""
+    A = [torch.randn(n, T, p, generator=gen, dtype=f64).abs().to(device, dtype) for T, p, _ in layers]
+    D = [torch.randn(n, k, T, q, generator=gen, dtype=f64).to(device, dtype) for T, _, q in layers]
+    return A, D
+
+
+def rel(out, ref):
+    out = out.to(ref.device, f64)
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten entry?)"
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def up(ts):
+    return None if ts is None else [t.cpu().to(f64) for t in ts]
+
+
+LAYERS = [[(1, 3, 5)], [(1, 1, 1)], [(3, 4, 2), (1, 7, 1)], [(2, 33, 17), (1, 17, 17), (5, 1, 3)]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n1,n2,k", [(1, 1, 1), (1, 6, 3), (7, 5, 2), (37, 19, 10), (131, 3, 1)])
+@pytest.mark.parametrize("layers", LAYERS)
+def test_matches_reference(device, dtype, n1, n2, k, layers, gen):
+    A1, D1 = feats(n1, k, layers, gen, dtype, device)
+    A2, D2 = feats(n2, k, layers, gen, dtype, device)
+    sc = [0.5, 2.0, 1.0][:len(layers)]
+    tol = 1e-12 if dtype == f64 else 1e-5
+    for block in (0, 1, 4):
+        got = ntk_fast.gram_full(A1, D1, A2, D2, sc, block=block)
+        assert got.shape == (n1, n2, k, k)
+        assert rel(got, gram_full_reference(up(A1), up(D1), up(A2), up(D2), sc)) <= tol
+        sym = ntk_fast.gram_full(A1, D1, scales=sc, block=block)
+        assert rel(sym, gram_full_reference(up(A1), up(D1), None, None, sc)) <= tol
+        assert torch.equal(sym, sym.permute(1, 0, 3, 2)), "symmetric mode must be exactly symmetric"
+
+
+def test_hadamard_full_equals_the_gram_op_per_output_pair(gen):
+    """T = 1: out[:, :, c, c'] is the plain Gram op on (A, D[:, c]) against (A, D[:, c'])."""
+    A, D = feats(23, 3, [(1, 6, 4), (1, 2, 5)], gen)
+    out = ntk_fast.gram_full(A, D)
+    for c in range(3):
+        for c2 in range(3):
+            ref = ntk_fast.gram([a[:, 0] for a in A], [d[:, c, 0] for d in D], [a[:, 0] for a in A],
+                                [d[:, c2, 0] for d in D])
+            assert rel(out[:, :, c, c2], ref) <= 1e-12
+
+
+def test_out_strided_and_memmap(tmp_path, gen):
+    A, D = feats(29, 4, [(2, 5, 3), (1, 3, 6)], gen)
+    ref = gram_full_reference(A, D)
+    big = torch.full((29, 40, 4, 4), float("nan"), dtype=f64)
+    view = big[:, 5:34]                                 # strided: row stride 40 k^2
+    ntk_fast.gram_full(A, D, out=view)
+    assert rel(view, ref) <= 1e-12 and torch.isnan(big[:, :5]).all() and torch.isnan(big[:, 34:]).all()
+    perm = torch.empty(4, 4, 29, 29, dtype=f64).permute(2, 3, 0, 1)   # out with unusual strides
+    ntk_fast.gram_full(A, D, out=perm)
+    assert rel(perm, ref) <= 1e-12
+    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float64, shape=(29, 29, 4, 4))
+    ntk_fast.gram_full(A, D, out=torch.from_numpy(mm))
+    mm.flush()
+    assert rel(torch.from_numpy(np.load(tmp_path / "g.npy")), ref) <= 1e-12
+
+
+def test_noncontiguous_inputs(gen):
+    A, D = feats(17, 3, [(2, 6, 4)], gen)
+    At = [torch.randn(6, 2, 17, generator=gen, dtype=f64).permute(2, 1, 0)]
+    Dt = [d.transpose(0, 1).contiguous().transpose(0, 1) for d in D]
+    assert not At[0].is_contiguous() and not Dt[0].is_contiguous()
+    assert rel(ntk_fast.gram_full(At, Dt), gram_full_reference(At, Dt)) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(device, dtype, gen):
+    A, D = feats(9, 3, [(2, 4, 3), (1, 5, 1)], gen, dtype, device)
+    B, E = feats(6, 3, [(2, 4, 3), (1, 5, 1)], gen, dtype, device)
+    torch.library.opcheck(torch.ops.ntk_fast.gram_full.default, (A, D, None, None, [1.0, 2.0], 0))
+    torch.library.opcheck(torch.ops.ntk_fast.gram_full.default, (A, D, B, E, [1.0, 2.0], 2))
+    out = torch.empty(9, 6, 3, 3, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.ntk_fast.gram_full.out, (A, D, B, E, [1.0, 2.0], 0), {"out": out})
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        A, D = [torch.empty(7, 2, 3, dtype=f64)], [torch.empty(7, 4, 2, 5, dtype=f64)]
+        B, E = [torch.empty(5, 2, 3, dtype=f64)], [torch.empty(5, 4, 2, 5, dtype=f64)]
+        assert torch.ops.ntk_fast.gram_full(A, D, B, E, [1.0]).shape == (7, 5, 4, 4)
+        assert torch.ops.ntk_fast.gram_full(A, D, None, None, [1.0]).shape == (7, 7, 4, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrapper_compiles_fullgraph(device, gen):
+    A, D = feats(11, 2, [(3, 4, 2)], gen, device=device)
+
+    def f(A, D):
+        return ntk_fast.gram_full(A, D, scales=[0.5]).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(A, D)
+    torch.testing.assert_close(got, f(A, D), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda A, D: ntk_fast.gram_full(A, D, A), "both a2 and d2"),
+    (lambda A, D: ntk_fast.gram_full([], D), "a1 must be a non-empty list"),
+    (lambda A, D: ntk_fast.gram_full([A[0][:, 0]], D), r"a1\[0\] must be 3-D"),
+    (lambda A, D: ntk_fast.gram_full(A, [D[0][:, :, 0]]), r"d1\[0\] must be 4-D"),
+    (lambda A, D: ntk_fast.gram_full(A, [D[0][:4]]), r"d1\[0\] has 4 rows, expected 6"),
+    (lambda A, D: ntk_fast.gram_full(A, [D[0][:, :, :1]]), "layer 0 has 2 tokens"),
+    (lambda A, D: ntk_fast.gram_full(A, [D[0].float()]), r"d1\[0\] is torch.float32"),
+    (lambda A, D: ntk_fast.gram_full([A[0].int()], D), r"a1\[0\] must be float32 or float64"),
+    (lambda A, D: ntk_fast.gram_full([A[0] * float("nan")], D), r"a1\[0\] contains NaN"),
+    (lambda A, D: ntk_fast.gram_full(A, D, scales=[1.0, 2.0]), "scales must be 1 finite"),
+    (lambda A, D: ntk_fast.gram_full(A, D, block=-1), "block must be an int >= 0"),
+    (lambda A, D: ntk_fast.gram_full(A, D, out=torch.empty(6, 6, 3, 2, dtype=f64)), r"out must be a \(6, 6, 3, 3\)"),
+    (lambda A, D: ntk_fast.gram_full(A, D, A, [D[0][:, :2]]), r"d1\[0\] and d2\[0\] must have 3 outputs"),
+])
+def test_bad_input_names_the_argument(case, match, gen):
+    A, D = feats(6, 3, [(2, 4, 5)], gen)
+    with pytest.raises(ValueError, match=match):
+        case(A, D)
+
+
+def test_op_itself_rejects_bad_input(gen):
+    A, D = feats(6, 3, [(2, 4, 5)], gen)
+    with pytest.raises(RuntimeError, match="gram_full: a1\\[0\\] must be 3-D"):
+        torch.ops.ntk_fast.gram_full([A[0][:, 0]], D, None, None, [1.0], 0)
+    with pytest.raises(RuntimeError, match="gram_full: scales must have one entry per layer"):
+        torch.ops.ntk_fast.gram_full(A, D, None, None, [1.0, 1.0], 0)
+    with pytest.raises(RuntimeError, match="gram_full: out must have shape"):
+        torch.ops.ntk_fast.gram_full.out(A, D, None, None, [1.0], 0, out=torch.empty(6, 6, dtype=f64))
