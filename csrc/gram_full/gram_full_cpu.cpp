@@ -21,27 +21,33 @@
 namespace ntk_fast {
 namespace {
 
-// acc[(i, c), (j, c')] += s sum_{t, t'} ga[(i, t), (j, t')] gd[(i, c, t), (j, c', t')]   (all row-major, dense)
+// acc[(i, c), (j, c')] += s sum_{t, t'} ga[(i, t), (j, t')] gd[(i, c, t), (j, c', t')]   (all row-major, dense).
+// T = 1: the row s ga[i, j / k] over the tile's columns v = (j, c') is expanded once into `gexp` (mj k entries)
+// and shared by the k rows (i, c), so the inner loop is one contiguous, vectorisable multiply-add.
 template <typename scalar_t>
-void combine_tile(scalar_t* acc, const scalar_t* ga, const scalar_t* gd, int64_t mi, int64_t mj, int64_t k,
-                  int64_t T, scalar_t s) {
-  const int64_t lacc = mj * k, lga = mj * T, lgd = mj * k * T;
+void combine_tile(scalar_t* __restrict acc, const scalar_t* __restrict ga, const scalar_t* __restrict gd,
+                  scalar_t* __restrict gexp, int64_t mi, int64_t mj, int64_t k, int64_t T, scalar_t s) {
+  const int64_t w = mj * k, lga = mj * T, lgd = mj * k * T;
+  if (T == 1) {
+    for (int64_t i = 0; i < mi; ++i) {
+      const scalar_t* garow = ga + i * lga;
+      for (int64_t j = 0; j < mj; ++j)
+        for (int64_t c2 = 0; c2 < k; ++c2) gexp[j * k + c2] = s * garow[j];
+      for (int64_t u = i * k; u < (i + 1) * k; ++u) {
+        scalar_t* __restrict arow = acc + u * w;
+        const scalar_t* __restrict gdrow = gd + u * lgd;
+        for (int64_t v = 0; v < w; ++v) arow[v] += gexp[v] * gdrow[v];
+      }
+    }
+    return;
+  }
   for (int64_t u = 0; u < mi * k; ++u) {
     const int64_t i = u / k;
-    scalar_t* arow = acc + u * lacc;
-    if (T == 1) {
-      const scalar_t* garow = ga + i * lga;
-      const scalar_t* gdrow = gd + u * lgd;
-      for (int64_t j = 0; j < mj; ++j) {
-        const scalar_t g = s * garow[j];
-        for (int64_t c2 = 0; c2 < k; ++c2) arow[j * k + c2] += g * gdrow[j * k + c2];
-      }
-      continue;
-    }
+    scalar_t* arow = acc + u * w;
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* garow = ga + (i * T + t) * lga;
       const scalar_t* gdrow = gd + (u * T + t) * lgd;
-      for (int64_t v = 0; v < mj * k; ++v) {
+      for (int64_t v = 0; v < w; ++v) {
         const scalar_t* gav = garow + (v / k) * T;
         const scalar_t* gdv = gdrow + v * T;
         scalar_t sum = 0;
@@ -52,23 +58,50 @@ void combine_tile(scalar_t* acc, const scalar_t* ga, const scalar_t* gd, int64_t
   }
 }
 
-// out[i0 + i, j0 + j, c, c'] = acc[(i, c), (j, c')], and the mirror out[j0 + j, i0 + i, c', c] when asked.
-// A diagonal tile of a symmetric Gram is written from its upper half (u <= v) both ways: exactly symmetric.
+// out[i0 + i, j0 + j, c, c'] = acc[(i, c), (j, c')], and the mirror out[j0 + j, i0 + i, c', c] when asked
+// (rows of out visited in order in both loops).  A diagonal tile of a symmetric Gram is written from its upper
+// half (u <= v) both ways: exactly symmetric.
 template <typename scalar_t>
 void store_tile(scalar_t* optr, at::IntArrayRef st, const scalar_t* acc, int64_t i0, int64_t j0, int64_t mi,
                 int64_t mj, int64_t k, bool mirror, bool diagonal) {
-  const int64_t lacc = mj * k;
+  const int64_t w = mj * k;
+  if (!diagonal && st[3] == 1 && st[2] == k && st[1] == k * k) {   // dense (k, k) blocks: rows of k copied
+    for (int64_t i = 0; i < mi; ++i) {
+      scalar_t* __restrict o = optr + (i0 + i) * st[0] + j0 * k * k;
+      for (int64_t j = 0; j < mj; ++j)
+        for (int64_t c = 0; c < k; ++c) {
+          const scalar_t* __restrict a = acc + (i * k + c) * w + j * k;
+          for (int64_t c2 = 0; c2 < k; ++c2) o[(j * k + c) * k + c2] = a[c2];
+        }
+    }
+    if (!mirror) return;
+    for (int64_t j = 0; j < mj; ++j) {
+      scalar_t* __restrict m = optr + (j0 + j) * st[0] + i0 * k * k;
+      for (int64_t i = 0; i < mi; ++i)
+        for (int64_t c = 0; c < k; ++c) {
+          const scalar_t* __restrict a = acc + (i * k + c) * w + j * k;
+          for (int64_t c2 = 0; c2 < k; ++c2) m[(i * k + c2) * k + c] = a[c2];
+        }
+    }
+    return;
+  }
   for (int64_t i = 0; i < mi; ++i)
     for (int64_t j = 0; j < mj; ++j) {
       scalar_t* o = optr + (i0 + i) * st[0] + (j0 + j) * st[1];
-      scalar_t* m = optr + (j0 + j) * st[0] + (i0 + i) * st[1];
       for (int64_t c = 0; c < k; ++c)
         for (int64_t c2 = 0; c2 < k; ++c2) {
           const int64_t u = i * k + c, v = j * k + c2;
-          if (diagonal && u > v) continue;
-          const scalar_t val = acc[u * lacc + v];
-          o[c * st[2] + c2 * st[3]] = val;
-          if (mirror || (diagonal && u < v)) m[c2 * st[2] + c * st[3]] = val;
+          if (!diagonal || u <= v) o[c * st[2] + c2 * st[3]] = acc[u * w + v];
+        }
+    }
+  if (!mirror && !diagonal) return;
+  for (int64_t j = 0; j < mj; ++j)
+    for (int64_t i = 0; i < mi; ++i) {
+      scalar_t* m = optr + (j0 + j) * st[0] + (i0 + i) * st[1];
+      for (int64_t c2 = 0; c2 < k; ++c2)
+        for (int64_t c = 0; c < k; ++c) {
+          const int64_t u = i * k + c, v = j * k + c2;
+          if (!diagonal || u < v) m[c2 * st[2] + c * st[3]] = acc[u * w + v];
         }
     }
 }
@@ -92,7 +125,7 @@ void gram_full_cpu_kernel(const std::vector<at::Tensor>& A1, const std::vector<a
   const auto opts = A1[0].options();
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor ga = at::empty({B * s.tmax * B * s.tmax}, opts), gd = at::empty({B * k * s.tmax * B * k * s.tmax}, opts);
-    at::Tensor acc = at::empty({B * k * B * k}, opts);
+    at::Tensor acc = at::empty({B * k * B * k}, opts), gexp = at::empty({B * k}, opts);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = tiles[t].first * B, j0 = tiles[t].second * B;
       const int64_t mi = std::min(B, s.n1 - i0), mj = std::min(B, s.n2 - j0);
@@ -104,8 +137,8 @@ void gram_full_cpu_kernel(const std::vector<at::Tensor>& A1, const std::vector<a
         at::mm_out(ga_t, A1[l].view({-1, p}).narrow(0, i0 * T, mi * T), A2[l].view({-1, p}).narrow(0, j0 * T, mj * T).t());
         at::mm_out(gd_t, D1[l].view({-1, q}).narrow(0, i0 * k * T, mi * k * T),
                    D2[l].view({-1, q}).narrow(0, j0 * k * T, mj * k * T).t());
-        combine_tile<scalar_t>(acc.data_ptr<scalar_t>(), ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(), mi, mj,
-                               k, T, (scalar_t)scales[l]);
+        combine_tile<scalar_t>(acc.data_ptr<scalar_t>(), ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(),
+                               gexp.data_ptr<scalar_t>(), mi, mj, k, T, (scalar_t)scales[l]);
       }
       const bool diagonal = s.symmetric && i0 == j0;
       store_tile<scalar_t>(optr, st, acc.data_ptr<scalar_t>(), i0, j0, mi, mj, k, s.symmetric && !diagonal, diagonal);
