@@ -292,3 +292,28 @@ def test_plan_table_flops_and_memory_guard(monkeypatch, gen):
     monkeypatch.setattr(anymodel.os, "sysconf", lambda name: 16)
     with pytest.raises(ValueError, match="features need about"):
         ntk_fast.empirical_ntk(ConvZoo().to(f64).eval(), torch.randn(3, 2, 7, 6, dtype=f64))
+
+
+class TokenMLP(nn.Module):
+    """A Linear on (n, T, p) tokens where the token-pair form is the cheapest (small T, wide layers)."""
+
+    def __init__(self, p=23, h=19, k=3):
+        super().__init__()
+        self.tok = nn.Linear(p, h)
+        self.out = nn.Linear(h, k)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.tok(x)).mean(1))
+
+
+@pytest.mark.parametrize("block", [None, 2])
+def test_token_pair_form_through_gram_full(block, gen):
+    """The pair form (ntk_fast.gram_full with T > 1) in full, trace and x2, whole and in row panels."""
+    torch.manual_seed(0)
+    net = randomise(TokenMLP().to(f64), gen)
+    x1 = torch.randn(7, 3, 23, generator=gen, dtype=f64)
+    x2 = torch.randn(4, 3, 23, generator=gen, dtype=f64)
+    forms = {e.module: e.form for e in ntk_fast.ntk_plan(net, x1).entries}
+    assert forms["tok"] == "pair", forms
+    full = check_all_modes(net, x1, x2, k=3, block=block)
+    assert torch.equal(full, full.permute(1, 0, 3, 2))
