@@ -77,6 +77,18 @@ def test_out_strided_and_memmap(tmp_path, gen):
     assert rel(torch.from_numpy(np.load(tmp_path / "g.npy")), ref) <= 1e-12
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_out_on_every_device(device, gen):
+    A, D = feats(21, 3, [(2, 4, 3), (1, 5, 2)], gen, device=device)
+    ref = gram_full_reference(up(A), up(D))
+    big = torch.full((21, 30, 3, 3), float("nan"), dtype=f64, device=device)
+    ntk_fast.gram_full(A, D, out=big[:, 4:25])
+    assert rel(big[:, 4:25], ref) <= 1e-12 and torch.isnan(big[:, :4]).all() and torch.isnan(big[:, 25:]).all()
+    perm = torch.empty(3, 3, 21, 21, dtype=f64, device=device).permute(2, 3, 0, 1)
+    ntk_fast.gram_full(A, D, out=perm)
+    assert rel(perm, ref) <= 1e-12
+
+
 def test_noncontiguous_inputs(gen):
     A, D = feats(17, 3, [(2, 6, 4)], gen)
     At = [torch.randn(6, 2, 17, generator=gen, dtype=f64).permute(2, 1, 0)]
