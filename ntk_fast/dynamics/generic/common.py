@@ -49,7 +49,8 @@ def check_data(x: Any, y: Any, spec: LossSpec, dtype: torch.dtype, device: torch
     if not torch.isfinite(x).all():
         raise ValueError(f"train: {xname} contains NaN or infinite values")
     check_labels(spec, y, yname)
-    return x.to(dtype=dtype, device=device).contiguous(), y.to(dtype=dtype, device=device).contiguous()
+    return (x.detach().to(dtype=dtype, device=device).contiguous(),
+            y.detach().to(dtype=dtype, device=device).contiguous())
 
 
 def digest(*ts: torch.Tensor) -> str:
