@@ -171,6 +171,8 @@ class FlatEnsemble:
                 xb = x[i:i + chunk]
                 if batched:
                     outs.append(vmap(self._f, in_dims=(0, 0, None))(W, self.fixed, xb))
+                elif W is self._Wb and self._work is not None:     # the working copies hold these weights
+                    outs.append(torch.stack([self._flat_out(m(xb), xb.shape[0]) for m in self._work]))
                 else:
                     outs.append(torch.stack([self._f(W[k], self._fixed_row(k), xb) for k in range(self.K)]))
         return torch.cat(outs, 1)
@@ -195,9 +197,9 @@ class FlatEnsemble:
                 f = self._flat_out(m(xx), xx.shape[0])
                 losses.append(loss_fn(f, yy, f0[k]))
                 fs.append(f.detach())
-            lv = torch.stack(losses)
-            lv.sum().backward()     # d(sum_k L_k)/d p_k = d L_k / d p_k, accumulated into the rows of Gb
-        return lv.detach(), self._Gb, torch.stack(fs)
+            # d(sum_k L_k)/d p_k = d L_k / d p_k, accumulated into the rows of Gb
+            (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+        return torch.stack([v.detach() for v in losses]), self._Gb, torch.stack(fs)
 
     def value_and_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -214,7 +216,7 @@ class FlatEnsemble:
             loss = loss_fn(f, yy, ff0)
             return loss, (loss, f)
 
-        if self._decide_batched(x if shared else x[0]):
+        if self.batched if self.batched is not None else self._decide_batched(x if shared else x[0]):
             vg = grad(fn, has_aux=True)                 # row -> (gradient, (loss, f))
             dims = (0, 0, None, None, 0) if shared else (0, 0, 0, 0, 0)
             g, (lv, f) = vmap(vg, in_dims=dims)(W, self.fixed, x, y, f0)
