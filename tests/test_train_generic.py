@@ -325,3 +325,31 @@ def test_row_optimizers_equal_torch_optim_bit_for_bit(gen, kind):
             ropts[k].step()
     for k in range(K):
         assert torch.equal(W[k], refs[k].detach())
+
+
+def test_loop_path_gradient_buffer_survives_a_replaced_grad(gen):
+    """The loop path's gradients land in the flat buffer even when a hook makes autograd hand a new .grad
+    tensor (post-accumulate hooks that set p.grad): the same trajectory as without the hook."""
+    x, y = _data(gen, n=17)
+    kw = dict(dynamics="sgd", lr=0.05, batch_size=6, seed=2, max_steps=6)
+    plain = train_any(_mlp(), x, y, 1.5, **kw)
+    from ntk_fast.dynamics.generic.functional import FlatEnsemble
+    orig = FlatEnsemble._bound
+
+    def bound_with_hooks(self):
+        work = orig(self)
+        for m in work:
+            for p in m.parameters():
+                if not getattr(p, "_test_hooked", False):
+                    p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", q.grad.clone()))
+                    p._test_hooked = True
+        return work
+
+    FlatEnsemble._bound = bound_with_hooks
+    try:
+        hooked = train_any(_mlp(), x, y, 1.5, **kw)
+    finally:
+        FlatEnsemble._bound = orig
+    for a, b in zip(plain.net.parameters(), hooked.net.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(plain.net[0].weight, _mlp()[0].weight)

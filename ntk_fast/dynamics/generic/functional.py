@@ -113,15 +113,25 @@ class FlatEnsemble:
         if self._work is None:
             Wb = self.buffer()
             self._Gb = torch.zeros_like(Wb)
-            self._work = []
+            self._work, self._grad_views = [], []
             for k, m in enumerate(self._models):
                 work = copy.deepcopy(m)
                 own = dict(work.named_parameters())
                 for name, w, g in zip(self.names, self.views(Wb[k]).values(), self.views(self._Gb[k]).values()):
                     own[name].data = w
                     own[name].grad = g
+                    self._grad_views.append((own[name], g))
                 self._work.append(work)
         return self._work
+
+    def _check_grads_in_buffer(self) -> None:
+        """Autograd accumulates into an existing ``.grad`` in place; should a parameter's ``.grad`` have been
+        replaced by another tensor (a hook, another autograd), copy it into the buffer and bind the view again."""
+        for p, g in self._grad_views:
+            if p.grad is not g:
+                if p.grad is not None:
+                    g.copy_(p.grad)
+                p.grad = g
 
     # --------------------------------------------------------------------------------------------- calls
     @staticmethod
@@ -199,6 +209,7 @@ class FlatEnsemble:
                 fs.append(f.detach())
             # d(sum_k L_k)/d p_k = d L_k / d p_k, accumulated into the rows of Gb
             (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+        self._check_grads_in_buffer()
         return torch.stack([v.detach() for v in losses]), self._Gb, torch.stack(fs)
 
     def value_and_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
