@@ -78,6 +78,7 @@ class FlatEnsemble:
         self._Wb: Optional[torch.Tensor] = None          # weight buffer the working copies read (K, P)
         self._Gb: Optional[torch.Tensor] = None          # gradient buffer their .grad are views of (K, P)
         self._work: Optional[List[nn.Module]] = None     # the K working copies (made on first use)
+        self._grad_views: List[Tuple[nn.Parameter, torch.Tensor]] = []   # (parameter, its view of Gb)
 
     # --------------------------------------------------------------------------------------------- layout
     def views(self, row: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ class FlatEnsemble:
         if self._work is None:
             Wb = self.buffer()
             self._Gb = torch.zeros_like(Wb)
-            self._work, self._grad_views = [], []
+            self._work = []
             for k, m in enumerate(self._models):
                 work = copy.deepcopy(m)
                 own = dict(work.named_parameters())
