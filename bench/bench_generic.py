@@ -5,7 +5,7 @@ Three comparisons, each timed in alternated rounds (this shared machine's speed 
                 h channels, 28 x 28 inputs) against a reference-code-style loop written by us (deepcopy of the
                 model every step, full-batch autograd step, gradient flattened with cat, the step-rule statistics);
   * ensemble:   K models trained together (vmap over the flat (K, P) buffer, and batched=False: the K
-                models' working copies looped inside one call with one backward) against the same K models one
+                models' working copies looped inside one call) against the same K models one
                 after the other, for a plain nn.Module MLP (width 64, n = 1000) and the CNN;
   * adam-epoch: seconds per epoch of dynamics="adam" (batch 32) against a plain torch.optim.Adam loop on the
                 reference recipe (randperm(n)[:bs], f0 once), for the MLP.

@@ -3,7 +3,7 @@ float64) trained by the generic trainer, against the bare forward + backward of 
 
 Timed in alternated rounds (min and median of the rounds), seconds per attempt of all K models:
   * trainer: K sequential runs (train_any on one model, K times), the K models in one call by the loop path
-    (batched=False: working copies on the flat buffers, one backward), and by vmap (batched=True);
+    (batched=False: working copies on the flat buffers), and by vmap (batched=True);
   * bare compute, no trainer: K x (module forward + loss + backward) one model after the other;
     vmap(grad(functional_call)) over the stacked rows (what the trainer's vmap path runs); and a batched form
     written by hand for this MLP that uses the input shared by all models: the first layer is one

@@ -14,7 +14,7 @@ copies of the model (made once) whose trainable parameters are views of the rows
 whose ``.grad`` are views of the rows of a (K, P) gradient buffer:
 
     p_k = Wb[k, o:o+s].view(shape),   p_k.grad = Gb[k, o:o+s].view(shape)
-    Gb <- 0;  (sum_k L_k).backward()          (autograd accumulates d L_k / d p_k into Gb[k] in place)
+    Gb <- 0;  L_k.backward() for each k     (autograd accumulates d L_k / d p_k into Gb[k] in place)
 
 so a step is one forward and one backward pass per model, with no per-step parameter dict, no copy of the
 module and no concatenation of the gradients; an optimizer that updates Wb in place updates the models.
@@ -196,7 +196,10 @@ class FlatEnsemble:
             return torch.cat([self._f(row, self._fixed_row(k), x[i:i + chunk]) for i in range(0, n, chunk)])
 
     def _vg_loop(self, W, x, y, f0, loss_fn, shared: bool):
-        """Loop path of :meth:`value_and_grad`: the working copies called directly, one backward for all K."""
+        """Loop path of :meth:`value_and_grad`: the working copies called directly, each model's backward right
+        after its forward, so one model's graph is alive at a time (holding the K graphs of the CNN on
+        n = 1000 images for one backward of the summed losses made the K = 8 loop 1.6x slower than 8
+        sequential runs in bench_generic, file generic_vm_20261206-181252)."""
         work = self._bound()
         if W is not self._Wb:
             self._Wb.copy_(W)
@@ -206,12 +209,12 @@ class FlatEnsemble:
             for k, m in enumerate(work):
                 xx, yy = (x, y) if shared else (x[k], y[k])
                 f = self._flat_out(m(xx), xx.shape[0])
-                losses.append(loss_fn(f, yy, f0[k]))
+                loss = loss_fn(f, yy, f0[k])
+                loss.backward()             # d L_k / d p_k, accumulated in place into row k of Gb
+                losses.append(loss.detach())
                 fs.append(f.detach())
-            # d(sum_k L_k)/d p_k = d L_k / d p_k, accumulated into the rows of Gb
-            (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
         self._check_grads_in_buffer()
-        return torch.stack([v.detach() for v in losses]), self._Gb, torch.stack(fs)
+        return torch.stack(losses), self._Gb, torch.stack(fs)
 
     def value_and_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f0: torch.Tensor,
                        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
