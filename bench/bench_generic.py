@@ -4,16 +4,15 @@ Three comparisons, each timed in alternated rounds (this shared machine's speed 
   * flow-cnn:   seconds per attempt of the generic adaptive flow on the paper's CNN (``ntk_fast.CV``,
                 h channels, 28 x 28 inputs) against a reference-code-style loop written by us (deepcopy of the
                 model every step, full-batch autograd step, gradient flattened with cat, the step-rule statistics);
-  * ensemble:   K models trained together (vmap over the flat (K, P) buffer) against the same K models one
-                after the other, for a plain nn.Module MLP (width 64, n = 1000) and the CNN (for the CNN also
-                batched=False: the K models looped inside one call, the fallback where vmap's grouped
-                convolutions are slower);
+  * ensemble:   K models trained together (vmap over the flat (K, P) buffer, and batched=False: the K
+                models' working copies looped inside one call) against the same K models one
+                after the other, for a plain nn.Module MLP (width 64, n = 1000) and the CNN;
   * adam-epoch: seconds per epoch of dynamics="adam" (batch 32) against a plain torch.optim.Adam loop on the
                 reference recipe (randperm(n)[:bs], f0 once), for the MLP.
 Prints a table and writes bench/results/generic_vm_<date>.json and .md (with the load average before and
 after: this machine is shared).  Defaults take a few minutes.
 
-    python bench/bench_generic.py [--rounds 3] [--n 1000] [--K 8] [--cnn-h 8]
+    python bench/bench_generic.py [--rounds 3] [--n 1000] [--K 8] [--cnn-h 8] [--cases ensemble-mlp,adam]
 """
 from __future__ import annotations
 
@@ -124,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--cnn-h", type=int, default=8)
     ap.add_argument("--attempts", type=int, default=20)
     ap.add_argument("--epochs", type=float, default=10.0)
+    ap.add_argument("--cases", default="", help="comma-separated prefixes of the cases to run (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     dt = torch.float64
@@ -134,6 +134,8 @@ def main(argv=None):
         "flow-cnn generic (s/attempt)": lambda: generic_flow(cnn(args.cnn_h), x, y, 1.0, args.attempts),
         "ensemble-mlp vmap K (s/attempt)": lambda: generic_flow([mlp(64, 64, s, dt) for s in range(args.K)], xs, ys,
                                                                 1.0, args.attempts, batched=True),
+        "ensemble-mlp loop K (s/attempt)": lambda: generic_flow([mlp(64, 64, s, dt) for s in range(args.K)], xs, ys,
+                                                                1.0, args.attempts, batched=False),
         "ensemble-mlp sequential K (s/attempt)": lambda: sum(generic_flow(mlp(64, 64, s, dt), xs, ys, 1.0,
                                                                           args.attempts) for s in range(args.K)),
         "ensemble-cnn vmap K (s/attempt)": lambda: generic_flow([cnn(args.cnn_h, s) for s in range(args.K)],
@@ -146,8 +148,12 @@ def main(argv=None):
         "adam-mlp torch.optim loop (s/epoch)": lambda: reference_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
         "adam-mlp generic (s/epoch)": lambda: generic_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
     }
+    if args.cases:
+        keep = tuple(args.cases.split(","))
+        cases = {k: v for k, v in cases.items() if k.startswith(keep)}
     generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings,
     generic_flow([mlp(64, 8, s, dt) for s in range(2)], xs[:10], ys[:10], 1.0, 2, batched=True)   # vmap's too
+    reference_adam(mlp(64, 8, 0, dt), xs[:64], ys[:64], 1.0, 1.0)   # and torch.optim's
     times = {k: [] for k in cases}
     load_before = os.getloadavg()
     for r in range(args.rounds):
@@ -155,14 +161,17 @@ def main(argv=None):
             times[k].append(fn())
             print(f"round {r} {k}: {times[k][-1]:.4g}", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {"flow-cnn ref / generic": med["flow-cnn ref (s/attempt)"] / med["flow-cnn generic (s/attempt)"],
-              "ensemble-mlp sequential / vmap": med["ensemble-mlp sequential K (s/attempt)"]
-              / med["ensemble-mlp vmap K (s/attempt)"],
-              "ensemble-cnn sequential / vmap": med["ensemble-cnn sequential K (s/attempt)"]
-              / med["ensemble-cnn vmap K (s/attempt)"],
-              "ensemble-cnn sequential / loop": med["ensemble-cnn sequential K (s/attempt)"]
-              / med["ensemble-cnn loop K (s/attempt)"],
-              "adam torch.optim / generic": med["adam-mlp torch.optim loop (s/epoch)"] / med["adam-mlp generic (s/epoch)"]}
+    pairs = {"flow-cnn ref / generic": ("flow-cnn ref (s/attempt)", "flow-cnn generic (s/attempt)"),
+             "ensemble-mlp sequential / vmap": ("ensemble-mlp sequential K (s/attempt)",
+                                                "ensemble-mlp vmap K (s/attempt)"),
+             "ensemble-mlp sequential / loop": ("ensemble-mlp sequential K (s/attempt)",
+                                                "ensemble-mlp loop K (s/attempt)"),
+             "ensemble-cnn sequential / vmap": ("ensemble-cnn sequential K (s/attempt)",
+                                                "ensemble-cnn vmap K (s/attempt)"),
+             "ensemble-cnn sequential / loop": ("ensemble-cnn sequential K (s/attempt)",
+                                                "ensemble-cnn loop K (s/attempt)"),
+             "adam torch.optim / generic": ("adam-mlp torch.optim loop (s/epoch)", "adam-mlp generic (s/epoch)")}
+    ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items() if a in med and b in med}
     machine = "2-core AMD EPYC VM, no GPU (shared with other jobs)"
     out = dict(machine=machine, platform=platform.platform(), torch=torch.__version__, args=vars(args),
                times=times, median=med, ratios=ratios, threads=torch.get_num_threads(),

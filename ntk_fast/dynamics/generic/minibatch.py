@@ -35,7 +35,7 @@ def run_minibatch(run: Run, cfg: FlowConfig, dynamics: str, lr: float, batch_siz
         raise ValueError(f"train: batch_size must be in [1, n = {n}], got {batch_size}")
     config = run.config(dynamics, lr=lr, batch_size=batch_size, seed=seed,
                         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opt_kwargs.items()})
-    W = run.ens.W.clone()
+    W = run.ens.buffer()            # the working copies' weights: the optimizer updates them in place
     opt = RowAdam(W, lr, **opt_kwargs) if dynamics == "adam" else RowSGD(W, lr, **opt_kwargs)
     gens = [torch.Generator().manual_seed(int(seed) + k) for k in range(K)]
     if cfg.resume is not None:
@@ -129,7 +129,7 @@ def _step(run: Run, W, opt, gens, S, active, batch_size: int, limit):
     idx = torch.stack([torch.randperm(n, generator=gens[k])[:batch_size] if k in active
                        else torch.arange(batch_size) for k in range(K)]).to(run.ens.device)
     lv, G, _ = run.ens.value_and_grad(W, run.x[idx], run.y[idx], torch.gather(run.f0, 1, idx), run.loss_fn,
-                                      shared=False)
+                                      shared=False, keep=False)
     opt.step(W, G, active)
     due = []
     for k in active:
