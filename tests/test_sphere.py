@@ -268,6 +268,23 @@ def test_fit_net_bad_input():
         fit_net(FCNet(d, 8, 1, activation="relu", dtype=torch.float64), u[:n], y, u[n:], 1.0)
 
 
+def test_entk_on_the_circle_has_rank_3_per_activation_cell():
+    """d = 2: between two neighbouring kink angles of the net at initialisation (B_0 = 0: kinks where W_0j . u = 0)
+    every gradient feature is a + b cos theta + c sin theta, so the eNTK of points in one cell has rank 3 (the
+    cause of the ill-conditioned eNTK regression in d = 2, experiments/sphere_entk_circle.py)."""
+    h = 9
+    net = make_net(2, h, 3)
+    w = net.weights[0].detach()
+    phi = torch.atan2(w[:, 1], w[:, 0])
+    kinks = torch.remainder(torch.cat([phi + math.pi / 2, phi - math.pi / 2]), 2 * math.pi).sort().values
+    gaps = torch.diff(torch.cat([kinks, kinks[:1] + 2 * math.pi]))
+    j = int(gaps.argmax())
+    th = kinks[j] + gaps[j] * torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+    u = torch.stack([th.cos(), th.sin()], 1)
+    e = torch.linalg.eigvalsh(empirical_ntk(net, u * math.sqrt(2)))
+    assert float(e[-3] / e[-1]) > 1e-8 and float(e[-4].abs() / e[-1]) < 1e-13, e
+
+
 def test_exponents():
     assert predicted_exponents(5, 4.0) == {"lazy": 2.0, "feature": 1.75}
     assert predicted_exponents(2, 0.5) == {"lazy": 1.0, "feature": 1.0}
