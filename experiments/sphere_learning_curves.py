@@ -60,7 +60,7 @@ def parse(argv=None):
     p.add_argument("--max-wall", type=float, default=None, help="seconds per net run at most (default 20)")
     p.add_argument("--target-mse", type=float, default=1e-4,
                    help="stop a net at training mse <= this times C(1), the target variance (default 1e-4)")
-    p.add_argument("--momentum", type=float, default=0.99, help="heavy-ball momentum of the nets' GD (0: plain GD)")
+    p.add_argument("--momentum", type=float, default=0.9, help="heavy-ball momentum of the nets' GD (0: plain GD)")
     p.add_argument("--eta", type=float, default=1.0, help="step size in units of n / lambda_max(Theta_0)")
     p.add_argument("--lazy-alpha-sqrt-h", type=float, default=1000.0, help="alpha sqrt(h) of the lazy net")
     p.add_argument("--no-nets", action="store_true", help="kernel predictors only")

@@ -108,7 +108,7 @@ def _grads(P: Sequence[torch.Tensor], a0: torch.Tensor, a: torch.Tensor, m: torc
 
 
 def fit_net(net: FCNet, u: torch.Tensor, y: torch.Tensor, u_test: torch.Tensor, alpha: float, *,
-            K0: Optional[torch.Tensor] = None, eta: float = 1.0, momentum: float = 0.99, target_mse: float = 0.0,
+            K0: Optional[torch.Tensor] = None, eta: float = 1.0, momentum: float = 0.9, target_mse: float = 0.0,
             max_steps: int = 20000, max_wall: float = 60.0) -> Dict[str, object]:
     """Full-batch heavy-ball gradient descent of F = alpha (f - f0) on the loss
     L = (1/alpha^2) mean_i (F_i - y_i)^2 / 2, until mean (F - y)^2 <= target_mse (status "reached"), or
