@@ -1,7 +1,7 @@
 """Learning curves of regression on the sphere, lazy against feature (Petrini et al., NeurIPS 2022).
 
     python experiments/sphere_learning_curves.py            # d in {2, 5}, two nu_t each, 4 draws, n = 2^5..2^10
-                                                            # (nets n <= 2^8); ~20 min on 2 cores
+                                                            # (nets n <= 2^8); ~14 min on 2 cores
     python experiments/sphere_learning_curves.py --paper    # d in {2, 3, 5}, 8 draws, n up to 2^11, wider nets
 
 Per dimension d, smoothness nu_t and draw: n_max + m points uniform on S^{d-1}, one exact draw of the Gaussian
