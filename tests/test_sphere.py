@@ -14,8 +14,10 @@ from ntk_fast.guards.memory import MemoryBudgetError
 from ntk_fast.sphere import (check_on_sphere, degree_coefficients, field_covariance, fit_exponent, gegenbauer,
                              gegenbauer_nodes, harmonic_dim, predicted_exponents, sample_field, sample_sphere,
                              target_power)
-from ntk_fast.sphere.predictors import (alpha_for_xi, entk_regression, fit_net, make_net,
-                                        ntk_inf_regression)
+from ntk_fast.models.fc import FCNet
+from ntk_fast.ntk.empirical import empirical_ntk
+from ntk_fast.sphere.predictors import (_forward, _grads, _ntk_trace, alpha_for_xi, entk_regression, fit_net,
+                                        make_net, ntk_inf_regression)
 from ntk_fast.spectrum import (degree_power, gram_degree_content, gram_eigh, gram_topk, kernel_degree_spectrum,
                                kernel_target_alignment, mode_projections)
 
@@ -200,6 +202,106 @@ def test_predictors_lazy_net_follows_entk_and_errors():
         alpha_for_xi(2, 10)
 
 
+def _perturbed_study_net(d, h, seed):
+    net = make_net(d, h, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in list(net.weights) + list(net.biases):
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def test_fit_net_forward_gradients_and_trace():
+    """The hand-written forward, gradients and NTK trace of fit_net against FCNet, autograd and empirical_ntk
+    (float64, perturbed weights and nonzero biases, odd sizes)."""
+    d, h, n = 3, 37, 11
+    net = _perturbed_study_net(d, h, 2)
+    u = sample_sphere(n, d, torch.Generator().manual_seed(3))
+    x = u * math.sqrt(d)
+    P = [net.weights[0], net.biases[0], net.weights[1], net.biases[1]]
+    b, c = net.bias_scale, math.sqrt(2.0 / h)
+    a0 = x / math.sqrt(d)
+    f, a, m = _forward([p.detach() for p in P], a0, b, c)
+    assert torch.allclose(f, net(x).detach(), rtol=1e-13, atol=1e-13)
+    gvec = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    auto = torch.autograd.grad((gvec * net(x)).sum(), P)
+    mine = _grads([p.detach() for p in P], a0, a, m, gvec, b, c)
+    for ga, gm in zip(auto, mine):
+        assert ga.shape == gm.shape and torch.allclose(ga, gm, rtol=1e-12, atol=1e-13)
+    q = a0.pow(2).sum(1) + b * b
+    tr = _ntk_trace([p.detach() for p in P], a, m, q, b, c)
+    assert abs(tr - float(empirical_ntk(net, x).diagonal().sum())) < 1e-10 * tr
+
+
+@pytest.mark.parametrize("xi", [1, 0])
+def test_fit_net_stops_at_the_stated_loss(xi):
+    """fit_net stops at the first step whose train mse <= target_mse: one step fewer does not reach it; the
+    returned test predictions are those of the net trained in place; the feature regime (xi = 0) stays stable
+    while its kernel grows (the step shrinks)."""
+    d, h, n, m = 5, 48, 19, 13
+    g = torch.Generator().manual_seed(6)
+    u = sample_sphere(n + m, d, g)
+    y = sample_field(u, 1.5, 1, g).values[0]
+    target = 1e-3 * float((y[:n] ** 2).mean())
+    alpha = alpha_for_xi(xi, h)
+    net = make_net(d, h, 1)
+    f0_test = net(u[n:] * math.sqrt(d)).detach()
+    o = fit_net(net, u[:n], y[:n], u[n:], alpha, target_mse=target, max_steps=20000, max_wall=60)
+    assert o["status"] == "reached" and o["train_mse"] <= target and o["steps"] > 1
+    assert torch.allclose(o["pred"], alpha * (net(u[n:] * math.sqrt(d)).detach() - f0_test), rtol=1e-12, atol=1e-14)
+    early = fit_net(make_net(d, h, 1), u[:n], y[:n], u[n:], alpha, target_mse=target, max_steps=o["steps"] - 1)
+    assert early["status"] == "max_steps" and early["train_mse"] > target
+    if xi == 0:
+        assert o["lr_last"] < 0.5 * o["lr"]                      # the kernel grew, the step followed it
+    plain = fit_net(make_net(d, h, 1), u[:n], y[:n], u[n:], alpha, momentum=0.0, target_mse=target, max_steps=3)
+    assert plain["status"] == "max_steps" and plain["steps"] == 3
+
+
+def test_fit_net_lazy_limit_momentum_and_plain_gd_reach_the_entk_interpolant():
+    """Deep in the lazy regime (alpha sqrt(h) = 1e5) plain GD and heavy ball (mu = 0.9) both end at the eNTK
+    interpolant (the iterates stay in w0 + span of the gradients); heavy ball in ~10x fewer steps."""
+    d, h, n, m = 5, 48, 19, 13
+    g = torch.Generator().manual_seed(6)
+    u = sample_sphere(n + m, d, g)
+    y = sample_field(u, 1.5, 1, g).values[0]
+    ref = entk_regression(make_net(d, h, 1), u[:n], y[:n], u[n:])["pred"]
+    steps = {}
+    for mu in (0.0, 0.9):
+        o = fit_net(make_net(d, h, 1), u[:n], y[:n], u[n:], 1e5 / math.sqrt(h), momentum=mu, target_mse=1e-10,
+                    max_steps=20000)
+        assert o["status"] == "reached" and float((o["pred"] - ref).norm() / ref.norm()) < 1e-4
+        steps[mu] = o["steps"]
+    assert steps[0.9] < steps[0.0] / 4
+
+
+def test_fit_net_bad_input():
+    d, n = 3, 7
+    u = sample_sphere(n + 2, d, torch.Generator().manual_seed(0))
+    y = torch.zeros(n, dtype=torch.float64)
+    for kw, name in ((dict(momentum=1.0), "momentum"), (dict(target_mse=-1.0), "target_mse"), (dict(eta=0.0), "eta")):
+        with pytest.raises(ValueError, match=name):
+            fit_net(make_net(d, 8, 0), u[:n], y, u[n:], 1.0, **kw)
+    with pytest.raises(ValueError, match="net"):
+        fit_net(FCNet(d, 8, 1, activation="relu", dtype=torch.float64), u[:n], y, u[n:], 1.0)
+
+
+def test_entk_on_the_circle_has_rank_3_per_activation_cell():
+    """d = 2: between two neighbouring kink angles of the net at initialisation (B_0 = 0: kinks where W_0j . u = 0)
+    every gradient feature is a + b cos theta + c sin theta, so the eNTK of points in one cell has rank 3 (the
+    cause of the ill-conditioned eNTK regression in d = 2, experiments/sphere_entk_circle.py)."""
+    h = 9
+    net = make_net(2, h, 3)
+    w = net.weights[0].detach()
+    phi = torch.atan2(w[:, 1], w[:, 0])
+    kinks = torch.remainder(torch.cat([phi + math.pi / 2, phi - math.pi / 2]), 2 * math.pi).sort().values
+    gaps = torch.diff(torch.cat([kinks, kinks[:1] + 2 * math.pi]))
+    j = int(gaps.argmax())
+    th = kinks[j] + gaps[j] * torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+    u = torch.stack([th.cos(), th.sin()], 1)
+    e = torch.linalg.eigvalsh(empirical_ntk(net, u * math.sqrt(2)))
+    assert float(e[-3] / e[-1]) > 1e-8 and float(e[-4].abs() / e[-1]) < 1e-13, e
+
+
 def test_exponents():
     assert predicted_exponents(5, 4.0) == {"lazy": 2.0, "feature": 1.75}
     assert predicted_exponents(2, 0.5) == {"lazy": 1.0, "feature": 1.0}
@@ -226,6 +328,8 @@ def test_learning_curve_script_smoke(tmp_path):
             first = info["spectral"][0]
             assert set(first["degree_power_error"]) == {"ntk_inf", "entk", "lazy_net", "feature_net"}
             assert first["k_c"] == (4 if c["d"] == 2 else 2)        # 1 + 2 + 2 + 2 + 2 >= 8; 1 + 3 + 5 >= 8
+            for r in info["nets"]:                                  # every run stopped for a recorded reason
+                assert r["status"] in ("reached", "max_steps", "max_wall") and r["steps"] <= 30
     r = subprocess.run(args + ["--spectral-only"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]           # reproduces the recorded errors (else it raises)
     again = json.loads((tmp_path / "sphere_learning_curves.json").read_text())
@@ -238,7 +342,8 @@ def test_learning_curve_script_smoke(tmp_path):
         assert all(np.isfinite(c["fits"][k]["beta"]) for k in c["fits"])
         assert c["predicted"] == predicted_exponents(c["d"], 1.0)
     assert (tmp_path / "sphere_learning_curves.png").stat().st_size > 1000
-    assert "| d | nu_t |" in (tmp_path / "sphere_learning_curves.md").read_text()
+    md = (tmp_path / "sphere_learning_curves.md").read_text()
+    assert "| d | nu_t |" in md and "Target: train mse <= 0.0001 C(1)." in md and "not reached" in md
 
 
 def test_degree_power_unbiased():
