@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ntk_fast.ops import gram as _ops
-from ntk_fast.ntk import capture
+from ntk_fast.ntk import capture, layers
 from ntk_fast.ntk.plan import Plan, make_plan
 
 
@@ -56,9 +56,16 @@ def _convert(form: str, A: torch.Tensor, D: torch.Tensor) -> Piece:
     return Piece("grads", g=torch.matmul(D.transpose(2, 3), A.unsqueeze(1)).flatten(2))
 
 
-def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
-    direct = {e.module for e in plan.entries if e.form == "grads" and e.kind in ("Conv1d", "Conv2d")}
-    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct)
+def _direct(e) -> bool:
+    """Whether the plan entry is a convolution whose per-sample gradients are formed directly (``conv_grads``)."""
+    return e.form == "grads" and e.kind in ("Conv1d", "Conv2d")
+
+
+def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan,
+                  dest: Optional[Dict[str, List[torch.Tensor]]] = None,
+                  scratch: Optional[layers.Scratch] = None) -> List[Piece]:
+    direct = {e.module for e in plan.entries if _direct(e)}
+    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct, dest, scratch)
     if bad:
         raise RuntimeError(f"empirical_ntk: hooks failed on a later block: {bad}")
     out = []
@@ -76,21 +83,39 @@ def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
     return out
 
 
+def _conv_dest(plan: Plan, n: int) -> Dict[str, List[torch.Tensor]]:
+    """(n, k, P_g) per group of each directly formed convolution, allocated once: every block writes its rows."""
+    dest: Dict[str, List[torch.Tensor]] = {}
+    for e in plan.entries:
+        if _direct(e):
+            w = next(getattr(plan.hooked[e.module], nm) for nm in layers.trainable(plan.hooked[e.module]))
+            dest.setdefault(e.module, []).append(w.new_empty(n, plan.k, e.P))
+    return dest
+
+
 def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[Piece]:
     """Pieces of every plan entry for all points of x, captured ``block`` points at a time.
 
-    The first block fixes each feature's shape; the full (n, ...) tensors are allocated then and every block
-    is copied into its rows (no concatenation at the end: one copy of the features, not two, at the peak).
+    Directly formed convolution gradients are written by every block into their rows of the (n, k, P)
+    tensors allocated up front; the other features are allocated after the first block fixes their shapes and
+    each block is copied into its rows (no concatenation at the end: one copy of the features, not two, at the
+    peak).  One patch buffer serves every convolution and block.
     """
     n = x.shape[0]
-    first = _block_pieces(model, x[:block], plan)
+    scratch = layers.Scratch()
+    dest = _conv_dest(plan, n)
+    rows = lambda i: {nm: [t[i:i + block] for t in ts] for nm, ts in dest.items()}   # noqa: E731
+    first = _block_pieces(model, x[:block], plan, rows(0), scratch)
     if n <= block:
         return first
     grow = lambda t: None if t is None else t.new_empty((n,) + tuple(t.shape[1:]))   # noqa: E731
-    full = [Piece(p.form, grow(p.a), grow(p.d), grow(p.g)) for p in first]
+    full = [Piece("grads", g=dest[e.module][e.group]) if _direct(e) else Piece(p.form, grow(p.a), grow(p.d), grow(p.g))
+            for e, p in zip(plan.entries, first)]
     for i in range(0, n, block):
-        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan)
-        for dst, src in zip(full, part):
+        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan, rows(i), scratch)
+        for e, dst, src in zip(plan.entries, full, part):
+            if _direct(e):
+                continue                   # already written in place
             for name in ("a", "d", "g"):
                 t = getattr(dst, name)
                 if t is not None:
