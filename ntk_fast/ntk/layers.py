@@ -75,7 +75,9 @@ def _zero_pad(x: torch.Tensor, pads: List[int], scratch: "Scratch") -> torch.Ten
     lead = x.dim() - len(lo)
     shape = tuple(x.shape[:lead]) + tuple(s + a + b for s, a, b in zip(x.shape[lead:], lo, hi))
     xp = scratch.take(shape, x, "pad")
-    xp.zero_()
+    for d, (a, b, s) in enumerate(zip(lo, hi, x.shape[lead:]), start=lead):   # zero the borders only
+        xp.narrow(d, 0, a).zero_()
+        xp.narrow(d, a + s, b).zero_()
     xp[(...,) + tuple(slice(a, a + s) for a, s in zip(lo, x.shape[lead:]))].copy_(x)
     return xp
 
