@@ -83,39 +83,31 @@ def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan,
     return out
 
 
-def _conv_dest(plan: Plan, n: int) -> Dict[str, List[torch.Tensor]]:
-    """(n, k, P_g) per group of each directly formed convolution, allocated once: every block writes its rows."""
-    dest: Dict[str, List[torch.Tensor]] = {}
-    for e in plan.entries:
-        if _direct(e):
-            w = next(getattr(plan.hooked[e.module], nm) for nm in layers.trainable(plan.hooked[e.module]))
-            dest.setdefault(e.module, []).append(w.new_empty(n, plan.k, e.P))
-    return dest
-
-
 def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[Piece]:
     """Pieces of every plan entry for all points of x, captured ``block`` points at a time.
 
-    Directly formed convolution gradients are written by every block into their rows of the (n, k, P)
-    tensors allocated up front; the other features are allocated after the first block fixes their shapes and
-    each block is copied into its rows (no concatenation at the end: one copy of the features, not two, at the
-    peak).  One patch buffer serves every convolution and block.
+    The first block fixes each feature's shape and dtype; the full (n, ...) tensors are allocated then and the
+    first block is copied into its rows (no concatenation at the end: one copy of the features, not two, at the
+    peak).  Later blocks of directly formed convolution gradients are written straight into their rows; the
+    other features are copied.  One patch buffer serves every convolution and block.
     """
     n = x.shape[0]
     scratch = layers.Scratch()
-    dest = _conv_dest(plan, n)
-    rows = lambda i: {nm: [t[i:i + block] for t in ts] for nm, ts in dest.items()}   # noqa: E731
-    first = _block_pieces(model, x[:block], plan, rows(0), scratch)
+    first = _block_pieces(model, x[:block], plan, None, scratch)
     if n <= block:
         return first
     grow = lambda t: None if t is None else t.new_empty((n,) + tuple(t.shape[1:]))   # noqa: E731
-    full = [Piece("grads", g=dest[e.module][e.group]) if _direct(e) else Piece(p.form, grow(p.a), grow(p.d), grow(p.g))
-            for e, p in zip(plan.entries, first)]
+    full = [Piece(p.form, grow(p.a), grow(p.d), grow(p.g)) for p in first]
+    dest: Dict[str, List[torch.Tensor]] = {}
+    for e, f in zip(plan.entries, full):          # entries of a module come in group order
+        if _direct(e):
+            dest.setdefault(e.module, []).append(f.g)
     for i in range(0, n, block):
-        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan, rows(i), scratch)
+        rows = {nm: [t[i:i + block] for t in ts] for nm, ts in dest.items()}
+        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan, rows, scratch)
         for e, dst, src in zip(plan.entries, full, part):
-            if _direct(e):
-                continue                   # already written in place
+            if i > 0 and _direct(e):
+                continue                   # written in place
             for name in ("a", "d", "g"):
                 t = getattr(dst, name)
                 if t is not None:
