@@ -317,3 +317,57 @@ def test_token_pair_form_through_gram_full(block, gen):
     assert forms["tok"] == "pair", forms
     full = check_all_modes(net, x1, x2, k=3, block=block)
     assert torch.equal(full, full.permute(1, 0, 3, 2))
+
+
+class ConvShare(nn.Module):
+    """Convolutions in the materialised-gradient form: one called twice (its per-sample gradient is the sum over
+    calls), an in-place ReLU on a hooked output (D must be read before it), bias, groups, dilation, stride,
+    zero and reflect padding, and a Conv1d on the flattened positions."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+        self.shared = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=True)
+        self.down = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), padding_mode="reflect", bias=False)
+        self.c1 = nn.Conv1d(6, 5, 3, stride=2, padding=1, dilation=2)
+        self.head = nn.Linear(5, k)
+
+    def forward(self, x):
+        h = torch.relu_(self.a(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.down(h))
+        h = torch.tanh(self.c1(h.flatten(2)))
+        return self.head(h.mean(2))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_grads_in_place_blocks_calls_inplace_relu(k, gen, monkeypatch):
+    """Conv gradients written into the preallocated features block by block (odd block, chunks of one point),
+    summed over two calls, with an in-place ReLU after a conv: every mode and x2 against torch.func."""
+    from ntk_fast.ntk import layers
+    torch.manual_seed(0)
+    net = randomise(ConvShare(k).to(f64), gen)
+    x1 = torch.randn(5, 3, 9, 7, generator=gen, dtype=f64)
+    x2 = torch.randn(3, 3, 9, 7, generator=gen, dtype=f64)
+    plan = ntk_fast.ntk_plan(net, x1)
+    assert [e.form for e in plan.entries if e.kind.startswith("Conv")] == ["grads"] * 5 and not plan.func_params
+    check_all_modes(net, x1, x2, k=k, block=2)
+    check_all_modes(net, x1[:1], x2[:1], k=k)
+    monkeypatch.setattr(layers, "PATCH_BYTES", 1)          # one point per batched matmul
+    check_all_modes(net, x1, x2, k=k, block=3)
+
+
+def test_conv_grads_out_and_accumulate(gen):
+    """conv_grads writes every element of a given (garbage-filled) out, and adds to it when accumulating."""
+    from ntk_fast.ntk import layers
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2).to(f64)
+    x = torch.randn(3, 4, 9, 8, generator=gen, dtype=f64)
+    D = torch.randn((3, 2) + tuple(conv(x).shape[1:]), generator=gen, dtype=f64)
+    names = layers.trainable(conv)
+    ref = layers.conv_grads(conv, x, D, names)
+    out = [torch.full_like(r, float("nan")) for r in ref]
+    got = layers.conv_grads(conv, x, D, names, out, False, layers.Scratch())
+    assert all(g is o for g, o in zip(got, out)) and all(rel(o, r) <= 1e-14 for o, r in zip(out, ref))
+    layers.conv_grads(conv, x, D, names, out, True, layers.Scratch())
+    assert all(rel(o, 2 * r) <= 1e-14 for o, r in zip(out, ref))

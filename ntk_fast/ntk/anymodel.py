@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ntk_fast.ops import gram as _ops
 from ntk_fast.ops import gram_full as _opsf
-from ntk_fast.ntk import capture
+from ntk_fast.ntk import capture, layers
 from ntk_fast.ntk.plan import Plan, make_plan
 
 
@@ -58,9 +58,16 @@ def _convert(form: str, A: torch.Tensor, D: torch.Tensor) -> Piece:
     return Piece("grads", g=torch.matmul(D.transpose(2, 3), A.unsqueeze(1)).flatten(2))
 
 
-def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
-    direct = {e.module for e in plan.entries if e.form == "grads" and e.kind in ("Conv1d", "Conv2d")}
-    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct)
+def _direct(e) -> bool:
+    """Whether the plan entry is a convolution whose per-sample gradients are formed directly (``conv_grads``)."""
+    return e.form == "grads" and e.kind in ("Conv1d", "Conv2d")
+
+
+def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan,
+                  dest: Optional[Dict[str, List[torch.Tensor]]] = None,
+                  scratch: Optional[layers.Scratch] = None) -> List[Piece]:
+    direct = {e.module for e in plan.entries if _direct(e)}
+    _, feats, bad = capture.hook_features(model, x, plan.hooked, direct, dest, scratch)
     if bad:
         raise RuntimeError(f"empirical_ntk: hooks failed on a later block: {bad}")
     out = []
@@ -81,18 +88,28 @@ def _block_pieces(model: nn.Module, x: torch.Tensor, plan: Plan) -> List[Piece]:
 def features(model: nn.Module, x: torch.Tensor, plan: Plan, block: int) -> List[Piece]:
     """Pieces of every plan entry for all points of x, captured ``block`` points at a time.
 
-    The first block fixes each feature's shape; the full (n, ...) tensors are allocated then and every block
-    is copied into its rows (no concatenation at the end: one copy of the features, not two, at the peak).
+    The first block fixes each feature's shape and dtype; the full (n, ...) tensors are allocated then and the
+    first block is copied into its rows (no concatenation at the end: one copy of the features, not two, at the
+    peak).  Later blocks of directly formed convolution gradients are written straight into their rows; the
+    other features are copied.  One patch buffer serves every convolution and block.
     """
     n = x.shape[0]
-    first = _block_pieces(model, x[:block], plan)
+    scratch = layers.Scratch()
+    first = _block_pieces(model, x[:block], plan, None, scratch)
     if n <= block:
         return first
     grow = lambda t: None if t is None else t.new_empty((n,) + tuple(t.shape[1:]))   # noqa: E731
     full = [Piece(p.form, grow(p.a), grow(p.d), grow(p.g)) for p in first]
+    dest: Dict[str, List[torch.Tensor]] = {}
+    for e, f in zip(plan.entries, full):          # entries of a module come in group order
+        if _direct(e):
+            dest.setdefault(e.module, []).append(f.g)
     for i in range(0, n, block):
-        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan)
-        for dst, src in zip(full, part):
+        rows = {nm: [t[i:i + block] for t in ts] for nm, ts in dest.items()}
+        part = first if i == 0 else _block_pieces(model, x[i:i + block], plan, rows, scratch)
+        for e, dst, src in zip(plan.entries, full, part):
+            if i > 0 and _direct(e):
+                continue                   # written in place
             for name in ("a", "d", "g"):
                 t = getattr(dst, name)
                 if t is not None:

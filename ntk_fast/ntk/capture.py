@@ -3,8 +3,8 @@
 Every parameter with requires_grad=True is routed to exactly one of two places:
 
 * **hooks**: the parameter is the ``weight``/``bias`` of a module of a supported kind (``layers.reject`` is
-  None) and belongs to no other module.  One forward pass records each call's input x and adds a zero
-  probe to its output; k backward passes (one per output c, of sum_i f_c(x_i)) give
+  None) and belongs to no other module.  One forward pass records each call's input x and the gradient
+  edge of its output y; k backward passes (one per output c, of sum_i f_c(x_i)) give
   D[:, c] = d f_c / d y at every call.  A module called several times gets one record per call: its
   per-sample gradient is the sum over calls, i.e. the calls' tokens are concatenated.
 * **torch.func**: everything else (unsupported kinds, parameters tied across modules, parameters of a
@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ntk_fast.ntk import layers
 
@@ -101,7 +102,10 @@ def module_params(m: nn.Module, hooked_name: str) -> List[str]:
 # ---------------------------------------------------------------------------------------------- hooks
 
 def _forward_with_probes(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, nn.Module]"):
-    """One forward pass; returns (out (n, k), {name: [(input, probe), ...]}, {name: reason} of bad calls)."""
+    """One forward pass; returns (out (n, k), {name: [(input, target, (shape, dtype, device) of y), ...]},
+    {name: reason} of bad calls).  The target of a call is the gradient edge of its output y, taken in the hook
+    (a later in-place change of y, such as ReLU(inplace=True), makes a new edge and leaves this one), or a zero
+    probe added to y when y does not require grad."""
     n = x.shape[0]
     calls: Dict[str, list] = {nm: [] for nm in hooked}
     bad: Dict[str, str] = {}
@@ -113,8 +117,12 @@ def _forward_with_probes(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict
                     and output.dim() >= 1 and xin.shape[0] == n and output.shape[0] == n):
                 bad[name] = "called on something whose first dimension is not the batch"
                 return None
+            spec = (output.shape, output.dtype, output.device)
+            if output.requires_grad:      # read D at y's gradient edge: no probe tensor, no extra add
+                calls[name].append((xin.detach(), get_gradient_edge(output), spec))
+                return None
             probe = torch.zeros_like(output, requires_grad=True)
-            calls[name].append((xin.detach(), probe))
+            calls[name].append((xin.detach(), probe, spec))
             return output + probe
         return hook
 
@@ -137,23 +145,27 @@ def _forward_with_probes(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict
 
 
 def hook_features(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, nn.Module]",
-                  direct: Optional[set] = None) -> Tuple[int, Features, Dict[str, str]]:
+                  direct: Optional[set] = None, dest: Optional[Dict[str, List[torch.Tensor]]] = None,
+                  scratch: Optional[layers.Scratch] = None) -> Tuple[int, Features, Dict[str, str]]:
     """(k, features by module name, {module name: reason} of modules the hooks could not capture).
 
     Convolutions named in ``direct`` give their per-sample gradients per group (``layers.conv_grads``,
-    summed over calls) instead of token pieces.
+    summed over calls) instead of token pieces, written into ``dest[name]`` (one (n, k, P_g) tensor per
+    group) when given, with the patch buffer ``scratch`` reused across layers and calls.
     """
     out, calls, bad = _forward_with_probes(model, x, hooked)
     k = out.shape[1]
     good = [nm for nm in hooked if nm not in bad]
-    probes = [p for nm in good for _, p in calls[nm]]
-    grads: List[List[torch.Tensor]] = [[] for _ in probes]
+    targets = [(t, spec) for nm in good for _, t, spec in calls[nm]]
+    grads: List[List[torch.Tensor]] = [[] for _ in targets]
     for c in range(k):
-        if not probes:
+        if not targets:
             break
-        g = torch.autograd.grad(out[:, c].sum(), probes, retain_graph=c < k - 1, allow_unused=True)
+        g = torch.autograd.grad(out[:, c].sum(), [t for t, _ in targets], retain_graph=c < k - 1,
+                                allow_unused=True)
         for j, gj in enumerate(g):
-            grads[j].append(torch.zeros_like(probes[j]) if gj is None else gj)
+            shape, dtype, device = targets[j][1]
+            grads[j].append(torch.zeros(shape, dtype=dtype, device=device) if gj is None else gj)
     feats: Features = {}
     j = 0
     with torch.no_grad():
@@ -161,19 +173,20 @@ def hook_features(model: nn.Module, x: torch.Tensor, hooked: "OrderedDict[str, n
             m = hooked[nm]
             names = layers.trainable(m)
             per_call = []
-            for xin, _ in calls[nm]:
-                D = torch.stack(grads[j], dim=1)
+            conv_out = dest.get(nm) if dest else None
+            for c, (xin, _, _) in enumerate(calls[nm]):
+                D = grads[j][0].unsqueeze(1) if k == 1 else torch.stack(grads[j], dim=1)
                 j += 1
                 if isinstance(m, layers.NORM_TYPES):
                     per_call.append(layers.norm_grads(m, xin, D, names))
-                elif direct and nm in direct:
-                    per_call.append(layers.conv_grads(m, xin, D, names))
+                elif direct and nm in direct:      # summed over calls in place
+                    conv_out = layers.conv_grads(m, xin, D, names, conv_out, c > 0, scratch)
                 else:
                     per_call.append(layers.token_pieces(m, xin, D, names))
             if isinstance(m, layers.NORM_TYPES):
                 feats[nm] = sum(per_call[1:], per_call[0])
             elif direct and nm in direct:
-                feats[nm] = [sum(pc[g] for pc in per_call) for g in range(len(per_call[0]))]
+                feats[nm] = conv_out
             else:    # calls concatenated along the token axis, group by group
                 feats[nm] = [(torch.cat([pc[g][0] for pc in per_call], dim=1),
                               torch.cat([pc[g][1] for pc in per_call], dim=2)) for g in range(len(per_call[0]))]

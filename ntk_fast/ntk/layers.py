@@ -17,7 +17,8 @@ to the module's trainable parameters, in one of two factored forms:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +69,29 @@ def _linear(m: nn.Linear, x: torch.Tensor, D: torch.Tensor, names: List[str]) ->
     return [(_with_bias(m, A, names), D.reshape(n, k, A.shape[1], m.out_features))]
 
 
-def _conv_geometry(m: nn.Module, x: torch.Tensor):
+def _zero_pad(x: torch.Tensor, pads: List[int], scratch: "Scratch") -> torch.Tensor:
+    """F.pad(x, pads) with zeros, written into the scratch buffer's 'pad' slot (no fresh allocation)."""
+    lo, hi = pads[0::2][::-1], pads[1::2][::-1]            # per padded dim, outermost first
+    lead = x.dim() - len(lo)
+    shape = tuple(x.shape[:lead]) + tuple(s + a + b for s, a, b in zip(x.shape[lead:], lo, hi))
+    xp = scratch.take(shape, x, "pad")
+    for d, (a, b, s) in enumerate(zip(lo, hi, x.shape[lead:]), start=lead):   # zero the borders only
+        xp.narrow(d, 0, a).zero_()
+        xp.narrow(d, a + s, b).zero_()
+    xp[(...,) + tuple(slice(a, a + s) for a, s in zip(lo, x.shape[lead:]))].copy_(x)
+    return xp
+
+
+def _conv_geometry(m: nn.Module, x: torch.Tensor, scratch: Optional["Scratch"] = None):
     """(two_d, padded input as 4-D, kernel size, stride, dilation) of a Conv1d/Conv2d, Conv1d as a 1 x k Conv2d;
-    padding of any mode (and 'same') applied with the module's own amounts."""
+    padding of any mode (and 'same') applied with the module's own amounts (zeros into ``scratch`` when given)."""
     two_d = isinstance(m, nn.Conv2d)
     mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-    xp = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+    pads = list(m._reversed_padding_repeated_twice)
+    if mode == "constant" and scratch is not None and any(pads):
+        xp = _zero_pad(x, pads, scratch)
+    else:
+        xp = F.pad(x, pads, mode=mode)
     if not two_d:
         xp = xp.unsqueeze(2)
     ks = tuple(m.kernel_size) if two_d else (1, m.kernel_size[0])
@@ -103,33 +121,90 @@ def _conv(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> L
     return pieces
 
 
-def conv_grads(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> List[torch.Tensor]:
+class Scratch:
+    """Reusable flat buffers per (dtype, device, slot); ``take(shape, like, slot)`` returns a view of one's start.
+
+    The per-sample convolution gradients unfold every block of points into the same buffer, so the patch
+    matrices are allocated (and their pages first touched) once per ``empirical_ntk`` call, not once per layer
+    and block: on this CPU a fresh 50 MB tensor costs about 10x more in page faults than the copy that fills it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: Dict[Tuple[torch.dtype, torch.device, str], torch.Tensor] = {}
+
+    def take(self, shape: Tuple[int, ...], like: torch.Tensor, slot: str = "patches") -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (like.dtype, like.device, slot)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._bufs[key] = buf
+        return buf[:numel].view(shape)
+
+
+PATCH_BYTES = 256 * 2 ** 20     # largest patch buffer of one block of points (fewer points per bmm above it)
+
+
+def _patches(xp: torch.Tensor, ks, st, dl, out_hw) -> torch.Tensor:
+    """Strided view (n, C, kh, kw, Ho, Wo) of the patches of a padded 4-D input (no copy):
+    ``[i, c, u, v, y, x] = xp[i, c, y s_h + u d_h, x s_w + v d_w]``."""
+    s = xp.stride()
+    return xp.as_strided((xp.shape[0], xp.shape[1], ks[0], ks[1], out_hw[0], out_hw[1]),
+                         (s[0], s[1], s[2] * dl[0], s[3] * dl[1], s[2] * st[0], s[3] * st[1]))
+
+
+def _weight_grads(xs: torch.Tensor, Dj: torch.Tensor, geom, dst: torch.Tensor, accumulate: bool,
+                  scratch: "Scratch") -> None:
+    """dst (b, k q, C kh kw) (+)= Dj (b, k q, T) @ patches (b, T, C kh kw): the patches copied into the scratch
+    buffer (parameter order (c, u, v)), then one batched matmul straight into dst."""
+    ks, st, dl, out_hw = geom
+    view = _patches(xs, ks, st, dl, out_hw)
+    cols = scratch.take(tuple(view.shape), xs)
+    cols.copy_(view)
+    A = cols.view(xs.shape[0], -1, out_hw[0] * out_hw[1]).transpose(1, 2)
+    if accumulate:
+        dst.baddbmm_(Dj, A)
+    else:
+        torch.bmm(Dj, A, out=dst)
+
+
+def conv_grads(m: nn.Module, x: torch.Tensor, D: torch.Tensor, names: List[str],
+               out: Optional[List[torch.Tensor]] = None, accumulate: bool = False,
+               scratch: Optional[Scratch] = None) -> List[torch.Tensor]:
     """Materialised per-sample gradients (n, k, q (p [+1])) of a Conv1d/Conv2d, one tensor per group.
 
-    dW[i, o, c, u, v] = sum_{y, x} D[i, o, y, x] xp[i, c, y s + u d, x s + v d] is itself a convolution of the
-    padded input (channels as batch, points as groups) with D as the filter, stride d and dilation s (the
-    roles of the original stride s and dilation d swap); the bias part is sum_{y, x} D.  Same numbers as
-    ``token_pieces`` followed by sum_t D_t A_t^T, without the unfolded patches (several times faster on CPU).
+    dW[i, c', o, (c, u, v)] = sum_t D[i, c', o, t] patch[i, (c, u, v), t] (patch: the padded input at output
+    position t, offset (u, v)), i.e. G_i = D_i A_i^T with A_i the unfolded input; the bias column is
+    sum_t D[i, c', o, t].  Per group and block of points the patches are copied into one reused buffer
+    (``scratch``) and multiplied by one batched matmul written straight into ``out`` (the rows of the
+    preallocated feature tensors; new tensors when None), accumulated into it when ``accumulate`` (a module
+    called several times).  Same numbers as ``token_pieces`` followed by sum_t D_t A_t^T.
     """
-    two_d, xp, ks, st, dl = _conv_geometry(m, x)
+    scratch = scratch if scratch is not None else Scratch()
+    two_d, xp, ks, st, dl = _conv_geometry(m, x, scratch)
     n, k, g = D.shape[0], D.shape[1], m.groups
-    Dr = D.reshape(n, k, m.out_channels, -1)
     out_hw = (D.shape[-2], D.shape[-1]) if two_d else (1, D.shape[-1])
+    T = out_hw[0] * out_hw[1]
     cin_g, cout_g = m.in_channels // g, m.out_channels // g
-    res = []
+    pw = cin_g * ks[0] * ks[1] if "weight" in names else 0
+    wide = pw + ("bias" in names)
+    Dr = D.reshape(n, k, m.out_channels, T)
+    if out is None:
+        out = [D.new_empty(n, k, cout_g * wide) for _ in range(g)]
+        accumulate = False
+    step = max(1, min(n, PATCH_BYTES // max(1, pw * T * D.element_size())))
+    geom = (ks, st, dl, out_hw)
     for j in range(g):
-        Dj = Dr[:, :, j * cout_g:(j + 1) * cout_g]                          # (n, k, q, T)
-        parts = []
-        if "weight" in names:
-            inp = xp[:, j * cin_g:(j + 1) * cin_g].transpose(0, 1)          # (cin_g, n, Hp, Wp)
-            w = Dj.reshape(n * k * cout_g, 1, *out_hw)
-            gw = F.conv2d(inp, w, stride=dl, dilation=st, groups=n)[:, :, :ks[0], :ks[1]]
-            gw = gw.reshape(cin_g, n, k, cout_g, ks[0] * ks[1]).permute(1, 2, 3, 0, 4)
-            parts.append(gw.reshape(n, k, cout_g, cin_g * ks[0] * ks[1]))
-        if "bias" in names:
-            parts.append(Dj.sum(3, keepdim=True))
-        res.append((parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).flatten(2))
-    return res
+        dst = out[j].view(n, k * cout_g, wide)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            Dj = Dr[a:b, :, j * cout_g:(j + 1) * cout_g].reshape(b - a, k * cout_g, T)
+            if pw:
+                _weight_grads(xp[a:b, j * cin_g:(j + 1) * cin_g], Dj, geom, dst[a:b, :, :pw], accumulate, scratch)
+            if "bias" in names:
+                bias = dst[a:b, :, pw]
+                bias.add_(Dj.sum(2)) if accumulate else bias.copy_(Dj.sum(2))
+    return out
 
 
 def _embedding(m: nn.Embedding, x: torch.Tensor, D: torch.Tensor, names: List[str]) -> List[Piece]:
