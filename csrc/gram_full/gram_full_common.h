@@ -94,11 +94,33 @@ inline std::vector<std::pair<int64_t, int64_t>> gram_full_tiles(int64_t tb1, int
   return tiles;
 }
 
-inline std::vector<at::Tensor> gram_full_contiguous(at::TensorList ts) {
-  std::vector<at::Tensor> v;
-  v.reserve(ts.size());
-  for (const auto& t : ts) v.push_back(t.contiguous());
-  return v;
+// The features made contiguous once; in symmetric mode the right-hand side is the left one.
+struct GramFullInputs {
+  std::vector<at::Tensor> A1, D1, A2, D2;
+};
+
+inline GramFullInputs gram_full_inputs(at::TensorList a1, at::TensorList d1, const GFOptList& a2,
+                                       const GFOptList& d2, bool symmetric) {
+  auto contiguous = [](at::TensorList ts) {
+    std::vector<at::Tensor> v;
+    v.reserve(ts.size());
+    for (const auto& t : ts) v.push_back(t.contiguous());
+    return v;
+  };
+  GramFullInputs in{contiguous(a1), contiguous(d1), {}, {}};
+  in.A2 = symmetric ? in.A1 : contiguous(*a2);
+  in.D2 = symmetric ? in.D1 : contiguous(*d2);
+  return in;
+}
+
+// The allocating overload of either device: out (n1, n2, k, k) like a1[0], filled by the .out kernel `fill`.
+template <typename Fill>
+at::Tensor gram_full_allocating(at::TensorList a1, at::TensorList d1, const GFOptList& a2, const GFOptList& d2,
+                                at::ArrayRef<double> scales, int64_t block, Fill fill) {
+  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales);
+  at::Tensor out = at::empty({s.n1, s.n2, s.k, s.k}, a1[0].options());
+  fill(a1, d1, a2, d2, scales, block, out);
+  return out;
 }
 
 }  // namespace ntk_fast

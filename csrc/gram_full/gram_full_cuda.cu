@@ -101,20 +101,15 @@ void gram_full_out_cuda(at::TensorList a1, at::TensorList d1, const GFOptList& a
               " on CUDA");
   c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  auto A1 = gram_full_contiguous(a1), D1 = gram_full_contiguous(d1);
-  auto A2 = s.symmetric ? A1 : gram_full_contiguous(*a2);
-  auto D2 = s.symmetric ? D1 : gram_full_contiguous(*d2);
-  AT_DISPATCH_FLOATING_TYPES(A1[0].scalar_type(), "gram_full_cuda", [&] {
-    run_tiles<scalar_t>(A1, D1, A2, D2, scales, s, B, out, stream);
+  const GramFullInputs in = gram_full_inputs(a1, d1, a2, d2, s.symmetric);
+  AT_DISPATCH_FLOATING_TYPES(in.A1[0].scalar_type(), "gram_full_cuda", [&] {
+    run_tiles<scalar_t>(in.A1, in.D1, in.A2, in.D2, scales, s, B, out, stream);
   });
 }
 
 at::Tensor gram_full_cuda(at::TensorList a1, at::TensorList d1, const GFOptList& a2, const GFOptList& d2,
                           at::ArrayRef<double> scales, int64_t block) {
-  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales);
-  at::Tensor out = at::empty({s.n1, s.n2, s.k, s.k}, a1[0].options());
-  gram_full_out_cuda(a1, d1, a2, d2, scales, block, out);
-  return out;
+  return gram_full_allocating(a1, d1, a2, d2, scales, block, gram_full_out_cuda);
 }
 
 }  // namespace
