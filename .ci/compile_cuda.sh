@@ -60,8 +60,13 @@ echo "== import check"
 import torch
 import ntk_fast._C  # noqa: F401
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-ops = ("gram", "gram.out", "flow_step", "flow_grad_stats", "flow_loss", "softplus_act", "kernel_flow_step",
-       "limit_kernels")
+# every op with a CPU kernel (the namespace's registrations, so a new op is checked without editing this list),
+# and at least the ops known when this check was written
+cpu = torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+ops = sorted(x.split("::", 1)[1] for x in cpu if x.startswith("ntk_fast::"))
+known = {"gram", "gram.out", "gram_full", "gram_full.out", "flow_step", "flow_grad_stats", "flow_loss",
+         "softplus_act", "kernel_flow_step", "limit_kernels"}
+assert known <= set(ops), f"ops without a CPU kernel: {sorted(known - set(ops))}"
 for op in ops:
     for key in ("CPU", "CUDA"):
         assert has("ntk_fast::" + op, key), f"ntk_fast::{op} has no {key} kernel"
