@@ -136,7 +136,7 @@ def test_wrapper_compiles_fullgraph(device, gen):
     (lambda A, D: ntk_fast.gram_full(A, [D[0][:, :, 0]]), r"d1\[0\] must be 4-D"),
     (lambda A, D: ntk_fast.gram_full(A, [D[0][:4]]), r"d1\[0\] has 4 rows, expected 6"),
     (lambda A, D: ntk_fast.gram_full(A, [D[0][:, :, :1]]), "layer 0 has 2 tokens"),
-    (lambda A, D: ntk_fast.gram_full(A, [D[0].float()]), r"d1\[0\] is torch.float32"),
+    (lambda A, D: ntk_fast.gram_full(A, [D[0].float()]), r"d1\[0\] has dtype torch.float32, expected torch.float64"),
     (lambda A, D: ntk_fast.gram_full([A[0].int()], D), r"a1\[0\] must be float32 or float64"),
     (lambda A, D: ntk_fast.gram_full([A[0] * float("nan")], D), r"a1\[0\] contains NaN"),
     (lambda A, D: ntk_fast.gram_full(A, D, scales=[1.0, 2.0]), "scales must be 1 finite"),

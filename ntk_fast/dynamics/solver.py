@@ -36,7 +36,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from ntk_fast.ops.gram import all_finite
+from ntk_fast.ops.checks import all_finite
 from ntk_fast.dynamics.losses import LOSSES, is_margin, loss_value
 from ntk_fast.dynamics.config import FlowConfig, PathLike, flow_config, progress_bar
 from ntk_fast.dynamics.observables import loglinspace, next_record

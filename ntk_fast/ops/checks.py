@@ -1,6 +1,8 @@
 """Argument checks shared by the op wrappers (errors name the op and the argument)."""
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -39,3 +41,34 @@ def check_float_2d(t, name: str, op: str, what: str = "nets x entries") -> None:
         raise ValueError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_feature_list(op: str, name: str, ts, what: str, n_layers: Optional[int], rows: Optional[int],
+                       like: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """ts must be a non-empty list (n_layers long when given) of float32/float64 tensors of the rank that
+    ``what`` describes (e.g. "2-D (points x features)"), with ``rows`` rows and like's dtype and device (the
+    first tensor sets rows and like when None), and no NaN or inf (skipped while compiling)."""
+    dim = int(what.split("-", 1)[0])
+    if not isinstance(ts, (list, tuple)) or len(ts) == 0:
+        raise ValueError(f"{op}: {name} must be a non-empty list of {dim}-D tensors, got {type(ts).__name__}")
+    if n_layers is not None and len(ts) != n_layers:
+        raise ValueError(f"{op}: {name} must hold {n_layers} layers (one per layer of a1), got {len(ts)}")
+    for l, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            raise ValueError(f"{op}: {name}[{l}] must be {what}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name}[{l}] must be float32 or float64, got {t.dtype}")
+        if like is not None and t.dtype != like.dtype:
+            raise ValueError(f"{op}: {name}[{l}] has dtype {t.dtype}, expected {like.dtype} like a1[0] (mixed dtypes)")
+        if like is not None and t.device != like.device:
+            raise ValueError(f"{op}: {name}[{l}] is on {t.device}, expected {like.device} like a1[0] (mixed devices)")
+        if rows is not None and t.shape[0] != rows:
+            raise ValueError(f"{op}: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
+        if not compiling() and not all_finite(t):
+            raise ValueError(f"{op}: {name}[{l}] contains NaN or inf")
+        if l == 0:   # the layers of one list share dtype, device and points (a1[0] sets them for a1)
+            like = t if like is None else like
+            rows = t.shape[0] if rows is None else rows
+    return list(ts)

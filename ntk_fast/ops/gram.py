@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ntk_fast.ops._loader import register_fake, use_reference
-from ntk_fast.ops.checks import FLOAT_DTYPES, all_finite, compiling
+from ntk_fast.ops.checks import check_feature_list
 from ntk_fast.ops.reference import gram_reference
 from ntk_fast.ops.selfcheck import native_on
 
@@ -35,29 +35,7 @@ def _gram_out_fake(a1, d1, a2, d2, scales, block, precision, *, out):
 
 def _check_list(name: str, ts, n_layers: Optional[int], rows: Optional[int], like: Optional[torch.Tensor]
                 ) -> List[torch.Tensor]:
-    if not isinstance(ts, (list, tuple)) or len(ts) == 0:
-        raise ValueError(f"gram: {name} must be a non-empty list of 2-D tensors, got {type(ts).__name__}")
-    if n_layers is not None and len(ts) != n_layers:
-        raise ValueError(f"gram: {name} must hold {n_layers} layers (one per layer of a1), got {len(ts)}")
-    for l, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"gram: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"gram: {name}[{l}] must be 2-D (points x features), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"gram: {name}[{l}] must be float32 or float64, got {t.dtype}")
-        if like is not None and t.dtype != like.dtype:
-            raise ValueError(f"gram: {name}[{l}] has dtype {t.dtype}, expected {like.dtype} like a1[0] (mixed dtypes)")
-        if like is not None and t.device != like.device:
-            raise ValueError(f"gram: {name}[{l}] is on {t.device}, expected {like.device} like a1[0] (mixed devices)")
-        if rows is not None and t.shape[0] != rows:
-            raise ValueError(f"gram: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
-        if not compiling() and not all_finite(t):
-            raise ValueError(f"gram: {name}[{l}] contains NaN or inf")
-        if l == 0:   # the layers of one list share dtype, device and points (a1[0] sets them for a1)
-            like = t if like is None else like
-            rows = t.shape[0] if rows is None else rows
-    return list(ts)
+    return check_feature_list("gram", name, ts, "2-D (points x features)", n_layers, rows, like)
 
 
 def _check_out(out, n1: int, n2: int, like: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ntk_fast.ops._loader import register_fake, use_reference
-from ntk_fast.ops.checks import FLOAT_DTYPES, all_finite, compiling
+from ntk_fast.ops.checks import check_feature_list
 from ntk_fast.ops.reference import gram_full_reference
 from ntk_fast.ops.selfcheck import native_on
 
@@ -42,28 +42,8 @@ def _gram_full_out_fake(a1, d1, a2, d2, scales, block, *, out):
 
 def _check_list(name: str, ts, dim: int, n_layers: Optional[int], rows: Optional[int],
                 like: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    if not isinstance(ts, (list, tuple)) or len(ts) == 0:
-        raise ValueError(f"gram_full: {name} must be a non-empty list of {dim}-D tensors, got {type(ts).__name__}")
-    if n_layers is not None and len(ts) != n_layers:
-        raise ValueError(f"gram_full: {name} must hold {n_layers} layers (one per layer of a1), got {len(ts)}")
-    for l, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"gram_full: {name}[{l}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dim:
-            what = "(points, tokens, features)" if dim == 3 else "(points, outputs, tokens, features)"
-            raise ValueError(f"gram_full: {name}[{l}] must be {dim}-D {what}, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"gram_full: {name}[{l}] must be float32 or float64, got {t.dtype}")
-        if like is not None and (t.dtype != like.dtype or t.device != like.device):
-            raise ValueError(f"gram_full: {name}[{l}] is {t.dtype} on {t.device}, expected {like.dtype} on "
-                             f"{like.device} like a1[0]")
-        if rows is not None and t.shape[0] != rows:
-            raise ValueError(f"gram_full: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
-        if not compiling() and not all_finite(t):
-            raise ValueError(f"gram_full: {name}[{l}] contains NaN or inf")
-        like = t if like is None else like
-        rows = t.shape[0] if rows is None else rows
-    return list(ts)
+    what = "3-D (points, tokens, features)" if dim == 3 else "4-D (points, outputs, tokens, features)"
+    return check_feature_list("gram_full", name, ts, what, n_layers, rows, like)
 
 
 def _check_layers(a1, d1, a2, d2) -> None:
