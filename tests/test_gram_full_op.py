@@ -50,6 +50,40 @@ def test_matches_reference(device, dtype, n1, n2, k, layers, gen):
         assert torch.equal(sym, sym.permute(1, 0, 3, 2)), "symmetric mode must be exactly symmetric"
 
 
+def unit_rows(n, k, dtype=f64, device="cpu"):
+    """d (n, k, 1, k) with d[i, c, 0] = e_c: the signal of a linear readout."""
+    return torch.eye(k, dtype=dtype, device=device).expand(n, k, k).unsqueeze(2).contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 4])
+def test_unit_readout_layers(device, dtype, k, gen):
+    """Layers whose D rows are the unit vectors skip the D product (CPU): the result is unchanged, with the unit
+    layer first, last, alone, on one side only, and with one entry changed (no shortcut then)."""
+    n1, n2 = 29, 11
+    A1, D1 = feats(n1, k, [(1, 5, 6), (1, 4, k)], gen, dtype, device)
+    A2, D2 = feats(n2, k, [(1, 5, 6), (1, 4, k)], gen, dtype, device)
+    D1[1], D2[1] = unit_rows(n1, k, dtype, device), unit_rows(n2, k, dtype, device)
+    tol = 1e-12 if dtype == f64 else 1e-5
+    sc = [0.5, 3.0]
+    for order in ([0, 1], [1, 0], [1]):
+        a1, d1, a2, d2 = ([t[i] for i in order] for t in (A1, D1, A2, D2))
+        s = [sc[i] for i in order]
+        for block in (0, 4):
+            got = ntk_fast.gram_full(a1, d1, a2, d2, s, block=block)
+            assert rel(got, gram_full_reference(up(a1), up(d1), up(a2), up(d2), s)) <= tol
+            sym = ntk_fast.gram_full(a1, d1, scales=s, block=block)
+            assert rel(sym, gram_full_reference(up(a1), up(d1), None, None, s)) <= tol
+    d2_other = torch.randn(n2, k, 1, k, generator=gen, dtype=f64).to(device, dtype)      # unit on one side only
+    got = ntk_fast.gram_full(A1, D1, A2, [D2[0], d2_other], sc)
+    assert rel(got, gram_full_reference(up(A1), up(D1), up(A2), up([D2[0], d2_other]), sc)) <= tol
+    near = D1[1].clone()
+    near[n1 // 2, k - 1, 0, 0] += 0.5      # not a unit row: a wrong shortcut would miss this entry
+    got = ntk_fast.gram_full(A1, [D1[0], near], scales=sc)
+    assert rel(got, gram_full_reference(up(A1), up([D1[0], near]), None, None, sc)) <= tol
+
+
 def test_hadamard_full_equals_the_gram_op_per_output_pair(gen):
     """T = 1: out[:, :, c, c'] is the plain Gram op on (A, D[:, c]) against (A, D[:, c'])."""
     A, D = feats(23, 3, [(1, 6, 4), (1, 2, 5)], gen)

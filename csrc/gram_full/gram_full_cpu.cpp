@@ -17,45 +17,119 @@
 #include <vector>
 
 #include "gram_full_common.h"
+#include "../common/cpu_clones.h"
 
 namespace ntk_fast {
 namespace {
 
-// acc[(i, c), (j, c')] += s sum_{t, t'} ga[(i, t), (j, t')] gd[(i, c, t), (j, c', t')]   (all row-major, dense).
+// acc[(i, c), (j, c')] (+)= s sum_{t, t'} ga[(i, t), (j, t')] gd[(i, c, t), (j, c', t')]   (all row-major,
+// dense; `first`: assign instead of add, so the accumulator needs no zeroing).
 // T = 1: the row s ga[i, j / k] over the tile's columns v = (j, c') is expanded once into `gexp` (mj k entries)
 // and shared by the k rows (i, c), so the inner loop is one contiguous, vectorisable multiply-add.
-template <typename scalar_t>
-void combine_tile(scalar_t* __restrict acc, const scalar_t* __restrict ga, const scalar_t* __restrict gd,
-                  scalar_t* __restrict gexp, int64_t mi, int64_t mj, int64_t k, int64_t T, scalar_t s) {
-  const int64_t w = mj * k, lga = mj * T, lgd = mj * k * T;
-  if (T == 1) {
-    for (int64_t i = 0; i < mi; ++i) {
-      const scalar_t* garow = ga + i * lga;
-      for (int64_t j = 0; j < mj; ++j)
-        for (int64_t c2 = 0; c2 < k; ++c2) gexp[j * k + c2] = s * garow[j];
-      for (int64_t u = i * k; u < (i + 1) * k; ++u) {
-        scalar_t* __restrict arow = acc + u * w;
-        const scalar_t* __restrict gdrow = gd + u * lgd;
+template <typename S>
+NTK_ALWAYS_INLINE void combine_hadamard_t(S* __restrict acc, const S* __restrict ga, const S* __restrict gd,
+                                          S* __restrict gexp, int64_t mi, int64_t mj, int64_t k, S s, bool first) {
+  const int64_t w = mj * k;
+  for (int64_t i = 0; i < mi; ++i) {
+    const S* garow = ga + i * mj;
+    for (int64_t j = 0; j < mj; ++j)
+      for (int64_t c2 = 0; c2 < k; ++c2) gexp[j * k + c2] = s * garow[j];
+    for (int64_t u = i * k; u < (i + 1) * k; ++u) {
+      S* __restrict arow = acc + u * w;
+      const S* __restrict gdrow = gd + u * w;
+      if (first) {
+        for (int64_t v = 0; v < w; ++v) arow[v] = gexp[v] * gdrow[v];
+      } else {
         for (int64_t v = 0; v < w; ++v) arow[v] += gexp[v] * gdrow[v];
       }
     }
-    return;
   }
+}
+NTK_CPU_CLONES void combine_hadamard(float* acc, const float* ga, const float* gd, float* gexp, int64_t mi,
+                                     int64_t mj, int64_t k, float s, bool first) {
+  combine_hadamard_t<float>(acc, ga, gd, gexp, mi, mj, k, s, first);
+}
+NTK_CPU_CLONES void combine_hadamard(double* acc, const double* ga, const double* gd, double* gexp, int64_t mi,
+                                     int64_t mj, int64_t k, double s, bool first) {
+  combine_hadamard_t<double>(acc, ga, gd, gexp, mi, mj, k, s, first);
+}
+
+// The token-pair form (T > 1): acc[(i, c), (j, c')] += s sum_{t, t'} ga[(i, t), (j, t')] gd[(i, c, t), (j, c', t')].
+template <typename S>
+void combine_tokens(S* acc, const S* ga, const S* gd, int64_t mi, int64_t mj, int64_t k, int64_t T, S s) {
+  const int64_t w = mj * k, lga = mj * T, lgd = mj * k * T;
   for (int64_t u = 0; u < mi * k; ++u) {
     const int64_t i = u / k;
-    scalar_t* arow = acc + u * w;
+    S* arow = acc + u * w;
     for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* garow = ga + (i * T + t) * lga;
-      const scalar_t* gdrow = gd + (u * T + t) * lgd;
+      const S* garow = ga + (i * T + t) * lga;
+      const S* gdrow = gd + (u * T + t) * lgd;
       for (int64_t v = 0; v < w; ++v) {
-        const scalar_t* gav = garow + (v / k) * T;
-        const scalar_t* gdv = gdrow + v * T;
-        scalar_t sum = 0;
+        const S* gav = garow + (v / k) * T;
+        const S* gdv = gdrow + v * T;
+        S sum = 0;
         for (int64_t t2 = 0; t2 < T; ++t2) sum += gav[t2] * gdv[t2];
         arow[v] += s * sum;
       }
     }
   }
+}
+
+// A layer whose D rows are the unit vectors (D[i, c] = e_c, T = 1: a linear readout): D1_ic . D2_jc' = delta_cc',
+// so acc[(i, c), (j, c)] += s ga[i, j] and no D product is formed.
+template <typename S>
+void combine_unit(S* acc, const S* ga, int64_t mi, int64_t mj, int64_t k, S s) {
+  const int64_t w = mj * k;
+  for (int64_t i = 0; i < mi; ++i)
+    for (int64_t c = 0; c < k; ++c) {
+      S* arow = acc + (i * k + c) * w + c;
+      for (int64_t j = 0; j < mj; ++j) arow[j * k] += s * ga[i * mj + j];
+    }
+}
+
+// True when d (n, k, 1, q = k), contiguous, holds d[i, c, 0, :] = e_c for every point (checked exactly).
+template <typename S>
+bool unit_rows(const at::Tensor& d) {
+  const int64_t n = d.size(0), k = d.size(1);
+  if (d.size(2) != 1 || d.size(3) != k) return false;
+  const S* p = d.data_ptr<S>();
+  for (int64_t r = 0; r < n * k; ++r)
+    for (int64_t m = 0; m < k; ++m)
+      if (p[r * k + m] != (m == r % k ? S(1) : S(0))) return false;
+  return true;
+}
+
+// store_tile's case of dense (k, k) blocks (out[i, j] rows of k*k contiguous, row stride ld): rows of k copied,
+// the mirror block written transposed.
+template <typename S>
+NTK_ALWAYS_INLINE void store_dense_t(S* optr, int64_t ld, const S* acc, int64_t i0, int64_t j0, int64_t mi,
+                                     int64_t mj, int64_t k, bool mirror) {
+  const int64_t w = mj * k;
+  for (int64_t i = 0; i < mi; ++i) {
+    S* __restrict o = optr + (i0 + i) * ld + j0 * k * k;
+    for (int64_t j = 0; j < mj; ++j)
+      for (int64_t c = 0; c < k; ++c) {
+        const S* __restrict a = acc + (i * k + c) * w + j * k;
+        for (int64_t c2 = 0; c2 < k; ++c2) o[(j * k + c) * k + c2] = a[c2];
+      }
+  }
+  if (!mirror) return;
+  for (int64_t j = 0; j < mj; ++j) {
+    S* __restrict m = optr + (j0 + j) * ld + i0 * k * k;
+    for (int64_t i = 0; i < mi; ++i)
+      for (int64_t c2 = 0; c2 < k; ++c2) {
+        const S* __restrict a = acc + i * k * w + j * k + c2;
+        for (int64_t c = 0; c < k; ++c) m[(i * k + c2) * k + c] = a[c * w];
+      }
+  }
+}
+NTK_CPU_CLONES void store_dense(float* optr, int64_t ld, const float* acc, int64_t i0, int64_t j0, int64_t mi,
+                                int64_t mj, int64_t k, bool mirror) {
+  store_dense_t<float>(optr, ld, acc, i0, j0, mi, mj, k, mirror);
+}
+NTK_CPU_CLONES void store_dense(double* optr, int64_t ld, const double* acc, int64_t i0, int64_t j0, int64_t mi,
+                                int64_t mj, int64_t k, bool mirror) {
+  store_dense_t<double>(optr, ld, acc, i0, j0, mi, mj, k, mirror);
 }
 
 // out[i0 + i, j0 + j, c, c'] = acc[(i, c), (j, c')], and the mirror out[j0 + j, i0 + i, c', c] when asked
@@ -65,24 +139,8 @@ template <typename scalar_t>
 void store_tile(scalar_t* optr, at::IntArrayRef st, const scalar_t* acc, int64_t i0, int64_t j0, int64_t mi,
                 int64_t mj, int64_t k, bool mirror, bool diagonal) {
   const int64_t w = mj * k;
-  if (!diagonal && st[3] == 1 && st[2] == k && st[1] == k * k) {   // dense (k, k) blocks: rows of k copied
-    for (int64_t i = 0; i < mi; ++i) {
-      scalar_t* __restrict o = optr + (i0 + i) * st[0] + j0 * k * k;
-      for (int64_t j = 0; j < mj; ++j)
-        for (int64_t c = 0; c < k; ++c) {
-          const scalar_t* __restrict a = acc + (i * k + c) * w + j * k;
-          for (int64_t c2 = 0; c2 < k; ++c2) o[(j * k + c) * k + c2] = a[c2];
-        }
-    }
-    if (!mirror) return;
-    for (int64_t j = 0; j < mj; ++j) {
-      scalar_t* __restrict m = optr + (j0 + j) * st[0] + i0 * k * k;
-      for (int64_t i = 0; i < mi; ++i)
-        for (int64_t c = 0; c < k; ++c) {
-          const scalar_t* __restrict a = acc + (i * k + c) * w + j * k;
-          for (int64_t c2 = 0; c2 < k; ++c2) m[(i * k + c2) * k + c] = a[c2];
-        }
-    }
+  if (!diagonal && st[3] == 1 && st[2] == k && st[1] == k * k) {   // dense (k, k) blocks
+    store_dense(optr, st[0], acc, i0, j0, mi, mj, k, mirror);
     return;
   }
   for (int64_t i = 0; i < mi; ++i)
@@ -124,25 +182,45 @@ void gram_full_cpu_kernel(const std::vector<at::Tensor>& A1, const std::vector<a
   scalar_t* optr = out.data_ptr<scalar_t>();
   const std::vector<int64_t> st = out.strides().vec();
   const auto opts = A1[0].options();
+  // layers with unit D rows (a linear readout) after the others: their tile needs no D product
+  std::vector<int64_t> order, unit;
+  for (int64_t l = 0; l < L; ++l)
+    (unit_rows<scalar_t>(D1[l]) && (s.symmetric || unit_rows<scalar_t>(D2[l])) ? unit : order).push_back(l);
+  order.insert(order.end(), unit.begin(), unit.end());
+  const int64_t n_full = L - (int64_t)unit.size();
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor ga = at::empty({B * s.tmax * B * s.tmax}, opts), gd = at::empty({B * k * s.tmax * B * k * s.tmax}, opts);
     at::Tensor acc = at::empty({B * k * B * k}, opts), gexp = at::empty({B * k}, opts);
+    scalar_t* const pacc = acc.data_ptr<scalar_t>();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = tiles[t].first * B, j0 = tiles[t].second * B;
       const int64_t mi = std::min(B, s.n1 - i0), mj = std::min(B, s.n2 - j0);
-      acc.zero_();
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t T = A1[l].size(1), p = A1[l].size(2), q = D1[l].size(3);
+      bool first = true;     // the first Hadamard layer assigns the accumulator
+      for (int64_t o = 0; o < L; ++o) {
+        const int64_t l = order[o], T = A1[l].size(1), p = A1[l].size(2), q = D1[l].size(3);
+        const scalar_t sc = (scalar_t)scales[l];
         at::Tensor ga_t = ga.narrow(0, 0, mi * T * mj * T).view({mi * T, mj * T});
-        at::Tensor gd_t = gd.narrow(0, 0, mi * k * T * mj * k * T).view({mi * k * T, mj * k * T});
         at::mm_out(ga_t, A1[l].view({-1, p}).narrow(0, i0 * T, mi * T), A2[l].view({-1, p}).narrow(0, j0 * T, mj * T).t());
+        if (o >= n_full) {
+          if (first) acc.narrow(0, 0, mi * k * mj * k).zero_();
+          first = false;
+          combine_unit<scalar_t>(pacc, ga_t.data_ptr<scalar_t>(), mi, mj, k, sc);
+          continue;
+        }
+        at::Tensor gd_t = gd.narrow(0, 0, mi * k * T * mj * k * T).view({mi * k * T, mj * k * T});
         at::mm_out(gd_t, D1[l].view({-1, q}).narrow(0, i0 * k * T, mi * k * T),
                    D2[l].view({-1, q}).narrow(0, j0 * k * T, mj * k * T).t());
-        combine_tile<scalar_t>(acc.data_ptr<scalar_t>(), ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(),
-                               gexp.data_ptr<scalar_t>(), mi, mj, k, T, (scalar_t)scales[l]);
+        if (T == 1) {
+          combine_hadamard(pacc, ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(), gexp.data_ptr<scalar_t>(), mi,
+                           mj, k, sc, first);
+        } else {
+          if (first) acc.narrow(0, 0, mi * k * mj * k).zero_();
+          combine_tokens<scalar_t>(pacc, ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(), mi, mj, k, T, sc);
+        }
+        first = false;
       }
       const bool diagonal = s.symmetric && i0 == j0;
-      store_tile<scalar_t>(optr, st, acc.data_ptr<scalar_t>(), i0, j0, mi, mj, k, s.symmetric && !diagonal, diagonal);
+      store_tile<scalar_t>(optr, st, pacc, i0, j0, mi, mj, k, s.symmetric && !diagonal, diagonal);
     }
   });
 }

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kernel_flow_common.h"
+#include "../common/cpu_clones.h"
 
 namespace ntk_fast {
 namespace {
@@ -38,8 +39,6 @@ struct TileJob {
   int ne;               // number of right-hand sides
   const std::pair<int32_t, int32_t>* tiles;
 };
-
-#define NTK_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // One tile, one right-hand side: rows i of th (row stride ld), columns j.
 template <typename S>
@@ -96,15 +95,6 @@ NTK_ALWAYS_INLINE void tile_1(const S* th, int64_t ld, int64_t mi, int64_t mj, b
   }
 }
 
-// Runtime CPU dispatch (AVX-512 / AVX2+FMA / baseline): the build uses no -march flag.
-#define NTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NTK_TILE_ATTR NTK_CLONES
-#else
-#define NTK_TILE_ATTR
-#endif
-
 // 4 rows (t0, t0 + ld, ..) x 2 problems of an off-diagonal tile: A[k] += sum_j t_k[j] ra[j], ya[j] += sum_k t_k[j] P[k]
 // (B, yb, Q, rb likewise).  Kept out of line (with its own CPU clones) so that the register allocator sees only
 // this loop: inlined into the tile loop nest, GCC spilled a Theta row to the stack.
@@ -143,12 +133,12 @@ NTK_ALWAYS_INLINE void strip_pair_t(const S* __restrict t0, int64_t ld, int64_t 
   B[3] += b3;
 }
 
-__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const double* t0, int64_t ld, int64_t mj, const double* ra,
+__attribute__((noinline)) NTK_CPU_CLONES void strip_pair(const double* t0, int64_t ld, int64_t mj, const double* ra,
                                                       const double* rb, double* ya, double* yb, const double* P,
                                                       const double* Q, double* A, double* B) {
   strip_pair_t<double>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
 }
-__attribute__((noinline)) NTK_TILE_ATTR void strip_pair(const float* t0, int64_t ld, int64_t mj, const float* ra,
+__attribute__((noinline)) NTK_CPU_CLONES void strip_pair(const float* t0, int64_t ld, int64_t mj, const float* ra,
                                                       const float* rb, float* ya, float* yb, const float* P,
                                                       const float* Q, float* A, float* B) {
   strip_pair_t<float>(t0, ld, mj, ra, rb, ya, yb, P, Q, A, B);
@@ -268,10 +258,10 @@ NTK_ALWAYS_INLINE void run_tiles_switch(const TileJob<S>& job, int64_t b, int64_
     run_tiles_t<S, false>(job, b, e, Y);
 }
 
-NTK_TILE_ATTR void run_tiles_double(const TileJob<double>& job, int64_t b, int64_t e, double* Y) {
+NTK_CPU_CLONES void run_tiles_double(const TileJob<double>& job, int64_t b, int64_t e, double* Y) {
   run_tiles_switch<double>(job, b, e, Y);
 }
-NTK_TILE_ATTR void run_tiles_float(const TileJob<float>& job, int64_t b, int64_t e, float* Y) {
+NTK_CPU_CLONES void run_tiles_float(const TileJob<float>& job, int64_t b, int64_t e, float* Y) {
   run_tiles_switch<float>(job, b, e, Y);
 }
 inline void run_tiles(const TileJob<double>& job, int64_t b, int64_t e, double* Y) { run_tiles_double(job, b, e, Y); }
