@@ -121,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--cnn-h", type=int, default=8)
+    ap.add_argument("--mlp-d", type=int, default=64, help="input dimension of the MLP cases (784: Fashion-MNIST pixels)")
     ap.add_argument("--attempts", type=int, default=20)
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--cases", default="", help="comma-separated prefixes of the cases to run (default: all)")
@@ -128,15 +129,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dt = torch.float64
     x, y = data(args.n, 784, dt)
-    xs, ys = data(args.n, 64, dt)
+    xs, ys = data(args.n, args.mlp_d, dt)
     cases = {
         "flow-cnn ref (s/attempt)": lambda: reference_flow(cnn(args.cnn_h), x, y, 1.0, args.attempts),
         "flow-cnn generic (s/attempt)": lambda: generic_flow(cnn(args.cnn_h), x, y, 1.0, args.attempts),
-        "ensemble-mlp vmap K (s/attempt)": lambda: generic_flow([mlp(64, 64, s, dt) for s in range(args.K)], xs, ys,
+        "ensemble-mlp vmap K (s/attempt)": lambda: generic_flow([mlp(args.mlp_d, 64, s, dt) for s in range(args.K)], xs, ys,
                                                                 1.0, args.attempts, batched=True),
-        "ensemble-mlp loop K (s/attempt)": lambda: generic_flow([mlp(64, 64, s, dt) for s in range(args.K)], xs, ys,
+        "ensemble-mlp loop K (s/attempt)": lambda: generic_flow([mlp(args.mlp_d, 64, s, dt) for s in range(args.K)], xs, ys,
                                                                 1.0, args.attempts, batched=False),
-        "ensemble-mlp sequential K (s/attempt)": lambda: sum(generic_flow(mlp(64, 64, s, dt), xs, ys, 1.0,
+        "ensemble-mlp sequential K (s/attempt)": lambda: sum(generic_flow(mlp(args.mlp_d, 64, s, dt), xs, ys, 1.0,
                                                                           args.attempts) for s in range(args.K)),
         "ensemble-cnn vmap K (s/attempt)": lambda: generic_flow([cnn(args.cnn_h, s) for s in range(args.K)],
                                                                 x, y, 1.0, args.attempts // 4 or 1, batched=True),
@@ -145,15 +146,15 @@ def main(argv=None):
         "ensemble-cnn sequential K (s/attempt)": lambda: sum(generic_flow(cnn(args.cnn_h, s), x, y, 1.0,
                                                                           args.attempts // 4 or 1)
                                                              for s in range(args.K)),
-        "adam-mlp torch.optim loop (s/epoch)": lambda: reference_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
-        "adam-mlp generic (s/epoch)": lambda: generic_adam(mlp(64, 64, 0, dt), xs, ys, 1.0, args.epochs),
+        "adam-mlp torch.optim loop (s/epoch)": lambda: reference_adam(mlp(args.mlp_d, 64, 0, dt), xs, ys, 1.0, args.epochs),
+        "adam-mlp generic (s/epoch)": lambda: generic_adam(mlp(args.mlp_d, 64, 0, dt), xs, ys, 1.0, args.epochs),
     }
     if args.cases:
         keep = tuple(args.cases.split(","))
         cases = {k: v for k, v in cases.items() if k.startswith(keep)}
-    generic_flow(mlp(64, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings,
-    generic_flow([mlp(64, 8, s, dt) for s in range(2)], xs[:10], ys[:10], 1.0, 2, batched=True)   # vmap's too
-    reference_adam(mlp(64, 8, 0, dt), xs[:64], ys[:64], 1.0, 1.0)   # and torch.optim's
+    generic_flow(mlp(args.mlp_d, 8, 0, dt), xs[:10], ys[:10], 1.0, 2)       # first-call imports out of the timings,
+    generic_flow([mlp(args.mlp_d, 8, s, dt) for s in range(2)], xs[:10], ys[:10], 1.0, 2, batched=True)   # vmap's too
+    reference_adam(mlp(args.mlp_d, 8, 0, dt), xs[:64], ys[:64], 1.0, 1.0)   # and torch.optim's
     times = {k: [] for k in cases}
     load_before = os.getloadavg()
     for r in range(args.rounds):

@@ -70,7 +70,9 @@ def gram_full(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
     Shapes: a1[l] (n1, T_l, p_l), d1[l] (n1, k, T_l, q_l), a2[l] (n2, T_l, p_l), d2[l] (n2, k, T_l, q_l);
     out (n1, n2, k, k) on the features' device, any strides (e.g. a memory-mapped array or a view of a larger
     tensor).  a2 = d2 = None: symmetric (upper tiles only, exactly symmetric).  ``block``: points per tile
-    (0 = automatic).  Cost n1 n2 sum_l T_l^2 (p_l + k^2 q_l) multiply-adds.  Traceable by
+    (0 = automatic).  Cost n1 n2 sum_l T_l^2 (p_l + k^2 q_l) multiply-adds (halved when symmetric; on the CPU
+    a layer with T_l = 1 whose d rows are exactly the unit vectors, d[l][i, c, 0] = e_c, costs n1 n2 p_l: its
+    D product, delta_cc', is not formed).  Traceable by
     ``torch.compile(fullgraph=True)`` (the NaN checks are skipped while compiling).
     """
     if (a2 is None) != (d2 is None):
