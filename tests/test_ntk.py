@@ -46,7 +46,15 @@ def test_fcnet_structured_matches_torch_func(activation, k, bias, L, gen):
     assert rel(diag, torch.diagonal(trace(jacobian_ntk_reference(net, x1)))) <= 1e-10
 
 
-ACTS = [nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity]
+def _inplace(cls):
+    def make():
+        return cls(inplace=True)
+    make.__name__ = f"{cls.__name__}(inplace=True)"
+    return make
+
+
+ACTS = [nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU,
+        _inplace(nn.ReLU), _inplace(nn.ELU)]
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -63,6 +71,17 @@ def test_sequential_structured_matches_torch_func(act, bias, gen):
         assert rel(ntk_fast.empirical_ntk(net, x1, xb, method="structured"), ref) <= 1e-10
         assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="trace"), trace(ref)) <= 1e-10
         assert rel(ntk_fast.empirical_ntk(net, x1, xb, method="jacobian", block_size=4), ref) <= 1e-10
+
+
+def test_sequential_frozen_first_layer_and_trailing_activation(gen):
+    """The Sequential path back-propagates through frozen Linear layers and activations after the last Linear."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ELU(inplace=True), nn.Linear(5, 3),
+                        nn.Tanh()).to(f64)
+    net[0].requires_grad_(False)
+    net[2].weight.requires_grad_(False)
+    x = torch.randn(9, 4, generator=gen, dtype=f64)
+    assert rel(ntk_fast.empirical_ntk(net, x, method="structured"), jacobian_ntk_reference(net, x)) <= 1e-10
 
 
 def test_frozen_parameters_are_left_out(gen):

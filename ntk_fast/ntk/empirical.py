@@ -65,46 +65,49 @@ def supports_structured(model: nn.Module) -> bool:
 def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
     """Features (A, D) of a Sequential of Linear + elementwise layers, D as (n, k, fan_out).
 
-    For a Linear layer y = x W^T + b: df/dW = delta x^T and df/db = delta, with delta = df/dy from autograd
-    (k backward passes of sum_i f_c(x_i): points do not interact in such a network).  A_l is the layer
-    input when W requires grad, with a column of ones appended when b requires grad.
+    For a Linear layer y = x W^T + b: df_c/dW = delta_c x^T and df_c/db = delta_c, delta_c = df_c/dy.  Points do
+    not interact, so all k outputs are back-propagated at once as (n, k, width) signals, seeded with the unit
+    vectors at the output:
+
+        elementwise sigma on input u:   G <- G o sigma'(u)      (sigma'(u) by one autograd pass of sum sigma(u))
+        Linear W (frozen or not):       delta = G (recorded when W or b requires grad);  G <- G W
+
+    Cost: one forward pass, one elementwise backward per activation and one (n k x out) @ (out x in) product per
+    Linear below the output.  A_l is the layer input when W requires grad, with a column of ones appended
+    when b requires grad.
     """
-    inputs, outs, linears = [], [], []
+    inputs: List[Optional[torch.Tensor]] = []
     h = x
-    with torch.enable_grad():
+    with torch.no_grad():
         for m in model:
-            if isinstance(m, nn.Linear):
-                if m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad):
-                    linears.append(m)
-                    inputs.append(h.detach())
-                    h = m(h)
-                    outs.append(h)
-                else:
-                    h = m(h)
-            else:
-                h = m(h)
-        if h.dim() == 1:
-            h = h.unsqueeze(1)
-        out = h.reshape(h.shape[0], -1)
-        k = out.shape[1]
-        if not outs:
-            raise ValueError("empirical_ntk: the model has no parameters that require grad")
-        grads = [[] for _ in outs]
-        for c in range(k):
-            g = torch.autograd.grad(out[:, c].sum(), outs, retain_graph=c < k - 1, allow_unused=True)
-            for l, gl in enumerate(g):
-                grads[l].append(torch.zeros_like(outs[l]) if gl is None else gl)
+            inputs.append(h)
+            h = m(h.clone() if getattr(m, "inplace", False) else h)     # keep u for sigma'(u)
+    out = h.unsqueeze(1) if h.dim() == 1 else h.reshape(h.shape[0], -1)
+    n, k = out.shape
+    trains = [isinstance(m, nn.Linear) and (m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad))
+              for m in model]
+    if not any(trains):
+        raise ValueError("empirical_ntk: the model has no parameters that require grad")
+    lowest = trains.index(True)
+    G = torch.eye(k, dtype=out.dtype, device=out.device).expand(n, k, k)
     A, D = [], []
-    n = x.shape[0]
-    for l, m in enumerate(linears):
-        cols = []
-        if m.weight.requires_grad:
-            cols.append(inputs[l])
-        if m.bias is not None and m.bias.requires_grad:
-            cols.append(torch.ones(n, 1, dtype=x.dtype, device=x.device))
-        A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
-        D.append(torch.stack(grads[l], dim=1).detach())
-    return A, D, k
+    for idx in range(len(model) - 1, lowest - 1, -1):
+        m, u = model[idx], inputs[idx]
+        if isinstance(m, nn.Linear):
+            if trains[idx]:
+                D.append(G.contiguous())
+                cols = ([u] if m.weight.requires_grad else []) + (
+                    [torch.ones(n, 1, dtype=x.dtype, device=x.device)] if m.bias is not None and m.bias.requires_grad
+                    else [])
+                A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
+            if idx > lowest:
+                G = G @ m.weight.detach()
+        else:
+            with torch.enable_grad():
+                ur = u.detach().requires_grad_(True)
+                slope, = torch.autograd.grad(m(ur.clone() if getattr(m, "inplace", False) else ur).sum(), ur)
+            G = G * slope.unsqueeze(1)
+    return A[::-1], D[::-1], k
 
 
 def _fcnet_features(model: FCNet, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
