@@ -302,6 +302,40 @@ def test_entk_on_the_circle_has_rank_3_per_activation_cell():
     assert float(e[-3] / e[-1]) > 1e-8 and float(e[-4].abs() / e[-1]) < 1e-13, e
 
 
+def _load_experiment(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_heavy_ball_step_count_of_the_linear_model():
+    """experiments/sphere_gd_steps.py: the closed form r(t) = c1 z1^t + c2 z2^t of the scalar heavy-ball recursion
+    r(t+1) = (1 + mu - h) r(t) - mu r(t-1), r(0) = 1, r(1) = 1 - h equals the recursion run step by step, for
+    complex roots (h > (1 - sqrt(mu))^2) and real ones (the slow modes); steps_needed (first t where the bound
+    sum_k p_k (|c1| |z1|^t + |c2| |z2|^t)^2 falls to the target) is at or just above the recursion's first t."""
+    m = _load_experiment("sphere_gd_steps")
+    mu, target = 0.9, 1e-4
+    h = np.array([1.0, 0.3, 1e-2, 1e-4])
+    p = np.array([0.5, 0.3, 0.1, 0.01])
+    prev, cur, traj = np.ones(4), 1 - h, [np.ones(4), 1 - h]
+    for _ in range(20000):
+        prev, cur = cur, (1 + mu - h) * cur - mu * prev
+        traj.append(cur)
+    traj = np.array(traj)
+    z1, z2, c1, c2 = m.mode_coeffs(h, mu)
+    for t in (0, 1, 5, 50, 500, 5000):
+        assert np.allclose(np.real(c1 * z1 ** t + c2 * z2 ** t), traj[t], rtol=1e-9, atol=1e-12), t
+        assert abs(m.exact_mse(t, p, h, mu) - float((p * traj[t] ** 2).sum())) < 1e-12
+    mse = (p * traj ** 2).sum(1)
+    t_sim = int(np.argmax(mse <= target))
+    assert mse[t_sim] <= target and 1000 < t_sim < 20000     # the h = 1e-4 mode sets it: ~ (1 - mu) / h ln(..)
+    t = m.steps_needed(p, h, mu, target)
+    assert t_sim <= t <= 1.05 * t_sim + 2, (t, t_sim)
+    assert m.steps_needed(p, h, 0.0, target) > 5 * t        # plain GD: ~1 / (1 - mu) = 10 times slower
+
+
 def test_exponents():
     assert predicted_exponents(5, 4.0) == {"lazy": 2.0, "feature": 1.75}
     assert predicted_exponents(2, 0.5) == {"lazy": 1.0, "feature": 1.0}
