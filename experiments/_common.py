@@ -98,6 +98,14 @@ def save(args, name: str, payload: Dict, fig) -> None:
     print(f"wrote {os.path.join(jdir, name + '.json')} and {os.path.join(fdir, name + '.png')}")
 
 
+def save_table(folder: str, name: str, payload: Dict, table: str) -> None:
+    """<folder>/<name>.json (the numbers) and <folder>/<name>.md (their table), for scripts without a plot."""
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, name + ".json"), payload)
+    with open(os.path.join(folder, name + ".md"), "w") as fh:
+        fh.write(table)
+
+
 def scale_label(args) -> str:
     return (f"{args.dataset}, p={args.p}, L={args.L}, softplus beta=5, soft hinge, "
             f"{args.ensemble} seed{'s' if args.ensemble > 1 else ''}")

@@ -18,7 +18,6 @@ Output: <out>/sphere_entk_circle.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,6 +28,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))      # _common, also when loaded by path
+from _common import save_table  # noqa: E402
 from ntk_fast.ntk.empirical import empirical_ntk  # noqa: E402
 from ntk_fast.sphere import sample_field, sample_sphere  # noqa: E402
 from ntk_fast.sphere.predictors import entk_regression, make_net, ntk_inf_regression, to_net_inputs  # noqa: E402
@@ -89,11 +90,7 @@ def main(argv=None) -> None:
             for draw in range(a.draws) for n in a.ns]
     out = {"machine": "2-core AMD EPYC VM, no GPU (shared)", "load": os.getloadavg(), "h": a.h,
            "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "sphere_entk_circle.json"), "w") as fh:
-        json.dump(out, fh, indent=1)
-    with open(os.path.join(a.out, "sphere_entk_circle.md"), "w") as fh:
-        fh.write(table(rows))
+    save_table(a.out, "sphere_entk_circle", out, table(rows))
     print(table(rows))
 
 

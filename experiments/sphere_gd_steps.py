@@ -25,7 +25,6 @@ Output: <out>/sphere_gd_steps.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,6 +35,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))      # _common, also when loaded by path
+from _common import save_table  # noqa: E402
 from ntk_fast.ntk.empirical import empirical_ntk  # noqa: E402
 from ntk_fast.sphere import sample_field, sample_sphere  # noqa: E402
 from ntk_fast.sphere.predictors import alpha_for_xi, fit_net, make_net, to_net_inputs  # noqa: E402
@@ -189,11 +190,7 @@ def main(argv=None) -> None:
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = {"machine": "2-core AMD EPYC VM, no GPU (shared), 1 thread", "load": [load0, os.getloadavg()], "h": a.h,
            "target_mse": TARGET, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "sphere_gd_steps.json"), "w") as fh:
-        json.dump(out, fh, indent=1)
-    with open(os.path.join(a.out, "sphere_gd_steps.md"), "w") as fh:
-        fh.write(table(rows))
+    save_table(a.out, "sphere_gd_steps", out, table(rows))
     print(table(rows))
 
 
