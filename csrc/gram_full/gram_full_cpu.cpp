@@ -188,6 +188,8 @@ void gram_full_cpu_kernel(const std::vector<at::Tensor>& A1, const std::vector<a
     (unit_rows<scalar_t>(D1[l]) && (s.symmetric || unit_rows<scalar_t>(D2[l])) ? unit : order).push_back(l);
   order.insert(order.end(), unit.begin(), unit.end());
   const int64_t n_full = L - (int64_t)unit.size();
+  // a first Hadamard layer with T = 1 assigns the accumulator; otherwise it is zeroed per tile
+  const bool assign_first = n_full > 0 && A1[order[0]].size(1) == 1;
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor ga = at::empty({B * s.tmax * B * s.tmax}, opts), gd = at::empty({B * k * s.tmax * B * k * s.tmax}, opts);
     at::Tensor acc = at::empty({B * k * B * k}, opts), gexp = at::empty({B * k}, opts);
@@ -195,29 +197,24 @@ void gram_full_cpu_kernel(const std::vector<at::Tensor>& A1, const std::vector<a
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = tiles[t].first * B, j0 = tiles[t].second * B;
       const int64_t mi = std::min(B, s.n1 - i0), mj = std::min(B, s.n2 - j0);
-      bool first = true;     // the first Hadamard layer assigns the accumulator
+      if (!assign_first) acc.narrow(0, 0, mi * k * mj * k).zero_();
       for (int64_t o = 0; o < L; ++o) {
         const int64_t l = order[o], T = A1[l].size(1), p = A1[l].size(2), q = D1[l].size(3);
         const scalar_t sc = (scalar_t)scales[l];
         at::Tensor ga_t = ga.narrow(0, 0, mi * T * mj * T).view({mi * T, mj * T});
         at::mm_out(ga_t, A1[l].view({-1, p}).narrow(0, i0 * T, mi * T), A2[l].view({-1, p}).narrow(0, j0 * T, mj * T).t());
         if (o >= n_full) {
-          if (first) acc.narrow(0, 0, mi * k * mj * k).zero_();
-          first = false;
           combine_unit<scalar_t>(pacc, ga_t.data_ptr<scalar_t>(), mi, mj, k, sc);
           continue;
         }
         at::Tensor gd_t = gd.narrow(0, 0, mi * k * T * mj * k * T).view({mi * k * T, mj * k * T});
         at::mm_out(gd_t, D1[l].view({-1, q}).narrow(0, i0 * k * T, mi * k * T),
                    D2[l].view({-1, q}).narrow(0, j0 * k * T, mj * k * T).t());
-        if (T == 1) {
+        if (T == 1)
           combine_hadamard(pacc, ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(), gexp.data_ptr<scalar_t>(), mi,
-                           mj, k, sc, first);
-        } else {
-          if (first) acc.narrow(0, 0, mi * k * mj * k).zero_();
+                           mj, k, sc, assign_first && o == 0);
+        else
           combine_tokens<scalar_t>(pacc, ga_t.data_ptr<scalar_t>(), gd_t.data_ptr<scalar_t>(), mi, mj, k, T, sc);
-        }
-        first = false;
       }
       const bool diagonal = s.symmetric && i0 == j0;
       store_tile<scalar_t>(optr, st, pacc, i0, j0, mi, mj, k, s.symmetric && !diagonal, diagonal);
