@@ -69,19 +69,26 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[to
     not interact, so all k outputs are back-propagated at once as (n, k, width) signals, seeded with the unit
     vectors at the output:
 
-        elementwise sigma on input u:   G <- G o sigma'(u)      (sigma'(u) by one autograd pass of sum sigma(u))
+        elementwise sigma on input u:   G <- G o sigma'(u)     (sigma'(u): autograd of sum sigma(u), in the forward)
         Linear W (frozen or not):       delta = G (recorded when W or b requires grad);  G <- G W
 
-    Cost: one forward pass, one elementwise backward per activation and one (n k x out) @ (out x in) product per
-    Linear below the output.  A_l is the layer input when W requires grad, with a column of ones appended
+    Cost: one forward pass (with an elementwise backward per activation) and one (n k x out) @ (out x in)
+    product per Linear below the output.  A_l is the layer input when W requires grad, with a column of ones appended
     when b requires grad.
     """
-    inputs: List[Optional[torch.Tensor]] = []
-    h = x
-    with torch.no_grad():
-        for m in model:
-            inputs.append(h)
-            h = m(h.clone() if getattr(m, "inplace", False) else h)     # keep u for sigma'(u)
+    saved: List[torch.Tensor] = []      # per module: a Linear's input u, an activation's slope sigma'(u)
+    h = x.detach()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            saved.append(h)
+            with torch.no_grad():
+                h = m(h)
+            continue
+        with torch.enable_grad():
+            u = h.detach().requires_grad_(True)
+            y = m(u.clone() if getattr(m, "inplace", False) else u)
+            saved.append(torch.autograd.grad(y.sum(), u)[0])
+        h = y.detach()
     out = h.unsqueeze(1) if h.dim() == 1 else h.reshape(h.shape[0], -1)
     n, k = out.shape
     trains = [isinstance(m, nn.Linear) and (m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad))
@@ -92,21 +99,19 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[to
     G = torch.eye(k, dtype=out.dtype, device=out.device).expand(n, k, k)
     A, D = [], []
     for idx in range(len(model) - 1, lowest - 1, -1):
-        m, u = model[idx], inputs[idx]
-        if isinstance(m, nn.Linear):
-            if trains[idx]:
-                D.append(G.contiguous())
-                cols = ([u] if m.weight.requires_grad else []) + (
-                    [torch.ones(n, 1, dtype=x.dtype, device=x.device)] if m.bias is not None and m.bias.requires_grad
-                    else [])
-                A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
-            if idx > lowest:
-                G = G @ m.weight.detach()
-        else:
-            with torch.enable_grad():
-                ur = u.detach().requires_grad_(True)
-                slope, = torch.autograd.grad(m(ur.clone() if getattr(m, "inplace", False) else ur).sum(), ur)
-            G = G * slope.unsqueeze(1)
+        m = model[idx]
+        if not isinstance(m, nn.Linear):
+            G = G * saved[idx].unsqueeze(1)
+            continue
+        if trains[idx]:
+            u = saved[idx]
+            D.append(G.contiguous())
+            cols = ([u] if m.weight.requires_grad else []) + (
+                [torch.ones(n, 1, dtype=x.dtype, device=x.device)] if m.bias is not None and m.bias.requires_grad
+                else [])
+            A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
+        if idx > lowest:
+            G = G @ m.weight.detach()
     return A[::-1], D[::-1], k
 
 
