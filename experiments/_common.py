@@ -106,6 +106,17 @@ def save_table(folder: str, name: str, payload: Dict, table: str) -> None:
         fh.write(table)
 
 
+def study_draw(d: int, nu_t: float, draw: int, points: int, seed: int = 0, k_cap: int = 2048):
+    """The sphere study's draw (experiments/sphere_learning_curves.py): ``points`` uniform points on S^{d-1} and
+    one exact field draw of smoothness nu_t on them, from the generator seeded seed + 1000 d + draw.
+    Returns (u (points, d), ntk_fast.sphere.FieldSample)."""
+    import torch
+    from ntk_fast.sphere import sample_field, sample_sphere
+    g = torch.Generator().manual_seed(seed + 1000 * d + draw)
+    u = sample_sphere(points, d, g)
+    return u, sample_field(u, nu_t, 1, g, k_cap=k_cap)
+
+
 def scale_label(args) -> str:
     return (f"{args.dataset}, p={args.p}, L={args.L}, softplus beta=5, soft hinge, "
             f"{args.ensemble} seed{'s' if args.ensemble > 1 else ''}")

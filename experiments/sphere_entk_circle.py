@@ -29,9 +29,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))      # _common, also when loaded by path
-from _common import save_table  # noqa: E402
+from _common import save_table, study_draw  # noqa: E402
 from ntk_fast.ntk.empirical import empirical_ntk  # noqa: E402
-from ntk_fast.sphere import sample_field, sample_sphere  # noqa: E402
 from ntk_fast.sphere.predictors import entk_regression, make_net, ntk_inf_regression, to_net_inputs  # noqa: E402
 
 RIDGES = (1e-10, 1e-8, 1e-6, 1e-4)
@@ -47,9 +46,7 @@ def cells(net, u: torch.Tensor) -> Dict[str, int]:
 
 
 def one(d: int, nu: float, draw: int, n: int, h: int, m: int, n_max: int) -> dict:
-    g = torch.Generator().manual_seed(1000 * d + draw)                 # the study's seeds (seed 0)
-    u = sample_sphere(n_max + m, d, g)
-    fs = sample_field(u, nu, 1, g)
+    u, fs = study_draw(d, nu, draw, n_max + m)                        # the study's draw (seed 0)
     y, var = fs.values[0], fs.variance
     ut, yt = u[n_max:], y[n_max:]
     net = make_net(d, h, draw)

@@ -36,9 +36,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))      # _common, also when loaded by path
-from _common import save_table  # noqa: E402
+from _common import save_table, study_draw  # noqa: E402
 from ntk_fast.ntk.empirical import empirical_ntk  # noqa: E402
-from ntk_fast.sphere import sample_field, sample_sphere  # noqa: E402
 from ntk_fast.sphere.predictors import alpha_for_xi, fit_net, make_net, to_net_inputs  # noqa: E402
 
 TARGET = 1e-4
@@ -118,9 +117,7 @@ def feature_run(d, h, draw, u, y, var, K, wall) -> dict:
 
 
 def one(d: int, nu: float, draw: int, n: int, h: int, m: int, n_max: int, run_net: bool, wall: float) -> dict:
-    g = torch.Generator().manual_seed(1000 * d + draw)                 # the study's seeds (seed 0)
-    u = sample_sphere(n_max + m, d, g)
-    fs = sample_field(u, nu, 1, g)
+    u, fs = study_draw(d, nu, draw, n_max + m)                        # the study's draw (seed 0)
     y, var = fs.values[0][:n], fs.variance
     net = make_net(d, h, draw)
     K = empirical_ntk(net, to_net_inputs(u[:n]))

@@ -37,13 +37,12 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from _common import study_draw  # noqa: E402
 from ntk_fast.limits import limit_kernels  # noqa: E402
-from ntk_fast.sphere import (fit_exponent, harmonic_dim, harmonic_dims, predicted_exponents, sample_field,  # noqa: E402
-                             sample_sphere, target_power)
+from ntk_fast.sphere import fit_exponent, harmonic_dim, harmonic_dims, predicted_exponents, target_power  # noqa: E402
 from ntk_fast.sphere.predictors import (alpha_for_xi, entk_regression, fit_net, make_net,  # noqa: E402
                                         ntk_inf_regression, to_net_inputs)
 from ntk_fast.spectrum import degree_power, kernel_target_alignment  # noqa: E402
@@ -123,9 +122,7 @@ def respectral(a, out) -> None:
     for c in out["curves"]:
         d, nu = c["d"], c["nu_t"]
         for draw, info in enumerate(c["draws"]):
-            g = torch.Generator().manual_seed(a.seed + 1000 * d + draw)
-            u = sample_sphere(ns[-1] + a.m_test, d, g)
-            fs = sample_field(u, nu, 1, g, k_cap=a.k_cap)
+            u, fs = study_draw(d, nu, draw, ns[-1] + a.m_test, a.seed, a.k_cap)
             y, ut, yt = fs.values[0], u[ns[-1]:], fs.values[0][ns[-1]:]
             info["spectral"] = []
             for n in (ns[0], ns[-1]):
@@ -144,9 +141,7 @@ def respectral(a, out) -> None:
 
 def one_draw(a, d, nu, draw, ns):
     """Errors of every predictor at every n for one draw; the spectral check at the smallest and largest n."""
-    g = torch.Generator().manual_seed(a.seed + 1000 * d + draw)
-    u = sample_sphere(ns[-1] + a.m_test, d, g)
-    fs = sample_field(u, nu, 1, g, k_cap=a.k_cap)
+    u, fs = study_draw(d, nu, draw, ns[-1] + a.m_test, a.seed, a.k_cap)
     y, var = fs.values[0], fs.variance
     ut, yt = u[ns[-1]:], y[ns[-1]:]
     errs = {k: [] for k in PREDICTORS}
