@@ -23,8 +23,10 @@ TORCH_LIBRARY(ntk_fast, m) {
   // a[l] (n, T_l, p_l), d[l] (n, k, T_l, q_l), out (n1, n2, k, k): the NTK of any model in mode "full" with the A
   // products shared by the k x k output pairs (T = 1), the token-pair form (T > 1), or a Gram of per-sample
   // gradients (a = ones (n, 1, 1)).  a2 = d2 = None: symmetric (upper tiles computed, mirrored; exactly symmetric).
-  m.def("gram_full(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block=0) -> Tensor");
-  m.def("gram_full.out(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block, *, Tensor(a!) out) -> ()");
+  // w: None, or one entry per layer: None (d[l] as above) or a (k, q_l) factor, with d[l] (n, 1, 1, q_l) = s and
+  // D[i, c] = s_i o w_c (the layer below a linear readout): its k x k blocks are symmetric, k(k+1)/2 products.
+  m.def("gram_full(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block=0, Tensor?[]? w=None) -> Tensor");
+  m.def("gram_full.out(Tensor[] a1, Tensor[] d1, Tensor[]? a2, Tensor[]? d2, float[] scales, int block, Tensor?[]? w=None, *, Tensor(a!) out) -> ()");
   // Gradient-flow trainer (ntk_fast/flow.py; maths in csrc/flow/flow_cpu.cpp).  K nets stored row-wise in (K, P).
   // flow_step: w_out = w - dt g (tau == 0), or v_out = x v - (1 - x) g, w_out = w + dt v_out with x = exp(-dt/tau).
   m.def("flow_step(Tensor w, Tensor g, Tensor v, Tensor dt, float tau, Tensor(a!) w_out, Tensor(b!) v_out) -> ()");

@@ -26,7 +26,7 @@ def rel(out, ref):
 
 
 def up(ts):
-    return None if ts is None else [t.cpu().to(f64) for t in ts]
+    return None if ts is None else [None if t is None else t.cpu().to(f64) for t in ts]
 
 
 LAYERS = [[(1, 3, 5)], [(1, 1, 1)], [(3, 4, 2), (1, 7, 1)], [(2, 33, 17), (1, 17, 17), (5, 1, 3)]]
@@ -82,6 +82,47 @@ def test_unit_readout_layers(device, dtype, k, gen):
     near[n1 // 2, k - 1, 0, 0] += 0.5      # not a unit row: a wrong shortcut would miss this entry
     got = ntk_fast.gram_full(A1, [D1[0], near], scales=sc)
     assert rel(got, gram_full_reference(up(A1), up([D1[0], near]), None, None, sc)) <= tol
+
+
+def factored(n, q, gen, dtype=f64, device="cpu"):
+    """s (n, 1, 1, q) of a factored layer (activation slopes: some exact zeros, like ReLU's)."""
+    s = torch.randn(n, 1, 1, q, generator=gen, dtype=f64)
+    return (s * (s > -0.5)).to(device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 5, 10])
+@pytest.mark.parametrize("n1,n2", [(1, 1), (7, 5), (41, 13)])
+def test_factored_layers(device, dtype, k, n1, n2, gen):
+    """w[l] given: d[l] = s (n, 1, 1, q) and D[i, c] = s_i o w_c (the k(k+1)/2 symmetric form on the CPU for
+    k >= 5, dense below), alone, after a dense layer, before a unit readout; asymmetric and symmetric."""
+    tol = 1e-12 if dtype == f64 else 1e-5
+    A1, D1 = feats(n1, k, [(1, 5, 6), (1, 9, 1), (1, 4, k)], gen, dtype, device)
+    A2, D2 = feats(n2, k, [(1, 5, 6), (1, 9, 1), (1, 4, k)], gen, dtype, device)
+    D1[1], D2[1] = factored(n1, 11, gen, dtype, device), factored(n2, 11, gen, dtype, device)
+    D1[2], D2[2] = unit_rows(n1, k, dtype, device), unit_rows(n2, k, dtype, device)
+    w = [None, torch.randn(k, 11, generator=gen, dtype=f64).to(device, dtype), None]
+    sc = [0.5, 2.0, 3.0]
+    for layers in ([0, 1, 2], [1, 2], [1]):
+        a1, d1, a2, d2, wl = ([t[i] for i in layers] for t in (A1, D1, A2, D2, w))
+        s = [sc[i] for i in layers]
+        for block in (0, 1, 4):
+            got = ntk_fast.gram_full(a1, d1, a2, d2, s, block=block, w=wl)
+            assert got.shape == (n1, n2, k, k)
+            assert rel(got, gram_full_reference(up(a1), up(d1), up(a2), up(d2), s, up(wl))) <= tol
+            sym = ntk_fast.gram_full(a1, d1, scales=s, block=block, w=wl)
+            assert rel(sym, gram_full_reference(up(a1), up(d1), None, None, s, up(wl))) <= tol
+            assert torch.equal(sym, sym.permute(1, 0, 3, 2)), "symmetric mode must be exactly symmetric"
+
+
+def test_factored_equals_dense_signal(gen):
+    """The factored form gives the op's own dense result for D = s o w (to rounding)."""
+    n, k = 53, 7
+    A, _ = feats(n, k, [(1, 6, 1)], gen)
+    s, wk = factored(n, 19, gen), torch.randn(k, 19, generator=gen, dtype=f64)
+    dense = (s * wk[None, :, None, :]).contiguous()
+    assert rel(ntk_fast.gram_full(A, [s], w=[wk]), ntk_fast.gram_full(A, [dense])) <= 1e-13
 
 
 def test_hadamard_full_equals_the_gram_op_per_output_pair(gen):
@@ -140,6 +181,13 @@ def test_opcheck(device, dtype, gen):
     torch.library.opcheck(torch.ops.ntk_fast.gram_full.default, (A, D, B, E, [1.0, 2.0], 2))
     out = torch.empty(9, 6, 3, 3, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.ntk_fast.gram_full.out, (A, D, B, E, [1.0, 2.0], 0), {"out": out})
+    A, D = feats(9, 6, [(1, 4, 3), (1, 5, 1)], gen, dtype, device)       # a factored layer (k = 6)
+    B, E = feats(6, 6, [(1, 4, 3), (1, 5, 1)], gen, dtype, device)
+    D[1], E[1] = factored(9, 7, gen, dtype, device), factored(6, 7, gen, dtype, device)
+    w = [None, torch.randn(6, 7, generator=gen, dtype=f64).to(device, dtype)]
+    torch.library.opcheck(torch.ops.ntk_fast.gram_full.default, (A, D, None, None, [1.0, 2.0], 0, w))
+    out = torch.empty(9, 6, 6, 6, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.ntk_fast.gram_full.out, (A, D, B, E, [1.0, 2.0], 3, w), {"out": out})
 
 
 def test_fake_tensor_shapes():
@@ -149,6 +197,9 @@ def test_fake_tensor_shapes():
         B, E = [torch.empty(5, 2, 3, dtype=f64)], [torch.empty(5, 4, 2, 5, dtype=f64)]
         assert torch.ops.ntk_fast.gram_full(A, D, B, E, [1.0]).shape == (7, 5, 4, 4)
         assert torch.ops.ntk_fast.gram_full(A, D, None, None, [1.0]).shape == (7, 7, 4, 4)
+        S, W = [torch.empty(7, 1, 1, 5, dtype=f64)], [torch.empty(6, 5, dtype=f64)]
+        A1 = [torch.empty(7, 1, 3, dtype=f64)]
+        assert torch.ops.ntk_fast.gram_full(A1, S, None, None, [1.0], 0, W).shape == (7, 7, 6, 6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -161,6 +212,15 @@ def test_wrapper_compiles_fullgraph(device, gen):
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="eager")(A, D)
     torch.testing.assert_close(got, f(A, D), rtol=1e-12, atol=0)
+    S, W = [factored(11, 5, gen, device=device)], [torch.randn(6, 5, generator=gen, dtype=f64).to(device)]
+    A1 = [a[:, :1] for a in A]
+
+    def g(A, S, W):
+        return ntk_fast.gram_full(A, S, w=W).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(g, fullgraph=True, backend="eager")(A1, S, W)
+    torch.testing.assert_close(got, g(A1, S, W), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -182,6 +242,27 @@ def test_bad_input_names_the_argument(case, match, gen):
     A, D = feats(6, 3, [(2, 4, 5)], gen)
     with pytest.raises(ValueError, match=match):
         case(A, D)
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=W + [None]), "w must be None or a list of 1 entries"),
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=W[0]), "w must be None or a list of 1 entries"),
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0][:, :3]]), r"w\[0\] must be a \(k, 5\) tensor"),
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0].float()]), r"w\[0\] is torch.float32"),
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0] * float("inf")]), r"w\[0\] contains NaN or inf"),
+    (lambda A, S, W: ntk_fast.gram_full(A, [S[0].expand(6, 2, 1, 5)], w=W), "factored layer 0"),
+    (lambda A, S, W: ntk_fast.gram_full([A[0].expand(6, 2, 4)], [S[0].expand(6, 1, 2, 5)], w=W),
+     "factored layer 0"),
+    (lambda A, S, W: ntk_fast.gram_full(A + A, S + [torch.zeros(6, 3, 1, 5, dtype=f64)],
+                                        w=W + [torch.zeros(4, 5, dtype=f64)]), r"w\[1\] must be a \(3, 5\)"),
+])
+def test_bad_factors_name_the_argument(case, match, gen):
+    A = [torch.randn(6, 1, 4, generator=gen, dtype=f64)]
+    S, W = [factored(6, 5, gen)], [torch.randn(3, 5, generator=gen, dtype=f64)]
+    with pytest.raises(ValueError, match=match):
+        case(A, S, W)
+    with pytest.raises(RuntimeError, match="gram_full: w"):
+        torch.ops.ntk_fast.gram_full(A, S, None, None, [1.0], 0, [W[0][:, :3]])
 
 
 def test_op_itself_rejects_bad_input(gen):

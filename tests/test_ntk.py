@@ -84,6 +84,40 @@ def test_sequential_frozen_first_layer_and_trailing_activation(gen):
     assert rel(ntk_fast.empirical_ntk(net, x, method="structured"), jacobian_ntk_reference(net, x)) <= 1e-10
 
 
+@pytest.mark.parametrize("layers,factored", [
+    (lambda k: [nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 9), nn.Softplus(), nn.Tanh(), nn.Linear(9, k)], 2),
+    (lambda k: [nn.Linear(5, 8), nn.ELU(inplace=True), nn.Linear(8, 9, bias=False), nn.Linear(9, k)], 2),
+    (lambda k: [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, k, bias=False)], 0),
+    (lambda k: [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 9), nn.Tanh(), nn.Linear(9, k), nn.Sigmoid()], None),
+])
+@pytest.mark.parametrize("frozen_readout", [False, True])
+def test_sequential_full_mode_factored_readout(layers, factored, frozen_readout, gen):
+    """mode="full", k = 7: the Linear below a linear readout is captured as Factored(s, w) (D = s o w) and the
+    gram_full op forms its k(k+1)/2 symmetric pairs; equal to torch.func, x2 given or not, in row blocks too."""
+    from ntk_fast.ntk.anymodel import Factored
+    from ntk_fast.ntk.empirical import structured_features
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.Sequential(*layers(7)).to(f64)
+    if frozen_readout:
+        net[len(net) - 1 - (factored is None)].requires_grad_(False)
+    x1 = torch.randn(23, 5, generator=gen, dtype=f64)
+    x2 = torch.randn(6, 5, generator=gen, dtype=f64)
+    _, D, _ = structured_features(net, x1, factored=True)
+    linears = [i for i, m in enumerate(net) if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    kinds = {i: isinstance(d, Factored) for i, d in zip(linears, D)}
+    assert kinds == {i: i == factored for i in linears}
+    forms = {e.module: e.form for e in ntk_fast.ntk_plan(net, x1, mode="full").entries}
+    assert {m for m, f in forms.items() if f == "factored"} == ({str(factored)} if factored is not None else set())
+    readout = str(len(net) - 1)
+    assert (forms.get(readout) == "unit") == (factored is not None and not frozen_readout)
+    for xb in (None, x2):
+        ref = jacobian_ntk_reference(net, x1, xb)
+        for bs in (None, 5):
+            got = ntk_fast.empirical_ntk(net, x1, xb, mode="full", block_size=bs)
+            assert got.shape == ref.shape and rel(got, ref) <= 1e-10
+        assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="trace"), trace(ref)) <= 1e-10
+
+
 def test_frozen_parameters_are_left_out(gen):
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).to(f64)

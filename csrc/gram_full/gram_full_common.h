@@ -6,7 +6,11 @@
 // token; out (n1, n2, k, k).  T_l = 1 is the Hadamard identity with the A products shared by all k x k
 // output pairs; T_l > 1 the token-pair form; a = ones (n, 1, 1) with d = per-sample gradients (n, k, 1, P)
 // gives the Gram of materialised gradients.
-#pragma once
+//
+// Factored layers (w[l] defined, (k, q_l)): d[l] (n, 1, 1, q_l) holds s and D[i, c] = s_i o w_c, as for the layer
+// below a linear readout (s the activation slopes, w_c the readout's row c).  Then
+//   D1_ic . D2_jc' = sum_m (s1_i o s2_j)_m w_cm w_c'm,
+// symmetric in (c, c'): k(k+1)/2 products of length q per point pair instead of k^2.
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <optional>
@@ -15,6 +19,14 @@
 namespace ntk_fast {
 
 using GFOptList = std::optional<at::TensorList>;
+using GFFactors = std::optional<c10::List<std::optional<at::Tensor>>>;
+
+// w[l], or an undefined tensor when layer l is dense (w None, or its entry None).
+inline at::Tensor factor_of(const GFFactors& w, size_t l) {
+  if (!w.has_value() || l >= w->size()) return at::Tensor();
+  const std::optional<at::Tensor> t = w->get(l);
+  return t.has_value() ? *t : at::Tensor();
+}
 
 struct GramFullShape {
   int64_t n1, n2, k, tmax;
@@ -22,7 +34,7 @@ struct GramFullShape {
 };
 
 inline GramFullShape check_gram_full_args(at::TensorList a1, at::TensorList d1, const GFOptList& a2_,
-                                          const GFOptList& d2_, at::ArrayRef<double> scales) {
+                                          const GFOptList& d2_, at::ArrayRef<double> scales, const GFFactors& w) {
   TORCH_CHECK(a2_.has_value() == d2_.has_value(), "gram_full: pass both a2 and d2, or neither (symmetric Gram)");
   const bool sym = !a2_.has_value();
   const auto L = a1.size();
@@ -38,7 +50,12 @@ inline GramFullShape check_gram_full_args(at::TensorList a1, at::TensorList d1, 
               dtype);
   TORCH_CHECK(d1[0].dim() == 4, "gram_full: d1[0] must be 4-D (points, outputs, tokens, features), got shape ",
               d1[0].sizes());
-  const int64_t n1 = a1[0].size(0), n2 = a2[0].size(0), k = d1[0].size(1);
+  TORCH_CHECK(!w.has_value() || w->size() == L, "gram_full: w must be None or hold one entry per layer (", L,
+              "), got ", w.has_value() ? w->size() : 0);
+  const at::Tensor w0 = factor_of(w, 0);
+  TORCH_CHECK(!w0.defined() || w0.dim() == 2, "gram_full: w[0] must be 2-D (outputs, features), got shape ",
+              w0.sizes());
+  const int64_t n1 = a1[0].size(0), n2 = a2[0].size(0), k = w0.defined() ? w0.size(0) : d1[0].size(1);
   int64_t tmax = 1;
   auto same = [&](const at::Tensor& t, const char* name, size_t l, int64_t dim, int64_t rows) {
     TORCH_CHECK(t.dim() == dim, "gram_full: ", name, "[", l, "] must be ", dim, "-D, got shape ", t.sizes());
@@ -55,8 +72,19 @@ inline GramFullShape check_gram_full_args(at::TensorList a1, at::TensorList d1, 
     same(d2[l], "d2", l, 4, n2);
     const int64_t T = a1[l].size(1);
     TORCH_CHECK(T >= 1, "gram_full: a1[", l, "] has no tokens");
-    TORCH_CHECK(d1[l].size(1) == k && d2[l].size(1) == k, "gram_full: d1[", l, "] and d2[", l, "] must have ", k,
-                " outputs like d1[0], got ", d1[l].size(1), " and ", d2[l].size(1));
+    const at::Tensor wl = factor_of(w, l);
+    if (wl.defined()) {
+      TORCH_CHECK(wl.dim() == 2 && wl.size(0) == k && wl.size(1) == d1[l].size(3), "gram_full: w[", l,
+                  "] must have shape (", k, ", ", d1[l].size(3), "), got ", wl.sizes());
+      TORCH_CHECK(wl.scalar_type() == dtype && wl.device() == device, "gram_full: w[", l, "] is ", wl.scalar_type(),
+                  " on ", wl.device(), " but a1[0] is ", dtype, " on ", device);
+      TORCH_CHECK(T == 1 && d1[l].size(1) == 1 && d2[l].size(1) == 1, "gram_full: the factored layer ", l,
+                  " needs d1 and d2 of shape (n, 1, 1, q) and one token, got ", d1[l].sizes(), " and ",
+                  d2[l].sizes());
+    } else {
+      TORCH_CHECK(d1[l].size(1) == k && d2[l].size(1) == k, "gram_full: d1[", l, "] and d2[", l, "] must have ",
+                  k, " outputs like d1[0], got ", d1[l].size(1), " and ", d2[l].size(1));
+    }
     TORCH_CHECK(a2[l].size(1) == T && d1[l].size(2) == T && d2[l].size(2) == T, "gram_full: layer ", l,
                 " has ", T, " tokens in a1 but a2, d1, d2 have ", a2[l].size(1), ", ", d1[l].size(2), ", ",
                 d2[l].size(2));
@@ -94,13 +122,14 @@ inline std::vector<std::pair<int64_t, int64_t>> gram_full_tiles(int64_t tb1, int
   return tiles;
 }
 
-// The features made contiguous once; in symmetric mode the right-hand side is the left one.
+// The features made contiguous once; in symmetric mode the right-hand side is the left one.  W[l]: the factor of
+// layer l, undefined for a dense layer.
 struct GramFullInputs {
-  std::vector<at::Tensor> A1, D1, A2, D2;
+  std::vector<at::Tensor> A1, D1, A2, D2, W;
 };
 
 inline GramFullInputs gram_full_inputs(at::TensorList a1, at::TensorList d1, const GFOptList& a2,
-                                       const GFOptList& d2, bool symmetric) {
+                                       const GFOptList& d2, bool symmetric, const GFFactors& w) {
   auto contiguous = [](at::TensorList ts) {
     std::vector<at::Tensor> v;
     v.reserve(ts.size());
@@ -110,16 +139,31 @@ inline GramFullInputs gram_full_inputs(at::TensorList a1, at::TensorList d1, con
   GramFullInputs in{contiguous(a1), contiguous(d1), {}, {}};
   in.A2 = symmetric ? in.A1 : contiguous(*a2);
   in.D2 = symmetric ? in.D1 : contiguous(*d2);
+  for (size_t l = 0; l < in.A1.size(); ++l) {
+    const at::Tensor wl = factor_of(w, l);
+    in.W.push_back(wl.defined() ? wl.contiguous() : wl);
+  }
   return in;
+}
+
+// Factored layers made dense, D[i, c, 0] = s_i o w_c (n, k, 1, q): for kernels without the factored form.
+inline void materialise_factors(GramFullInputs& in, bool symmetric) {
+  for (size_t l = 0; l < in.W.size(); ++l) {
+    if (!in.W[l].defined()) continue;
+    const at::Tensor w = in.W[l].unsqueeze(0).unsqueeze(2);   // (1, k, 1, q)
+    in.D1[l] = (in.D1[l] * w).contiguous();
+    in.D2[l] = symmetric ? in.D1[l] : (in.D2[l] * w).contiguous();
+    in.W[l] = at::Tensor();
+  }
 }
 
 // The allocating overload of either device: out (n1, n2, k, k) like a1[0], filled by the .out kernel `fill`.
 template <typename Fill>
 at::Tensor gram_full_allocating(at::TensorList a1, at::TensorList d1, const GFOptList& a2, const GFOptList& d2,
-                                at::ArrayRef<double> scales, int64_t block, Fill fill) {
-  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales);
+                                at::ArrayRef<double> scales, int64_t block, const GFFactors& w, Fill fill) {
+  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales, w);
   at::Tensor out = at::empty({s.n1, s.n2, s.k, s.k}, a1[0].options());
-  fill(a1, d1, a2, d2, scales, block, out);
+  fill(a1, d1, a2, d2, scales, block, w, out);
   return out;
 }
 

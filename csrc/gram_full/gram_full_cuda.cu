@@ -7,6 +7,7 @@
 // accumulator acc[(i, c), (j, c')] (one thread per entry), and after the last layer `store` writes the tile into
 // out[i, j, c, c'] and, in symmetric mode, its mirror out[j, i, c', c] (diagonal tiles from their upper half, so
 // the result is exactly symmetric).  Memory: out plus three tile buffers (at most 2048^2 entries each).
+// Factored layers (w given) are made dense first (D = s o w, materialise_factors): no k(k+1)/2 saving here yet.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -89,8 +90,8 @@ void run_tiles(const std::vector<at::Tensor>& A1, const std::vector<at::Tensor>&
 }
 
 void gram_full_out_cuda(at::TensorList a1, at::TensorList d1, const GFOptList& a2, const GFOptList& d2,
-                        at::ArrayRef<double> scales, int64_t block, at::Tensor out) {
-  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales);
+                        at::ArrayRef<double> scales, int64_t block, const GFFactors& w, at::Tensor out) {
+  const GramFullShape s = check_gram_full_args(a1, d1, a2, d2, scales, w);
   check_gram_full_out(out, s, a1[0]);
   const at::Device dev = a1[0].device();
   TORCH_CHECK(dev.is_cuda(), "gram_full: the CUDA kernel got a1[0] on ", dev);
@@ -101,15 +102,16 @@ void gram_full_out_cuda(at::TensorList a1, at::TensorList d1, const GFOptList& a
               " on CUDA");
   c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const GramFullInputs in = gram_full_inputs(a1, d1, a2, d2, s.symmetric);
+  GramFullInputs in = gram_full_inputs(a1, d1, a2, d2, s.symmetric, w);
+  materialise_factors(in, s.symmetric);
   AT_DISPATCH_FLOATING_TYPES(in.A1[0].scalar_type(), "gram_full_cuda", [&] {
     run_tiles<scalar_t>(in.A1, in.D1, in.A2, in.D2, scales, s, B, out, stream);
   });
 }
 
 at::Tensor gram_full_cuda(at::TensorList a1, at::TensorList d1, const GFOptList& a2, const GFOptList& d2,
-                          at::ArrayRef<double> scales, int64_t block) {
-  return gram_full_allocating(a1, d1, a2, d2, scales, block, gram_full_out_cuda);
+                          at::ArrayRef<double> scales, int64_t block, const GFFactors& w) {
+  return gram_full_allocating(a1, d1, a2, d2, scales, block, w, gram_full_out_cuda);
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -35,16 +35,32 @@ from ntk_fast.ntk.plan import Plan, make_plan
 
 
 @dataclass
+class Factored:
+    """The signal of the layer below a linear readout, D[i, c] = s_i o w_c: s (n, q), w (k, q)."""
+    s: torch.Tensor
+    w: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """D (n, k, q)."""
+        return self.s.unsqueeze(1) * self.w.unsqueeze(0)
+
+
+@dataclass
 class Piece:
     form: str                             # "hadamard" | "pair" | "grads"
     a: Optional[torch.Tensor] = None
-    d: Optional[torch.Tensor] = None
+    d: Optional[torch.Tensor] = None      # hadamard with w: s (n, q) of D[i, c] = s_i o w_c (Factored)
     g: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None      # the factor (k, q) of a factored hadamard piece
 
     def rows(self, r0: int, r1: int) -> "Piece":
         s = slice(r0, r1)
         return Piece(self.form, None if self.a is None else self.a[s], None if self.d is None else self.d[s],
-                     None if self.g is None else self.g[s])
+                     None if self.g is None else self.g[s], self.w)
+
+    def dense_d(self) -> torch.Tensor:
+        """D (n, k, q) of a hadamard piece (made dense when factored)."""
+        return self.d if self.w is None else Factored(self.d, self.w).dense()
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -153,13 +169,13 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
     res = None
     for p, q in zip(P1, P2):
         if p.form == "hadamard":
-            a1.append(p.a); d1.append(p.d.flatten(1)); a2.append(q.a); d2.append(q.d.flatten(1))
+            a1.append(p.a); d1.append(p.dense_d().flatten(1)); a2.append(q.a); d2.append(q.dense_d().flatten(1))
         elif p.form == "grads":     # torch.mm on the concatenated gradients (below)
             g1.append(p.g.flatten(1)); g2.append(q.g.flatten(1))
         else:       # pair: the token-pair form in the gram_full op, outputs traced (op_features)
             t1.append(p); t2.append(q)
     if t1:
-        (ta1, td1), (ta2, td2) = op_features(t1, trace=True), op_features(t2, trace=True)
+        (ta1, td1, _), (ta2, td2, _) = op_features(t1, trace=True), op_features(t2, trace=True)
         res = _opsf.gram_full(ta1, td1, None if sym else ta2, None if sym else td2)[:, :, 0, 0]
     if a1:
         blk = _ops.gram(a1, d1, None if sym else a2, None if sym else d2, precision=precision)
@@ -171,21 +187,25 @@ def _trace_block(P1: List[Piece], P2: Optional[List[Piece]], precision: str) -> 
 
 
 def op_features(P: List[Piece], trace: bool = False):
-    """The hadamard and pair pieces as the gram_full op's lists: a (n, T, p), d (n, k, T, q).
+    """The hadamard and pair pieces as the gram_full op's lists: a (n, T, p), d (n, k, T, q), and w (the
+    factors: None, or per piece None or w (k, q) with d = s (n, 1, 1, q) for a factored piece).
 
     trace: d as (n, 1, T, k q), so that the op's single output pair is sum_c D_ict . D_jct' (the trace over
-    outputs).  Grads pieces are left out (see ``_grads_full``)."""
-    A, D = [], []
+    outputs; factored pieces made dense).  Grads pieces are left out (see ``_grads_full``)."""
+    A, D, W = [], [], []
     for p in P:
-        if p.form == "hadamard":
-            a, d = p.a[:, None, :], p.d[:, :, None, :]
+        if p.form == "hadamard" and p.w is not None and not trace:
+            a, d = p.a[:, None, :], p.d[:, None, None, :]
+        elif p.form == "hadamard":
+            a, d = p.a[:, None, :], p.dense_d()[:, :, None, :]
         elif p.form == "pair":
             a, d = p.a, p.d
         else:
             continue
         A.append(a)
         D.append(d.transpose(1, 2).flatten(2).unsqueeze(1) if trace else d)
-    return A, D
+        W.append(None if trace else p.w)
+    return A, D, (W if any(f is not None for f in W) else None)
 
 
 def _grads_full(P1: List[Piece], P2: Optional[List[Piece]], k: int) -> Optional[torch.Tensor]:
@@ -205,10 +225,10 @@ def _full_into(res: torch.Tensor, P1: List[Piece], P2: Optional[List[Piece]], k:
     shared by the k x k output pairs: one call of the C++ op ``gram_full`` over the hadamard and pair pieces
     (Theta[i, j, c, c'] = sum_l sum_{t, t'} (A_it . A_jt') (D_ict . D_jc't'), written once into res), plus the
     Gram of the materialised gradients."""
-    A1, D1 = op_features(P1)
-    A2, D2 = (None, None) if P2 is None else op_features(P2)
+    A1, D1, W = op_features(P1)
+    A2, D2, _ = (None, None, None) if P2 is None else op_features(P2)
     if A1:
-        _opsf.gram_full(A1, D1, A2, D2, out=res)
+        _opsf.gram_full(A1, D1, A2, D2, out=res, w=W)
     g = _grads_full(P1, P2, k)
     if g is not None:
         res.add_(g) if A1 else res.copy_(g)
@@ -221,7 +241,8 @@ def _diagonal(P1: List[Piece]) -> torch.Tensor:
         if p.form == "grads":
             res = res + (p.g * p.g).sum(dim=(1, 2))
         elif p.form == "hadamard":
-            res = res + (p.a * p.a).sum(1) * (p.d * p.d).sum(dim=(1, 2))
+            d = p.dense_d()
+            res = res + (p.a * p.a).sum(1) * (d * d).sum(dim=(1, 2))
         else:
             ka = p.a @ p.a.transpose(1, 2)                                    # (n, T, T)
             dd = torch.einsum("nktq,nkuq->ntu", p.d, p.d)
@@ -326,6 +347,8 @@ def any_model_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     return assemble(P1, P2, plan.k, mode, out, block_size, progress, precision)
 
 
-def fc_pieces(A: List[torch.Tensor], D: List[torch.Tensor]) -> List[Piece]:
-    """Hadamard pieces from the structured features of an FCNet / Sequential (A (n, p), D (n, k, q))."""
-    return [Piece("hadamard", a=a, d=d) for a, d in zip(A, D)]
+def fc_pieces(A: List[torch.Tensor], D: List[Union[torch.Tensor, Factored]]) -> List[Piece]:
+    """Hadamard pieces from the structured features of an FCNet / Sequential (A (n, p), D (n, k, q) or
+    Factored)."""
+    return [Piece("hadamard", a=a, d=d.s, w=d.w) if isinstance(d, Factored) else Piece("hadamard", a=a, d=d)
+            for a, d in zip(A, D)]

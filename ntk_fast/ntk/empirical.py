@@ -38,6 +38,7 @@ from ntk_fast.progress import progress_bar
 from ntk_fast.guards.estimates import NTK_WAY_OUT, empirical_ntk_bytes
 from ntk_fast.guards.memory import require_memory
 from ntk_fast.ntk import anymodel as _any
+from ntk_fast.ntk.anymodel import Factored
 from ntk_fast.ntk import capture as _capture
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
@@ -62,7 +63,8 @@ def supports_structured(model: nn.Module) -> bool:
     return False
 
 
-def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool = False
+                         ) -> Tuple[List[torch.Tensor], List[Union[torch.Tensor, Factored]], int]:
     """Features (A, D) of a Sequential of Linear + elementwise layers, D as (n, k, fan_out).
 
     For a Linear layer y = x W^T + b: df_c/dW = delta_c x^T and df_c/db = delta_c, delta_c = df_c/dy.  Points do
@@ -75,6 +77,10 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[to
     Cost: one forward pass (with an elementwise backward per activation) and one (n k x out) @ (out x in)
     product per Linear below the output.  A_l is the layer input when W requires grad, with a column of ones appended
     when b requires grad.
+
+    Below the last Linear (the readout, W_o (k, q), nothing after it) the signal is G[i, c] = s_i o W_o[c] with s
+    the product of the slopes in between: with ``factored`` the next Linear's D is returned as that
+    ``Factored(s, W_o)`` (its k x k blocks are symmetric: the gram_full op forms k(k+1)/2 of them).
     """
     saved: List[torch.Tensor] = []      # per module: a Linear's input u, an activation's slope sigma'(u)
     h = x.detach()
@@ -96,22 +102,31 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor) -> Tuple[List[to
     if not any(trains):
         raise ValueError("empirical_ntk: the model has no parameters that require grad")
     lowest = trains.index(True)
-    G = torch.eye(k, dtype=out.dtype, device=out.device).expand(n, k, k)
+    G: Union[torch.Tensor, Factored] = torch.eye(k, dtype=out.dtype, device=out.device).expand(n, k, k)
+    readout = True      # G is still the unit vectors: the next Linear is the readout
     A, D = [], []
     for idx in range(len(model) - 1, lowest - 1, -1):
         m = model[idx]
         if not isinstance(m, nn.Linear):
-            G = G * saved[idx].unsqueeze(1)
+            slope = saved[idx]
+            G = Factored(G.s * slope, G.w) if isinstance(G, Factored) else G * slope.unsqueeze(1)
+            readout = False
             continue
         if trains[idx]:
             u = saved[idx]
-            D.append(G.contiguous())
+            D.append(G if factored and isinstance(G, Factored) else
+                     (G.dense() if isinstance(G, Factored) else G).contiguous())
             cols = ([u] if m.weight.requires_grad else []) + (
                 [torch.ones(n, 1, dtype=x.dtype, device=x.device)] if m.bias is not None and m.bias.requires_grad
                 else [])
             A.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
         if idx > lowest:
-            G = G @ m.weight.detach()
+            W = m.weight.detach()
+            if readout:
+                G = Factored(torch.ones(n, W.shape[1], dtype=W.dtype, device=W.device), W)
+            else:
+                G = (G.dense() if isinstance(G, Factored) else G) @ W
+            readout = False
     return A[::-1], D[::-1], k
 
 
@@ -139,17 +154,24 @@ def _fcnet_features(model: FCNet, x: torch.Tensor) -> Tuple[List[torch.Tensor], 
     return keepA, keepD, k
 
 
-def structured_features(model: nn.Module, x: torch.Tensor, block_size: Optional[int] = None
-                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
-    """Per-layer features (A_l (n, p_l), D_l (n, k, q_l)) of a structured model, computed in row blocks."""
-    fn = _fcnet_features if isinstance(model, FCNet) else _sequential_features
+def structured_features(model: nn.Module, x: torch.Tensor, block_size: Optional[int] = None,
+                        factored: bool = False) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """Per-layer features (A_l (n, p_l), D_l (n, k, q_l)) of a structured model, computed in row blocks.
+
+    factored: a Sequential's layer below its linear readout may come as ``Factored(s, w)`` (D = s o w)."""
+    if isinstance(model, FCNet):
+        fn = _fcnet_features
+    else:
+        fn = lambda m, xb: _sequential_features(m, xb, factored)     # noqa: E731
     n = x.shape[0]
     bs = n if block_size is None else max(1, block_size)
     if bs >= n:
         return fn(model, x)
     parts = [fn(model, x[i:i + bs]) for i in range(0, n, bs)]
+    cat = lambda ds: (Factored(torch.cat([d.s for d in ds]), ds[0].w) if isinstance(ds[0], Factored)   # noqa: E731
+                      else torch.cat(ds))
     A = [torch.cat([p[0][l] for p in parts]) for l in range(len(parts[0][0]))]
-    D = [torch.cat([p[1][l] for p in parts]) for l in range(len(parts[0][1]))]
+    D = [cat([p[1][l] for p in parts]) for l in range(len(parts[0][1]))]
     return A, D, parts[0][2]
 
 
@@ -394,8 +416,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
 def _dispatch(model, x1, x2, mode, method, k, use_structured, block_size, out, progress, precision):
     """The path of empirical_ntk: FC fast path, any-model hooks, or blocked torch.func Jacobians."""
     if use_structured and mode == "full" and k > 1:    # A products shared across output pairs (anymodel.py)
-        A1, D1, _ = structured_features(model, x1, block_size)
-        P2 = None if x2 is None else _any.fc_pieces(*structured_features(model, x2, block_size)[:2])
+        A1, D1, _ = structured_features(model, x1, block_size, factored=True)
+        P2 = None if x2 is None else _any.fc_pieces(*structured_features(model, x2, block_size, factored=True)[:2])
         return _any.assemble(_any.fc_pieces(A1, D1), P2, k, mode, out, block_size, progress, precision)
     if use_structured:
         return _structured_ntk(model, x1, x2, mode, block_size, out, progress, precision)

@@ -12,7 +12,15 @@ pair       sum_{t,t'} (D_it . D_jt') (A_it . A_jt')                     2 S T^2 
 grads      G_i . G_j with G_i = sum_t D_it A_it^T (materialised)        2 N k T p q + 2 S kk p q
 =========  ==========================================================  =======================================
 
-(N = points whose gradients are formed.)  Norm layers (LayerNorm, GroupNorm, eval BatchNorm affine) and
+(N = points whose gradients are formed.)  Two shortcuts of the gram_full CPU kernel in mode "full" (k > 1) for an
+nn.Sequential of Linear and elementwise layers on (n, p) inputs (the path empirical_ntk takes for it):
+
+=========  ==========================================================  =======================================
+unit       the readout: D_ic = e_c, (D_ic . D_jc') = delta_cc'                2 S p
+factored   the Linear below it: D_ic = s_i o w_c, symmetric in (c, c')        2 S (p + q (kp + 1))
+=========  ==========================================================  =======================================
+
+(kp = k(k+1)/2 rounded up to a multiple of 8; used when kp < k^2, i.e. k >= 5.)  Norm layers (LayerNorm, GroupNorm, eval BatchNorm affine) and
 the parameters routed to torch.func always use "grads" (P = their parameter count).  For T > 1 the cheaper of
 "pair" and "grads" is chosen.  "diagonal" mode counts the n diagonal pairs only.
 """
@@ -26,6 +34,7 @@ import torch
 from torch import nn
 
 from ntk_fast.ntk import capture, layers
+from ntk_fast.ops.gram_full import factored_pairs
 
 MODES = ("full", "trace", "diagonal")
 
@@ -96,6 +105,10 @@ def form_flops(form: str, mode: str, n1: int, n2: int, symmetric: bool, k: int,
     N = n1 if symmetric else n1 + n2
     if form == "hadamard":
         return 2 * S * (p + kk * q)
+    if form == "unit":
+        return 2 * S * p
+    if form == "factored":
+        return 2 * S * (p + q * (factored_pairs(k) + 1))
     if form == "pair":
         return 2 * S * T * T * (p + kk * q) + 2 * S * T * T * kk
     make = 2.0 * N * k * T * p * q if formed else 0.0
@@ -165,11 +178,32 @@ def make_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = N
     return Plan(entries, n1, n2, sym, k, mode, {pn: func[pn] for pn in names if pn in func}, hooked)
 
 
+def _sequential_shortcuts(plan: Plan, model: nn.Sequential) -> None:
+    """Mode "full", k > 1, CPU, Sequential fast path: the readout Linear is "unit", the Linear below it (if any, and
+    when kp < k^2) "factored" (module docstring); their flops recounted."""
+    if not (isinstance(model, nn.Sequential) and isinstance(model[len(model) - 1], nn.Linear)):
+        return
+    linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    forms = {linears[-1]: "unit"}
+    if len(linears) > 1 and factored_pairs(plan.k) < plan.k ** 2:
+        forms[linears[-2]] = "factored"
+    for e in plan.entries:
+        if e.module in forms and e.form == "hadamard":
+            e.form = forms[e.module]
+            e.flops = form_flops(e.form, plan.mode, plan.n1, plan.n2, plan.symmetric, plan.k, p=e.p, q=e.q)
+
+
 def ntk_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "trace",
              method: str = "auto") -> Plan:
     """The plan ``empirical_ntk(model, x1, x2, mode=mode, method=method)`` follows; print it for a table.
 
-    Lists every trainable parameter with its layer, the formula (hadamard / pair / grads / jacobian), the
-    sizes (T tokens, p inputs, q outputs, P parameters) and the flops of its share of the Gram.
+    Lists every trainable parameter with its layer, the formula (hadamard / pair / grads / jacobian, and for a
+    Sequential in mode "full" on the CPU the unit readout and the factored layer below it), the sizes (T tokens,
+    p inputs, q outputs, P parameters) and the flops of its share of the Gram.
     """
-    return make_plan(model, x1, x2, mode, method)
+    plan = make_plan(model, x1, x2, mode, method)
+    from ntk_fast.ntk.empirical import supports_structured
+    if (mode == "full" and plan.k > 1 and method != "jacobian" and x1.dim() == 2 and x1.device.type == "cpu"
+            and supports_structured(model)):
+        _sequential_shortcuts(plan, model)
+    return plan

@@ -55,12 +55,18 @@ def gram_reference(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
 
 def gram_full_reference(a1: Sequence[torch.Tensor], d1: Sequence[torch.Tensor],
                         a2: Optional[Sequence[torch.Tensor]] = None, d2: Optional[Sequence[torch.Tensor]] = None,
-                        scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+                        scales: Optional[Sequence[float]] = None,
+                        w: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """sum_l s_l einsum over tokens of (a1[l] a2[l]^T) and (d1[l] d2[l]^T): (n1, n2, k, k); a2/d2 default to a1/d1.
 
-    a[l] (n, T_l, p_l), d[l] (n, k, T_l, q_l)."""
+    a[l] (n, T_l, p_l), d[l] (n, k, T_l, q_l); or, where w[l] (k, q_l) is given, d[l] (n, 1, 1, q_l) = s and
+    the signal is D[i, c] = s_i o w_c (made dense here)."""
     a2 = a1 if a2 is None else a2
     d2 = d1 if d2 is None else d2
+    if w is not None:
+        dense = lambda d, f: d if f is None else d * f[None, :, None, :]      # noqa: E731
+        d1 = [dense(d, f) for d, f in zip(d1, w)]
+        d2 = [dense(d, f) for d, f in zip(d2, w)]
     scales = [1.0] * len(a1) if scales is None else scales
     out = None
     for s, x1, y1, x2, y2 in zip(scales, a1, d1, a2, d2):
