@@ -282,9 +282,12 @@ def test_plan_table_flops_and_memory_guard(monkeypatch, gen):
     net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(f64)
     x = torch.randn(7, 5, generator=gen, dtype=f64)
     plan = ntk_fast.ntk_plan(net, x, mode="full")
-    assert [e.form for e in plan.entries] == ["hadamard", "hadamard"]
+    assert [e.form for e in plan.entries] == ["hadamard", "unit"]     # k = 4: kp = 16 = k^2, not factored
     S = 7 * 8 / 2                                   # symmetric pairs
-    assert plan.total_flops == pytest.approx(2 * S * ((6 + 16 * 6) + (7 + 16 * 4)))
+    assert plan.total_flops == pytest.approx(2 * S * ((6 + 16 * 6) + 7))
+    trace = ntk_fast.ntk_plan(net, x, mode="trace")
+    assert [e.form for e in trace.entries] == ["hadamard", "hadamard"]
+    assert trace.total_flops == pytest.approx(2 * S * ((6 + 4 * 6) + (7 + 4 * 4)))
     text = str(plan)
     assert "0.weight, 0.bias" in text and "hadamard" in text
     jac = ntk_fast.ntk_plan(net, x, method="jacobian")

@@ -21,7 +21,7 @@ import math
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -99,6 +99,14 @@ class Run:
         lmean = float(self.spec.per_point(F, y, self.beta).double().mean())
         return dict(loss=self.c * lmean, mean_l=lmean, err=float(obs.error(F, y)), nd=int(obs.under_margin(F, y)),
                     rms_F=float(obs.rms(F)))
+
+    def step_stats(self, F: torch.Tensor) -> Tuple[List[float], List[int]]:
+        """(mean l, nd) of the train outputs F (m, n) of m models in one pass (what a step needs; one host sync
+        for all of them instead of the five of :meth:`stats` per model)."""
+        lm = self.spec.per_point(F, self.y, self.beta).double().mean(1)
+        nd = obs.under_margin(F, self.y).to(lm.dtype)
+        both = torch.stack([lm, nd]).tolist()
+        return both[0], [int(v) for v in both[1]]
 
     def wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.wall0

@@ -37,9 +37,9 @@ def _fresh_state(run: Run, lv, G: torch.Tensor, F: torch.Tensor) -> dict:
     """The host state of K models at t = 0 (per model: clock, step size, counters, |g|^2, loss at 0, status)."""
     K = run.K
     gsq = (G.double() ** 2).sum(1).tolist()
-    nd = [int(obs.under_margin(F[k], run.y)) for k in range(K)]
+    l0, nd = run.step_stats(F)
     return dict(t=[0.0] * K, dt=[1.0] * K, step=[0] * K, attempts=[0] * K, rejections=[0] * K, gsq=gsq,
-                l0=[run.stats(F[k], run.y)["mean_l"] for k in range(K)], next_rec=[0] * K, n_sched=[0] * K,
+                l0=l0, next_rec=[0] * K, n_sched=[0] * K,
                 last=[(0.0, 0.0, 0.0)] * K, t1=[math.nan] * K, nd=nd,
                 status=["running" if math.isfinite(lv[k]) else "nonfinite" for k in range(K)])
 
@@ -110,17 +110,19 @@ def run_flow(run: Run, cfg: FlowConfig, tau: float, t1_fraction: float, max_reje
             Wt, Vt = _trial(W, G, V, dts, tau)
             lt, Gt, Ft = vg(Wt)
             acc = _decide(S, active, rule, G, Gt, F, Ft, lt, max_rejections)
-            if acc:
+            if len(acc) == K:           # every model moves: the trial tensors become the state
+                W, G, F, V = Wt, Gt, Ft, (Vt if V is not None else None)
+            elif acc:
                 idx = torch.tensor(acc, device=dev)
                 W[idx], G[idx], F[idx] = Wt[idx], Gt[idx], Ft[idx]
                 if V is not None:
                     V[idx] = Vt[idx]
-            for k in acc:
-                st = run.stats(F[k], run.y)
-                S["nd"][k] = st["nd"]
-                if math.isnan(S["t1"][k]) and st["mean_l"] <= t1_fraction * S["l0"][k]:
+            mean_l, nds = run.step_stats(F[acc]) if acc else ([], [])
+            for k, ml, nd in zip(acc, mean_l, nds):
+                S["nd"][k] = nd
+                if math.isnan(S["t1"][k]) and ml <= t1_fraction * S["l0"][k]:
                     S["t1"][k] = S["t"][k]
-                stop = "converged" if (run.margin_stop and st["nd"] == 0) else limit(k)
+                stop = "converged" if (run.margin_stop and nd == 0) else limit(k)
                 scheduled = S["step"][k] >= S["next_rec"][k]
                 if scheduled or stop is not None:
                     if scheduled:
