@@ -349,8 +349,10 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     with ``block_size``, mode="trace", the distributed Gram).
 
     The NTK is taken at the model's current weights over every parameter with requires_grad=True.
-    The cost of the structured path is 2 n1 n2 sum_l (fan_in_l + fan_out_l) flops (x2 given) or half
-    of it (x2 None); the jacobian path costs 2 n1 n2 k^2 P plus the Jacobians.
+    The cost of the structured path is 2 n1 n2 sum_l (fan_in_l + kk fan_out_l) flops (x2 given) or half
+    of it (x2 None), kk = k in mode "trace" and k^2 in mode "full" (on the CPU the readout of a Sequential
+    costs fan_in only and the Linear below it fan_in + fan_out (k(k+1)/2 + 1), k(k+1)/2 rounded up to 8, when
+    k >= 5: ``ntk_plan`` lists it per layer); the jacobian path costs 2 n1 n2 k^2 P plus the Jacobians.
     """
     if mode not in MODES:
         raise ValueError(f"empirical_ntk: mode must be one of {MODES}, got {mode!r}")
