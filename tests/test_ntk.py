@@ -118,6 +118,37 @@ def test_sequential_full_mode_factored_readout(layers, factored, frozen_readout,
         assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="trace"), trace(ref)) <= 1e-10
 
 
+@pytest.mark.parametrize("bias", [0.0, 0.5])
+def test_fcnet_full_mode_factored_last_hidden_layer(bias, gen):
+    """FCNet with k = 6 outputs, mode="full": the last hidden layer's D comes as Factored(s, W(L)); equal to
+    torch.func with biases, a frozen layer, x2 given and row blocks."""
+    from ntk_fast.ntk.anymodel import Factored
+    from ntk_fast.ntk.empirical import structured_features
+    net = ntk_fast.FCNet(5, 9, 3, k=6, bias=bias, dtype=f64, generator=gen)
+    x1 = torch.randn(17, 5, generator=gen, dtype=f64)
+    x2 = torch.randn(4, 5, generator=gen, dtype=f64)
+    _, D, _ = structured_features(net, x1, factored=True)
+    assert [isinstance(d, Factored) for d in D] == [False, False, True, False]
+    dense = structured_features(net, x1)[1][2]
+    assert torch.equal(D[2].dense(), dense), "the factored form must be the dense D exactly"
+    plan = ntk_fast.ntk_plan(net, x1, mode="full")                   # the FCNet's own path, not torch.func
+    assert [e.form for e in plan.entries] == ["hadamard", "hadamard", "factored", "unit"]
+    assert sorted(plan.params) == sorted(n for n, p in net.named_parameters() if p.requires_grad)
+    S, b = 17 * 18 / 2, int(bias > 0)
+    p = [5 + b, 9 + b, 9 + b, 9 + b]
+    want = 2 * S * ((p[0] + 36 * 9) + (p[1] + 36 * 9) + (p[2] + 9 * (24 + 1)) + p[3])
+    assert plan.total_flops == pytest.approx(want)
+    trace = ntk_fast.ntk_plan(net, x1, x1, mode="trace")
+    assert trace.total_flops == pytest.approx(2 * 17 * 17 * sum(pp + 6 * q for pp, q in zip(p, [9, 9, 9, 6])))
+    for frozen in (None, 0):
+        if frozen is not None:
+            net.weights[frozen].requires_grad_(False)
+        for xb in (None, x2):
+            ref = jacobian_ntk_reference(net, x1, xb)
+            for bs in (None, 6):
+                assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="full", block_size=bs), ref) <= 1e-10
+
+
 def test_frozen_parameters_are_left_out(gen):
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).to(f64)

@@ -156,12 +156,14 @@ def fc_backward(Ws: Sequence[torch.Tensor], acts: Sequence[torch.Tensor], ss: Se
 
 
 def fc_features(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act,
-                biases: Optional[Sequence[torch.Tensor]] = None, bias_scale: float = 0.0):
+                biases: Optional[Sequence[torch.Tensor]] = None, bias_scale: float = 0.0,
+                last_slopes: bool = False):
     """Per-layer NTK features (A, D) of the net(s) (see FCNet.features): one forward and one backward pass.
 
     A[l] = a(l) (..., n, fan_in_l) (A[0] = a0 expanded over the stack), with a column of value bias_scale appended when biases are given;
     D[l] = df/dz(l+1) (..., n, k, fan_out_l), D[L] = I_k, D[l-1] = (D[l] W(l)) o s(l); squeezed to
     (..., n, fan_out_l) when k == 1.  Then Theta = sum_l (D_l D_l^T) o (A_l A_l^T).
+    last_slopes: also return s(L) (..., n, h), so that D[L-1][i, c] = s(L)_i o W(L)[c] exactly (A, D, s).
     """
     _, A, ss = fc_forward(Ws, a0, act, keep=True, biases=biases, bias_scale=bias_scale)
     WL = Ws[-1]
@@ -181,7 +183,7 @@ def fc_features(Ws: Sequence[torch.Tensor], a0: torch.Tensor, act: Act,
              for a in A]
     if k == 1:
         D = [dl[..., 0, :] for dl in D]
-    return A, D
+    return (A, D, ss[len(Ws) - 2]) if last_slopes else (A, D)
 
 
 class FCNet(nn.Module):
@@ -251,7 +253,8 @@ class FCNet(nn.Module):
         return None if self.biases is None else list(self.biases)
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def features(self, x: torch.Tensor, last_slopes: bool = False
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per-layer NTK features of a batch (one forward and one backward pass, no autograd).
 
         Returns (A, D), lists over the L + 1 weight matrices:
@@ -259,7 +262,8 @@ class FCNet(nn.Module):
           D[l]: (n, fan_out_l) = df/dz(l+1) when k == 1, else (n, k, fan_out_l) (one row per output).
         Then Theta = sum_l (D_l D_l'^T) o (A_l A_l'^T) (per output pair when k > 1).
         Cost: 2 n (d h + (L-1) h^2 + k h) flops forward, about twice that backward.  (:func:`fc_features`.)
+        last_slopes: also return the last hidden layer's slopes s (n, h): D[L-1][i, c] = s_i o W(L)[c] (A, D, s).
         """
         self._check_input(x)
         return fc_features(list(self.weights), x / math.sqrt(self.d), self._act, biases=self._biases(),
-                           bias_scale=self.bias_scale)
+                           bias_scale=self.bias_scale, last_slopes=last_slopes)

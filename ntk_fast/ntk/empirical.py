@@ -130,10 +130,16 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool =
     return A[::-1], D[::-1], k
 
 
-def _fcnet_features(model: FCNet, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
-    """FCNet features restricted to the parameters that require grad, D as (n, k, fan_out)."""
-    A, D = model.features(x)
+def _fcnet_features(model: FCNet, x: torch.Tensor, factored: bool = False
+                    ) -> Tuple[List[torch.Tensor], List[Union[torch.Tensor, Factored]], int]:
+    """FCNet features restricted to the parameters that require grad, D as (n, k, fan_out); with ``factored``
+    and k > 1 the last hidden layer's D as Factored(s, W(L)) (see _sequential_features)."""
     k = model.k
+    if factored and k > 1:
+        A, D, s = model.features(x, last_slopes=True)
+        D[-2] = Factored(s, model.weights[-1].detach())
+    else:
+        A, D = model.features(x)
     if k == 1:
         D = [d.unsqueeze(1) for d in D]
     keepA, keepD = [], []
@@ -159,10 +165,8 @@ def structured_features(model: nn.Module, x: torch.Tensor, block_size: Optional[
     """Per-layer features (A_l (n, p_l), D_l (n, k, q_l)) of a structured model, computed in row blocks.
 
     factored: a Sequential's layer below its linear readout may come as ``Factored(s, w)`` (D = s o w)."""
-    if isinstance(model, FCNet):
-        fn = _fcnet_features
-    else:
-        fn = lambda m, xb: _sequential_features(m, xb, factored)     # noqa: E731
+    feats = _fcnet_features if isinstance(model, FCNet) else _sequential_features
+    fn = lambda m, xb: feats(m, xb, factored)     # noqa: E731
     n = x.shape[0]
     bs = n if block_size is None else max(1, block_size)
     if bs >= n:

@@ -13,7 +13,8 @@ grads      G_i . G_j with G_i = sum_t D_it A_it^T (materialised)        2 N k T 
 =========  ==========================================================  =======================================
 
 (N = points whose gradients are formed.)  Two shortcuts of the gram_full CPU kernel in mode "full" (k > 1) for an
-nn.Sequential of Linear and elementwise layers on (n, p) inputs (the path empirical_ntk takes for it):
+nn.Sequential of Linear and elementwise layers on (n, p) inputs, and for an FCNet (the fast paths empirical_ntk
+takes for them):
 
 =========  ==========================================================  =======================================
 unit       the readout: D_ic = e_c, (D_ic . D_jc') = delta_cc'                2 S p
@@ -178,15 +179,38 @@ def make_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = N
     return Plan(entries, n1, n2, sym, k, mode, {pn: func[pn] for pn in names if pn in func}, hooked)
 
 
-def _sequential_shortcuts(plan: Plan, model: nn.Sequential) -> None:
-    """Mode "full", k > 1, CPU, Sequential fast path: the readout Linear is "unit", the Linear below it (if any, and
-    when kp < k^2) "factored" (module docstring); their flops recounted."""
-    if not (isinstance(model, nn.Sequential) and isinstance(model[len(model) - 1], nn.Linear)):
-        return
-    linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
-    forms = {linears[-1]: "unit"}
-    if len(linears) > 1 and factored_pairs(plan.k) < plan.k ** 2:
-        forms[linears[-2]] = "factored"
+def _fcnet_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str) -> Plan:
+    """The plan of an FCNet's own fast path: one hadamard entry per weight matrix (with its bias), A with the
+    bias column when both train; frozen parameters left out."""
+    n1, sym = x1.shape[0], x2 is None
+    n2, k, bias = (n1 if sym else x2.shape[0]), model.k, model.biases is not None
+    entries = []
+    for l, W in enumerate(model.weights):
+        w_grad = W.requires_grad
+        b_grad = bias and model.biases[l].requires_grad
+        if not (w_grad or b_grad):
+            continue
+        p = (W.shape[1] if w_grad else 0) + (1 if b_grad else 0)
+        params = ([f"weights.{l}"] if w_grad else []) + ([f"biases.{l}"] if b_grad else [])
+        e = Entry(f"weights.{l}", "FCNet layer", params, "hadamard", 1, p, W.shape[0], W.numel() * w_grad + W.shape[0] * b_grad)
+        e.flops = form_flops("hadamard", mode, n1, n2, sym, k, p=p, q=e.q)
+        entries.append(e)
+    return Plan(entries, n1, n2, sym, k, mode)
+
+
+def _shortcuts(plan: Plan, model: nn.Module) -> None:
+    """Mode "full", k > 1, CPU, the fast path of a Sequential or an FCNet: the readout is "unit", the layer below
+    it (when kp < k^2) "factored" (module docstring); their flops recounted."""
+    from ntk_fast.models.fc import FCNet
+    if isinstance(model, FCNet):
+        layers_ = [f"weights.{l}" for l in range(len(model.weights))]
+    elif isinstance(model[len(model) - 1], nn.Linear):
+        layers_ = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    else:
+        return      # an activation after the last Linear: no unit readout, nothing factored
+    forms = {layers_[-1]: "unit"}
+    if len(layers_) > 1 and factored_pairs(plan.k) < plan.k ** 2:
+        forms[layers_[-2]] = "factored"
     for e in plan.entries:
         if e.module in forms and e.form == "hadamard":
             e.form = forms[e.module]
@@ -198,12 +222,19 @@ def ntk_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = No
     """The plan ``empirical_ntk(model, x1, x2, mode=mode, method=method)`` follows; print it for a table.
 
     Lists every trainable parameter with its layer, the formula (hadamard / pair / grads / jacobian, and for a
-    Sequential in mode "full" on the CPU the unit readout and the factored layer below it), the sizes (T tokens,
-    p inputs, q outputs, P parameters) and the flops of its share of the Gram.
+    Sequential or an FCNet in mode "full" on the CPU the unit readout and the factored layer below it), the sizes
+    (T tokens, p inputs, q outputs, P parameters) and the flops of its share of the Gram.  An FCNet is listed by
+    its own fast path (one entry per weight matrix and its bias).
     """
-    plan = make_plan(model, x1, x2, mode, method)
+    from ntk_fast.models.fc import FCNet
     from ntk_fast.ntk.empirical import supports_structured
-    if (mode == "full" and plan.k > 1 and method != "jacobian" and x1.dim() == 2 and x1.device.type == "cpu"
-            and supports_structured(model)):
-        _sequential_shortcuts(plan, model)
+    fast = method != "jacobian" and x1.dim() == 2 and supports_structured(model)
+    if fast and isinstance(model, FCNet):
+        if mode not in MODES:
+            raise ValueError(f"ntk_plan: mode must be one of {MODES}, got {mode!r}")
+        plan = _fcnet_plan(model, x1, x2, mode)
+    else:
+        plan = make_plan(model, x1, x2, mode, method)
+    if fast and mode == "full" and plan.k > 1 and x1.device.type == "cpu":
+        _shortcuts(plan, model)
     return plan
