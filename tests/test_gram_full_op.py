@@ -117,12 +117,18 @@ def test_factored_layers(device, dtype, k, n1, n2, gen):
 
 
 def test_factored_equals_dense_signal(gen):
-    """The factored form gives the op's own dense result for D = s o w (to rounding)."""
+    """The factored form gives the op's own dense result for D = s o w (to rounding), also from
+    non-contiguous s and w."""
     n, k = 53, 7
     A, _ = feats(n, k, [(1, 6, 1)], gen)
     s, wk = factored(n, 19, gen), torch.randn(k, 19, generator=gen, dtype=f64)
     dense = (s * wk[None, :, None, :]).contiguous()
-    assert rel(ntk_fast.gram_full(A, [s], w=[wk]), ntk_fast.gram_full(A, [dense])) <= 1e-13
+    ref = ntk_fast.gram_full(A, [dense])
+    assert rel(ntk_fast.gram_full(A, [s], w=[wk]), ref) <= 1e-13
+    s_t = s.squeeze(1).squeeze(1).t().contiguous().t()[:, None, None, :]      # (n, 1, 1, q), column-major
+    w_t = wk.t().contiguous().t()
+    assert not s_t.is_contiguous() and not w_t.is_contiguous()
+    assert rel(ntk_fast.gram_full(A, [s_t], w=[w_t]), ref) <= 1e-13
 
 
 def test_hadamard_full_equals_the_gram_op_per_output_pair(gen):
