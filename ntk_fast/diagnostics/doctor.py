@@ -102,8 +102,19 @@ def _check_gram_full(dev, dtype, precision, gen):
     on = [[t.to(dev, dtype) for t in lst] for lst in (A1, D1, A2, D2)]
     rA1, rD1, rA2, rD2 = ([t.to(F64).cpu() for t in lst] for lst in on)
     op = _native("gram_full")
+    # a dense layer and a factored one (w given: d = s (n, 1, 1, q), D[i, c] = s_i o w_c), k = 6: the symmetric-pair
+    # path of the CPU kernel
+    kf, q = 6, 7
+    fw = [None, _rand(gen, kf, q).to(dev, dtype)]
+    fa, fd = [], []
+    for n in (n1, n2):
+        fa.append([_rand(gen, n, 1, 2).to(dev, dtype), _rand(gen, n, 1, 4).to(dev, dtype)])
+        fd.append([_rand(gen, n, kf, 1, 3).to(dev, dtype), _rand(gen, n, 1, 1, q).to(dev, dtype)])
+    up = lambda ts: [None if t is None else t.to(F64).cpu() for t in ts]     # noqa: E731
     return [(op(on[0], on[1], None, None, [0.5, 2.0], 0), gram_full_reference(rA1, rD1, None, None, [0.5, 2.0])),
-            (op(on[0], on[1], on[2], on[3], [0.5, 2.0], 2), gram_full_reference(rA1, rD1, rA2, rD2, [0.5, 2.0]))]
+            (op(on[0], on[1], on[2], on[3], [0.5, 2.0], 2), gram_full_reference(rA1, rD1, rA2, rD2, [0.5, 2.0])),
+            (op(fa[0], fd[0], fa[1], fd[1], [1.0, 3.0], 0, fw),
+             gram_full_reference(up(fa[0]), up(fd[0]), up(fa[1]), up(fd[1]), [1.0, 3.0], up(fw)))]
 
 
 def _check_flow_step(dev, dtype, precision, gen):
