@@ -265,3 +265,19 @@ def test_cuda_available_bytes_and_guard(monkeypatch):
     net = FCNet(10, 8, 1, device="cuda")
     with pytest.raises(MemoryBudgetError, match=r"available on cuda"):
         empirical_ntk(net, torch.zeros(2_000_000, 10, device="cuda"))
+
+
+def test_structured_full_mode_estimate_counts_features_and_result_only():
+    """mode="full" (k > 1) of a structured model: the gram_full op writes the result directly, so the estimate
+    is the features plus the result (none with out=), plus one row panel when out is on another device."""
+    from torch import nn
+    from ntk_fast.guards.estimates import empirical_ntk_bytes
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    n, k, e = 1000, 3, 4
+    width = (5 + 1 + k * 8) + (8 + 1 + k * 3)
+    assert empirical_ntk_bytes(net, n, None, k, "full", True, None, False, e) == e * (n * width + n * n * k * k)
+    assert empirical_ntk_bytes(net, n, None, k, "full", True, None, True, e) == e * n * width
+    assert empirical_ntk_bytes(net, n, None, k, "full", True, 100, True, e, out_elsewhere=True) == \
+        e * (n * width + 100 * n * k * k)
+    assert empirical_ntk_bytes(net, n, None, k, "full", True, None, True, e, out_elsewhere=True) == \
+        e * (n * width + 125 * n * k * k)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -116,6 +117,52 @@ def test_sequential_full_mode_factored_readout(layers, factored, frozen_readout,
             got = ntk_fast.empirical_ntk(net, x1, xb, mode="full", block_size=bs)
             assert got.shape == ref.shape and rel(got, ref) <= 1e-10
         assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="trace"), trace(ref)) <= 1e-10
+
+
+def test_sequential_with_flatten_takes_the_fast_path(gen, monkeypatch):
+    """nn.Flatten() (first, and the identity later on (n, p)) is part of the Sequential fast path: image-shaped
+    points give torch.func's NTK in every mode without the hook path."""
+    from ntk_fast.ntk import anymodel
+    from ntk_fast.ntk.empirical import structured_input
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(24, 9), nn.ReLU(), nn.Flatten(), nn.Linear(9, 8), nn.Tanh(),
+                        nn.Linear(8, 6)).to(f64)
+    x1 = torch.randn(13, 2, 3, 4, generator=gen, dtype=f64)
+    x2 = torch.randn(5, 2, 3, 4, generator=gen, dtype=f64)
+    assert structured_input(net, x1) and structured_input(net, x1.flatten(1))
+    assert not structured_input(nn.Sequential(*list(net)[1:]), x1)
+    assert not structured_input(nn.Sequential(nn.Flatten(2), *list(net)[1:]), x1)
+    monkeypatch.setattr(anymodel, "any_model_ntk", lambda *a, **k: pytest.fail("hook path taken"))
+    for xb in (None, x2):
+        ref = jacobian_ntk_reference(net, x1, xb)
+        assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="full"), ref) <= 1e-10
+        assert rel(ntk_fast.empirical_ntk(net, x1, xb, mode="trace"), trace(ref)) <= 1e-10
+    diag = ntk_fast.empirical_ntk(net, x1, mode="diagonal")
+    assert rel(diag, torch.diagonal(trace(jacobian_ntk_reference(net, x1)))) <= 1e-10
+    forms = [e.form for e in ntk_fast.ntk_plan(net, x1, mode="full").entries]
+    assert forms == ["hadamard", "factored", "unit"]
+
+
+def test_full_mode_result_on_another_device_is_staged(gen, monkeypatch, tmp_path):
+    """mode="full" into an ``out`` on another device than the features (a host memmap for GPU features) goes
+    through a block on the features' device, one row panel at a time; checked on the CPU by declaring every
+    result foreign (``anymodel._staged``)."""
+    from ntk_fast.ntk import anymodel
+    calls = []
+    monkeypatch.setattr(anymodel, "_staged", lambda res, dev: calls.append(tuple(res.shape)) or True)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 6)).to(f64)
+    x1 = torch.randn(150, 5, generator=gen, dtype=f64)
+    x2 = torch.randn(7, 5, generator=gen, dtype=f64)
+    for xb in (None, x2):
+        ref = jacobian_ntk_reference(net, x1, xb)
+        for bs in (None, 40):
+            mm = np.lib.format.open_memmap(tmp_path / "k.npy", mode="w+", dtype=np.float64, shape=tuple(ref.shape))
+            calls.clear()
+            ntk_fast.empirical_ntk(net, x1, xb, mode="full", block_size=bs, out=torch.from_numpy(mm))
+            assert rel(torch.from_numpy(np.asarray(mm)), ref) <= 1e-10
+            assert calls and max(c[0] for c in calls[1:]) < 150, "the result must be staged by row panels"
+            del mm
 
 
 @pytest.mark.parametrize("bias", [0.0, 0.5])

@@ -31,9 +31,9 @@ class TileSource:
 
     def __init__(self, model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor], mode: str, method: str,
                  precision: str, cache_features: bool):
-        from ntk_fast.ntk.empirical import supports_structured
+        from ntk_fast.ntk.empirical import structured_input
         self.model, self.x1, self.x2, self.mode, self.method, self.precision = model, x1, x2, mode, method, precision
-        self.cached = cache_features and method != "jacobian" and supports_structured(model) and x1.dim() == 2
+        self.cached = cache_features and method != "jacobian" and structured_input(model, x1)
         self._feats: Dict[Tuple[int, int, int], Features] = {}
 
     def _features(self, which: int, r0: int, r1: int) -> Features:

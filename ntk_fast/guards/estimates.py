@@ -3,8 +3,9 @@
 Each estimate counts the result, the features and the main temporaries (e = bytes per element):
 
 * empirical_ntk, structured path: features n sum_l (p_l + k q_l) e per point set (p_l = fan_in + 1 with a bias,
-  q_l = fan_out; A is repeated k times in mode "full" with k > 1), the result n1 n2 k^2 e when ``out`` is None,
-  plus one (n1 k, n2 k) staging matrix in mode "full" with k > 1 (even with ``out``);
+  q_l = fan_out) and the result n1 n2 k^2 e when ``out`` is None (mode "full" with k > 1 writes it directly:
+  the gram_full op keeps only per-thread tiles; a result on another device adds one row panel of block_size
+  rows, default max(64, n1 / 8));
   jacobian path: two Jacobian blocks 2 b k P e, their contraction b^2 k^2 e, and the result when ``out`` is None.
 * train: per net, weights, gradients (two buffers each) and w0 (5 P), momentum (2 P when tau > 0), outputs
   (2 n) and the forward activations (about 3 n h (L + 1)).
@@ -38,18 +39,18 @@ def _feature_width(model: nn.Module, k: int) -> int:
 
 
 def empirical_ntk_bytes(model: nn.Module, n1: int, n2: Optional[int], k: int, mode: str, structured: bool,
-                        block_size: Optional[int], out_given: bool, esize: int) -> float:
-    """Bytes empirical_ntk allocates for x1 (n1 points) and x2 (n2 points, None: x2 = x1)."""
+                        block_size: Optional[int], out_given: bool, esize: int, out_elsewhere: bool = False) -> float:
+    """Bytes empirical_ntk allocates on the features' device for x1 (n1 points) and x2 (n2 points, None:
+    x2 = x1); ``out_elsewhere``: ``out`` is on another device (staged by row panels)."""
     sym = n2 is None
     m2 = n1 if sym else n2
     full = mode == "full" and k > 1
     result = 0 if out_given else (n1 if mode == "diagonal" else n1 * m2 * (k * k if full else 1))
     if structured:
-        width = _feature_width(model, k)
-        rep = k if full else 1
-        feats = (n1 + (0 if sym else m2)) * width * rep
-        staging = n1 * m2 * k * k if (full and mode != "diagonal") else 0
-        return float(esize) * (feats + staging + result)
+        feats = (n1 + (0 if sym else m2)) * _feature_width(model, k)
+        rows = min(n1, block_size or max(64, -(-n1 // 8)))
+        panel = rows * m2 * k * k if (full and out_elsewhere) else 0       # one staged row panel
+        return float(esize) * (feats + panel + result)
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     b = block_size or max(1, min(n1, int(256e6 // max(1, k * P * esize))))
     b = min(b, max(n1, m2))

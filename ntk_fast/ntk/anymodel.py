@@ -220,18 +220,33 @@ def _grads_full(P1: List[Piece], P2: Optional[List[Piece]], k: int) -> Optional[
     return G.view(r, k, c, k).permute(0, 2, 1, 3)
 
 
+def _feature_device(P: List[Piece]) -> torch.device:
+    p = P[0]
+    return next(t for t in (p.a, p.d, p.g) if t is not None).device
+
+
+def _staged(res: torch.Tensor, dev: torch.device) -> bool:
+    """Whether the result lives on another device than the features (a host memmap for GPU features): each
+    block is then computed on the features' device and copied."""
+    return res.device != dev
+
+
 def _full_into(res: torch.Tensor, P1: List[Piece], P2: Optional[List[Piece]], k: int) -> None:
     """res (r, c, k, k) = Theta for rows P1 and columns P2 (None: P1 with itself, symmetric), the A products
     shared by the k x k output pairs: one call of the C++ op ``gram_full`` over the hadamard and pair pieces
     (Theta[i, j, c, c'] = sum_l sum_{t, t'} (A_it . A_jt') (D_ict . D_jc't'), written once into res), plus the
-    Gram of the materialised gradients."""
+    Gram of the materialised gradients.  res on another device than the features: through a block there."""
+    dev = _feature_device(P1)
+    target = torch.empty(res.shape, dtype=res.dtype, device=dev) if _staged(res, dev) else res
     A1, D1, W = op_features(P1)
     A2, D2, _ = (None, None, None) if P2 is None else op_features(P2)
     if A1:
-        _opsf.gram_full(A1, D1, A2, D2, out=res, w=W)
+        _opsf.gram_full(A1, D1, A2, D2, out=target, w=W)
     g = _grads_full(P1, P2, k)
     if g is not None:
-        res.add_(g) if A1 else res.copy_(g)
+        target.add_(g) if A1 else target.copy_(g)
+    if target is not res:
+        res.copy_(target)
 
 
 def _diagonal(P1: List[Piece]) -> torch.Tensor:
@@ -267,6 +282,8 @@ def assemble(P1: List[Piece], P2: Optional[List[Piece]], k: int, mode: str, out:
     full = mode == "full" and k > 1
     shape = (n1, n2, k, k) if full else (n1, n2)
     res = out if out is not None else torch.empty(shape, dtype=first.dtype, device=first.device)
+    if panel is None and full and _staged(res, first.device):
+        panel = max(64, math.ceil(n1 / 8))      # a result on another device: staged one row panel at a time
     if panel is None and not (full and progress):
         if full:
             _full_into(res, P1, P2, k)

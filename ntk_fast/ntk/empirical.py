@@ -48,8 +48,13 @@ METHODS = ("auto", "structured", "jacobian")
 
 # ---------------------------------------------------------------------------------------------- features
 
+def _flattens_all(m: nn.Module) -> bool:
+    """An nn.Flatten of every dimension after the points' (the identity on (n, p) inputs)."""
+    return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+
+
 def supports_structured(model: nn.Module) -> bool:
-    """True for FCNet and for nn.Sequential made only of nn.Linear and elementwise activations."""
+    """True for FCNet and for nn.Sequential made only of nn.Linear, elementwise activations and nn.Flatten()."""
     if isinstance(model, FCNet):
         return True
     if isinstance(model, nn.Sequential) and len(model) > 0:
@@ -57,10 +62,18 @@ def supports_structured(model: nn.Module) -> bool:
         for m in model:
             if isinstance(m, nn.Linear):
                 has_linear = True
-            elif not isinstance(m, ELEMENTWISE):
+            elif not isinstance(m, ELEMENTWISE) and not _flattens_all(m):
                 return False
         return has_linear
     return False
+
+
+def structured_input(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the structured fast path takes this model on x: a supported model (``supports_structured``) on
+    (n, p) points, or on (n, ...) points when the Sequential starts with nn.Flatten()."""
+    if not supports_structured(model):
+        return False
+    return x.dim() == 2 or (x.dim() > 2 and isinstance(model, nn.Sequential) and _flattens_all(model[0]))
 
 
 def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool = False
@@ -82,9 +95,13 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool =
     the product of the slopes in between: with ``factored`` the next Linear's D is returned as that
     ``Factored(s, W_o)`` (its k x k blocks are symmetric: the gram_full op forms k(k+1)/2 of them).
     """
-    saved: List[torch.Tensor] = []      # per module: a Linear's input u, an activation's slope sigma'(u)
+    saved: List[Optional[torch.Tensor]] = []   # per module: a Linear's input u, an activation's slope sigma'(u)
     h = x.detach()
     for m in model:
+        if isinstance(m, nn.Flatten):             # (n, ...) -> (n, p); the identity on (n, p)
+            saved.append(None)
+            h = h.flatten(1)
+            continue
         if isinstance(m, nn.Linear):
             saved.append(h)
             with torch.no_grad():
@@ -107,6 +124,8 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool =
     A, D = [], []
     for idx in range(len(model) - 1, lowest - 1, -1):
         m = model[idx]
+        if isinstance(m, nn.Flatten):
+            continue
         if not isinstance(m, nn.Linear):
             slope = saved[idx]
             G = Factored(G.s * slope, G.w) if isinstance(G, Factored) else G * slope.unsqueeze(1)
@@ -270,21 +289,9 @@ def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
     else:
         A2, D2, _ = structured_features(model, x2, block_size)
     n2 = A2[0].shape[0]
-    full = mode == "full" and k > 1
-    if full:
-        # rows are (point, output) pairs: A repeated k times, D flattened per output
-        A1 = [a.repeat_interleave(k, dim=0) for a in A1]
-        D1 = [d.reshape(n1 * k, d.shape[2]) for d in D1]
-        A2 = A1 if sym else [a.repeat_interleave(k, dim=0) for a in A2]
-        D2 = D1 if sym else [d.reshape(n2 * k, d.shape[2]) for d in D2]
-    else:
-        D1 = [d.reshape(n1, -1) for d in D1]           # trace: sum over outputs of D Grams
-        D2 = D1 if sym else [d.reshape(n2, -1) for d in D2]
-    m1, m2 = A1[0].shape[0], A2[0].shape[0]
-    if full:
-        target = torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
-    else:
-        target = out if out is not None else torch.empty((m1, m2), dtype=x1.dtype, device=x1.device)
+    D1 = [d.reshape(n1, -1) for d in D1]           # trace (or k = 1): sum over outputs of D Grams
+    D2 = D1 if sym else [d.reshape(n2, -1) for d in D2]
+    target = out if out is not None else torch.empty((n1, n2), dtype=x1.dtype, device=x1.device)
     if target.device != A1[0].device:   # GPU features, host (or memory-mapped) result: streamed panels
         gram_streamed(A1, D1, None if sym else A2, None if sym else D2, out=target, panel_rows=block_size,
                       precision=precision, progress=progress)
@@ -292,12 +299,6 @@ def _structured_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tenso
         _ops.gram(A1, D1, None if sym else A2, None if sym else D2, out=target, precision=precision)
     else:
         _panels(A1, D1, A2, D2, sym, target, block_size or 1024, progress, precision)
-    if full:
-        res = target.reshape(n1, k, n2, k).permute(0, 2, 1, 3)
-        if out is not None:
-            out.copy_(res)
-            return out
-        return res.contiguous()
     return target
 
 
@@ -387,7 +388,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     _capture.check_modes(model)
     if isinstance(model, FCNet) and x1.dim() != 2:
         raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for an FCNet, got {tuple(x1.shape)}")
-    use_structured = supports_structured(model) and method != "jacobian" and x1.dim() == 2
+    use_structured = method != "jacobian" and structured_input(model, x1)
     with torch.no_grad():
         probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
                                                  torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
@@ -409,7 +410,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if n1 == 0 or n2 == 0:
         return out if out is not None else torch.empty(expected, dtype=x1.dtype, device=x1.device)
     need = empirical_ntk_bytes(model, n1, None if x2 is None else n2, k, mode, use_structured, block_size,
-                               out is not None, x1.element_size())
+                               out is not None, x1.element_size(),
+                               out_elsewhere=out is not None and out.device != x1.device)
     require_memory(need, f"empirical_ntk: the {mode} Gram of shape {expected} ({x1.dtype}) with its features",
                    x1.device, NTK_WAY_OUT)
     res = _dispatch(model, x1, x2, mode, method, k, use_structured, block_size, out, progress, precision)

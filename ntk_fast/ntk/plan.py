@@ -227,8 +227,8 @@ def ntk_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = No
     its own fast path (one entry per weight matrix and its bias).
     """
     from ntk_fast.models.fc import FCNet
-    from ntk_fast.ntk.empirical import supports_structured
-    fast = method != "jacobian" and x1.dim() == 2 and supports_structured(model)
+    from ntk_fast.ntk.empirical import structured_input
+    fast = method != "jacobian" and structured_input(model, x1)
     if fast and isinstance(model, FCNet):
         if mode not in MODES:
             raise ValueError(f"ntk_plan: mode must be one of {MODES}, got {mode!r}")
