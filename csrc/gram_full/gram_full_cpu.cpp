@@ -246,11 +246,11 @@ void gram_full_cpu_kernel(const GramFullInputs& in, at::ArrayRef<double> scales,
   // layers with unit D rows (a linear readout) after the others: their tile needs no D product
   std::vector<int64_t> order, unit;
   std::vector<Factored> fac(L);
-  int64_t ci = 0, kp = 0;   // factored layers: points per U block and rows of Bs
+  int64_t ci = 0, kp = 0, qmax = 0;   // factored layers: points per U block, rows of Bs, widest s
   for (int64_t l = 0; l < L; ++l) {
     if (in.W[l].defined()) {
       fac[l] = make_factored(in.W[l]);
-      ci = factored_points(B), kp = factored_rows(k);
+      ci = factored_points(B), kp = factored_rows(k), qmax = std::max(qmax, in.W[l].size(1));
       order.push_back(l);
       continue;
     }
@@ -263,9 +263,6 @@ void gram_full_cpu_kernel(const GramFullInputs& in, at::ArrayRef<double> scales,
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor ga = at::empty({B * s.tmax * B * s.tmax}, opts), gd = at::empty({B * k * s.tmax * B * k * s.tmax}, opts);
     at::Tensor acc = at::empty({B * k * B * k}, opts), gexp = at::empty({B * k}, opts);
-    int64_t qmax = 0;
-    for (int64_t l = 0; l < L; ++l)
-      if (in.W[l].defined()) qmax = std::max(qmax, in.W[l].size(1));
     at::Tensor ubuf = at::empty({ci * B * qmax}, opts), rbuf = at::empty({ci * B * kp}, opts);
     scalar_t* const pacc = acc.data_ptr<scalar_t>();
     for (int64_t t = begin; t < end; ++t) {

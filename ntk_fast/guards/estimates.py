@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ntk_fast.ntk.panels import default_full_rows
+
 __all__ = ["empirical_ntk_bytes", "train_bytes", "kernel_flow_bytes", "kernel_regression_bytes", "NTK_WAY_OUT"]
 
 NTK_WAY_OUT = ("Ways out: pass out= a numpy memmap on disk (e.g. torch.from_numpy(numpy.lib.format.open_memmap("
@@ -48,7 +50,7 @@ def empirical_ntk_bytes(model: nn.Module, n1: int, n2: Optional[int], k: int, mo
     result = 0 if out_given else (n1 if mode == "diagonal" else n1 * m2 * (k * k if full else 1))
     if structured:
         feats = (n1 + (0 if sym else m2)) * _feature_width(model, k)
-        rows = min(n1, block_size or max(64, -(-n1 // 8)))
+        rows = min(n1, block_size or default_full_rows(n1))
         panel = rows * m2 * k * k if (full and out_elsewhere) else 0       # one staged row panel
         return float(esize) * (feats + panel + result)
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -31,6 +31,7 @@ from torch import nn
 from ntk_fast.ops import gram as _ops
 from ntk_fast.ops import gram_full as _opsf
 from ntk_fast.ntk import capture, layers
+from ntk_fast.ntk.panels import default_full_rows
 from ntk_fast.ntk.plan import Plan, make_plan
 
 
@@ -43,6 +44,11 @@ class Factored:
     def dense(self) -> torch.Tensor:
         """D (n, k, q)."""
         return self.s.unsqueeze(1) * self.w.unsqueeze(0)
+
+
+def as_dense(d: Union[torch.Tensor, Factored]) -> torch.Tensor:
+    """D (n, k, q) of a dense or factored signal."""
+    return d.dense() if isinstance(d, Factored) else d
 
 
 @dataclass
@@ -282,16 +288,15 @@ def assemble(P1: List[Piece], P2: Optional[List[Piece]], k: int, mode: str, out:
     full = mode == "full" and k > 1
     shape = (n1, n2, k, k) if full else (n1, n2)
     res = out if out is not None else torch.empty(shape, dtype=first.dtype, device=first.device)
-    if panel is None and full and _staged(res, first.device):
-        panel = max(64, math.ceil(n1 / 8))      # a result on another device: staged one row panel at a time
-    if panel is None and not (full and progress):
+    # a result on another device (a host memmap for GPU features) is staged one row panel at a time
+    if panel is None and not (full and (progress or _staged(res, first.device))):
         if full:
             _full_into(res, P1, P2, k)
             return res
         blk = _trace_block(P1, P2, precision)
         return blk if out is None else res.copy_(blk)
     if panel is None:
-        panel = max(64, math.ceil(n1 / 8))
+        panel = default_full_rows(n1)
     starts = range(0, n1, panel)
     if progress:
         from tqdm import tqdm

@@ -38,7 +38,7 @@ from ntk_fast.progress import progress_bar
 from ntk_fast.guards.estimates import NTK_WAY_OUT, empirical_ntk_bytes
 from ntk_fast.guards.memory import require_memory
 from ntk_fast.ntk import anymodel as _any
-from ntk_fast.ntk.anymodel import Factored
+from ntk_fast.ntk.anymodel import Factored, as_dense
 from ntk_fast.ntk import capture as _capture
 
 ELEMENTWISE = (nn.ReLU, nn.Softplus, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU)
@@ -133,8 +133,7 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool =
             continue
         if trains[idx]:
             u = saved[idx]
-            D.append(G if factored and isinstance(G, Factored) else
-                     (G.dense() if isinstance(G, Factored) else G).contiguous())
+            D.append(G if factored and isinstance(G, Factored) else as_dense(G).contiguous())
             cols = ([u] if m.weight.requires_grad else []) + (
                 [torch.ones(n, 1, dtype=x.dtype, device=x.device)] if m.bias is not None and m.bias.requires_grad
                 else [])
@@ -144,7 +143,7 @@ def _sequential_features(model: nn.Sequential, x: torch.Tensor, factored: bool =
             if readout:
                 G = Factored(torch.ones(n, W.shape[1], dtype=W.dtype, device=W.device), W)
             else:
-                G = (G.dense() if isinstance(G, Factored) else G) @ W
+                G = as_dense(G) @ W
             readout = False
     return A[::-1], D[::-1], k
 

@@ -18,6 +18,11 @@ class Panel(NamedTuple):
     c0: int
 
 
+def default_full_rows(n1: int) -> int:
+    """Rows per panel of the (n1, n2, k, k) full-mode Gram when none are given: eight panels, at least 64 rows."""
+    return max(64, -(-n1 // 8))
+
+
 def row_panels(n1: int, rows: int, symmetric: bool) -> List[Panel]:
     """The panels of ``rows`` rows (the last may be shorter) covering the rows [0, n1)."""
     if rows < 1:

@@ -133,11 +133,15 @@ def _token_entry(name: str, m: nn.Module, g: int, A: torch.Tensor, D: torch.Tens
     return e
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"ntk_plan: mode must be one of {MODES}, got {mode!r}")
+
+
 def make_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, mode: str = "trace",
               method: str = "auto") -> Plan:
     """Route every trainable parameter, check the hooks on 2 points, choose a formula per piece."""
-    if mode not in MODES:
-        raise ValueError(f"ntk_plan: mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     capture.check_modes(model)
     names = capture.trainable_names(model)
     n1 = x1.shape[0]
@@ -230,8 +234,7 @@ def ntk_plan(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = No
     from ntk_fast.ntk.empirical import structured_input
     fast = method != "jacobian" and structured_input(model, x1)
     if fast and isinstance(model, FCNet):
-        if mode not in MODES:
-            raise ValueError(f"ntk_plan: mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode)
         plan = _fcnet_plan(model, x1, x2, mode)
     else:
         plan = make_plan(model, x1, x2, mode, method)
