@@ -141,6 +141,12 @@ def test_sequential_with_flatten_takes_the_fast_path(gen, monkeypatch):
     assert rel(diag, torch.diagonal(trace(jacobian_ntk_reference(net, x1)))) <= 1e-10
     forms = [e.form for e in ntk_fast.ntk_plan(net, x1, mode="full").entries]
     assert forms == ["hadamard", "factored", "unit"]
+    tail = nn.Sequential(*net, nn.Flatten())            # a trailing Flatten keeps the readout (capture and plan)
+    from ntk_fast.ntk.anymodel import Factored
+    from ntk_fast.ntk.empirical import structured_features
+    assert [isinstance(d, Factored) for d in structured_features(tail, x1, factored=True)[1]] == [False, True, False]
+    assert [e.form for e in ntk_fast.ntk_plan(tail, x1, mode="full").entries] == ["hadamard", "factored", "unit"]
+    assert rel(ntk_fast.empirical_ntk(tail, x1, mode="full"), jacobian_ntk_reference(tail, x1)) <= 1e-10
 
 
 def test_full_mode_result_on_another_device_is_staged(gen, monkeypatch, tmp_path):

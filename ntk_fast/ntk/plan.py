@@ -208,7 +208,7 @@ def _shortcuts(plan: Plan, model: nn.Module) -> None:
     from ntk_fast.models.fc import FCNet
     if isinstance(model, FCNet):
         layers_ = [f"weights.{l}" for l in range(len(model.weights))]
-    elif isinstance(model[len(model) - 1], nn.Linear):
+    elif isinstance([m for m in model if not isinstance(m, nn.Flatten)][-1], nn.Linear):   # Flatten: identity
         layers_ = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
     else:
         return      # an activation after the last Linear: no unit readout, nothing factored
