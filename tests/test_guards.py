@@ -1,7 +1,6 @@
 """Issue 18: bad input and faults.  Memory guard, Gram checks, divergence, unsolved regressions, loaders, CLI."""
 import gzip
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Tests of the frozen-kernel op and solver (ntk_fast.dynamics.solver, torch.ops.ntk_fast.kernel_flow_step)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

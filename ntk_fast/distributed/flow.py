@@ -23,7 +23,7 @@ Without a process group the same code runs in one process on the whole file (W =
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -96,6 +95,17 @@ class FlowConfig:
     @property
     def show_progress(self) -> bool:
         return progress_enabled(self.progress)
+
+
+def check_alpha(alpha: Any, caller: str = "train") -> float:
+    """alpha as a float; a clear error unless it is a positive finite number."""
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{caller}: alpha must be a number, got {alpha!r}") from None
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"{caller}: alpha must be a positive finite number, got {alpha}")
+    return alpha
 
 
 def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple, stacklevel: int = 3) -> Dict[str, Any]:

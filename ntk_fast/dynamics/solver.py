@@ -42,7 +42,7 @@ from ntk_fast.dynamics.config import FlowConfig, PathLike, flow_config, progress
 from ntk_fast.dynamics.observables import loglinspace, next_record
 from ntk_fast.ops.packed import pack_symmetric, packed_tile
 from ntk_fast.dynamics.results import RESUMABLE, V1_KERNEL_CONFIG, KernelFlowResult, atomic_save, load_checkpoint, overall_status
-from ntk_fast.dynamics.steprule import StepRule, dgrad_from_norms
+from ntk_fast.dynamics.steprule import dgrad_from_norms
 from ntk_fast.dynamics.theta_op import InMemoryTheta, fingerprint
 from ntk_fast.guards import DEFAULT_MAX_STEPS, DivergenceMonitor, check_gram, require_memory, solve_report
 from ntk_fast.guards.estimates import kernel_flow_bytes, kernel_regression_bytes

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ntk_fast.dynamics import observables as obs
-from ntk_fast.dynamics.config import FlowConfig, PathLike, progress_bar, flow_config, progress_enabled
+from ntk_fast.dynamics.config import FlowConfig, PathLike, check_alpha, flow_config, progress_bar
 from ntk_fast.dynamics.engine import AttemptStats, FlowEngine
 from ntk_fast.dynamics.ensemble import EnsembleTracker
 from ntk_fast.dynamics.losses import LOSSES, check_targets, is_margin, loss_value
@@ -410,12 +410,7 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
     nets = _check_nets(net)
     a = nets[0]
     like = a.weights[0]
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"train: alpha must be a number, got {alpha!r}") from None
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"train: alpha must be a positive finite number, got {alpha}")
+    alpha = check_alpha(alpha)
     if loss not in LOSSES:
         raise ValueError(f"train: loss must be one of {LOSSES}, got {loss!r}")
     if not (tau >= 0 and math.isfinite(tau)):

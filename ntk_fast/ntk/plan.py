@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ntk_fast.ntk import capture, layers
+from ntk_fast.ntk import capture
 from ntk_fast.ops.gram_full import factored_pairs
 
 MODES = ("full", "trace", "diagonal")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ntk_fast.dynamics.generic.common import GenericResult, Run
 from ntk_fast.dynamics.generic.losses import GENERIC_LOSSES, default_loss, get_spec, prefactor
-from ntk_fast.dynamics.config import PathLike, flow_config
+from ntk_fast.dynamics.config import PathLike, check_alpha, flow_config
 
 DYNAMICS = ("flow", "adam", "sgd")
 __all__ = ["DYNAMICS", "GENERIC_LOSSES", "GenericResult", "train_any"]
@@ -81,12 +81,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
     if dynamics not in DYNAMICS:
         raise ValueError(f"train: dynamics must be one of {DYNAMICS}, got {dynamics!r}")
     models = _models(model)
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"train: alpha must be a number, got {alpha!r}") from None
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"train: alpha must be a positive finite number, got {alpha}")
+    alpha = check_alpha(alpha)
     spec = get_spec(loss or default_loss(dynamics))
     c = prefactor(spec, alpha, loss_prefactor)
     rate, spacing = (0.01, 100) if dynamics == "flow" else (0.1, 1000)

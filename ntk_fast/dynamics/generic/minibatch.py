@@ -30,7 +30,6 @@ def run_minibatch(run: Run, cfg: FlowConfig, dynamics: str, lr: float, batch_siz
                   opt_kwargs: dict, max_epochs: Optional[float], t1_fraction: float):
     """The ADAM / SGD loop of the K models of ``run`` (see the module docstring); returns the GenericResult."""
     K, n = run.K, run.n
-    dev = run.ens.device
     if not 1 <= batch_size <= n:
         raise ValueError(f"train: batch_size must be in [1, n = {n}], got {batch_size}")
     config = run.config(dynamics, lr=lr, batch_size=batch_size, seed=seed,
