@@ -215,6 +215,11 @@ def test_bad_inputs():
         train(net, x, y, 1.0, max_dgrad=0.0, progress=False)
     with pytest.raises(ValueError, match="ensemble"):
         train([net, FCNet(D, H + 1, L, dtype=torch.float64)], x, y, 1.0, progress=False)
+    with pytest.raises(ValueError, match="train: give a budget"):
+        train(net, x, y, 1.0, max_steps=math.inf, progress=False)
+    for b in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="train: loss_beta must be a positive finite number"):
+            train(net, x, y, 1.0, loss_beta=b, progress=False)
 
 
 def test_corrupt_checkpoint_and_result_files_give_clear_errors(tmp_path):

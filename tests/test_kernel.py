@@ -353,6 +353,22 @@ def test_bad_input_rejected():
         mse_flow(A, y)
 
 
+def test_unbounded_call_refused_and_vanishing_gradient_past_the_margins():
+    """max_steps=inf with no other budget is refused (the margin stop alone may never be met); past its margins
+    with stop_margin=False the softhinge gradient falls below 1e-160, where |g|^2 |g'|^2 underflows: the step rule
+    must still decide (it raised ZeroDivisionError)."""
+    import math
+    from ntk_fast.dynamics.steprule import dgrad_from_norms
+    K, y, _, _ = rbf_problem(20)
+    with pytest.raises(ValueError, match="kernel_flow: give a budget"):
+        kernel_flow(K, y, max_steps=math.inf, progress=False)
+    assert kernel_flow(K, y, max_steps=math.inf, max_wall=60.0, progress=False).statuses[0] == "converged"
+    assert dgrad_from_norms(1e-300, 4e-300, 1e-301) == pytest.approx(0.05)
+    assert dgrad_from_norms(0.0, 1.0, 1.0) == 0.0
+    res = kernel_flow(K, y, max_steps=4000, stop_margin=False, progress=False)
+    assert res.statuses[0] == "max_steps"
+
+
 def test_nan_during_flow_reported():
     K, y, _, _ = rbf_problem(20)
     res = kernel_flow(K * 1e308, y, progress=False, validate=True, max_steps=50)

@@ -214,6 +214,8 @@ def test_bad_input(gen):
         train_any(_mlp(), x, y, 1.0, dynamics="sgd", lr=-1.0, max_steps=2)
     with pytest.raises(ValueError, match="budget"):
         train_any(_mlp(), x, y, 1.0, max_steps=math.inf)      # the default budget (1e6 steps) lifted, no other
+    with pytest.raises(ValueError, match="max_epochs or max_wall"):     # an infinite epoch budget is none
+        train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=4, max_steps=math.inf, max_epochs=math.inf)
     with pytest.raises(ValueError, match="record_spacing"):
         train_any(_mlp(), x, y, 1.0, max_steps=2, record_spacing=0)
     with pytest.raises(ValueError, match="max_wall"):
@@ -224,6 +226,16 @@ def test_bad_input(gen):
         train_any(_mlp(), x, y, 1.0, dynamics="lbfgs", max_steps=2)
     with pytest.raises(ValueError, match="same parameters"):
         train_any([_mlp(), _mlp(5, 4)], x, y, 1.0, max_steps=2)
+    for kw, msg in ((dict(betas=(1.5, 0.9)), r"betas must lie in \[0, 1\)"), (dict(betas=0.9), "betas must be a pair"),
+                    (dict(eps=-1.0), "eps must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            train_any(_mlp(), x, y, 1.0, dynamics="adam", batch_size=4, max_steps=2, **kw)
+    for kw, msg in ((dict(momentum=-0.5), "momentum must be a finite number >= 0"),
+                    (dict(momentum=math.nan), "momentum must be"), (dict(dampening=math.inf), "dampening")):
+        with pytest.raises(ValueError, match=msg):
+            train_any(_mlp(), x, y, 1.0, dynamics="sgd", batch_size=4, max_steps=2, **kw)
+    with pytest.raises(ValueError, match=r"x_test has per-point shape \(6,\), expected \(5,\) like x"):
+        train_any(_mlp(), x, y, 1.0, max_steps=2, x_test=torch.randn(3, 6, dtype=DT), y_test=y[:3])
     bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).to(DT).eval()
     assert train_any(bn, x, y, 1.0, max_steps=2).final[0]["step"] == 2     # eval-mode BN: fixed affine map
 

@@ -75,6 +75,8 @@ class FlowConfig:
         if not self.checkpoint_every >= 0:
             raise ValueError(f"checkpoint_every must be >= 0 seconds, got {self.checkpoint_every}")
         object.__setattr__(self, "loss_beta", float(self.loss_beta))
+        if not (self.loss_beta > 0 and math.isfinite(self.loss_beta)):     # softhinge's beta_l
+            raise ValueError(f"loss_beta must be a positive finite number, got {self.loss_beta}")
         self.rule  # noqa: B018 - validates the step rule's numbers
 
     @property
@@ -121,11 +123,21 @@ def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple, stacklev
     return out
 
 
-def flow_config(caller: str, shared: Dict[str, Any], legacy: Dict[str, Any], allowed: tuple) -> "FlowConfig":
+def flow_config(caller: str, shared: Dict[str, Any], legacy: Dict[str, Any], allowed: tuple,
+                other_budget: Optional[str] = None,
+                budget_names: str = "max_time, max_steps or max_wall") -> "FlowConfig":
     """The FlowConfig of a public entry point (train, kernel_flow): its keywords plus the old names in ``legacy``
-    (renamed_kwargs), every validation error prefixed by ``caller``."""
+    (renamed_kwargs), every validation error prefixed by ``caller``.
+
+    No call runs without a budget: max_steps=math.inf (lifting the default step budget) needs max_time,
+    max_wall or the caller's ``other_budget`` (the name of a budget of its own that the caller was given, e.g.
+    "max_epochs"; None when it has none; ``budget_names`` lists them all for the error), since the margin stop alone may never be met."""
     shared = {**shared, **renamed_kwargs(caller, legacy, allowed, stacklevel=4)}
     try:
-        return FlowConfig(**shared)
+        cfg = FlowConfig(**shared)
     except ValueError as exc:
         raise ValueError(f"{caller}: {exc}") from None
+    if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and other_budget is None:
+        raise ValueError(f"{caller}: give a budget ({budget_names}): max_steps=inf lifts the "
+                         f"default step budget, and the margin stop alone may never be met")
+    return cfg

@@ -32,6 +32,28 @@ def _models(model_or_models) -> list:
     return ms
 
 
+def _adam_kwargs(betas, eps) -> Dict[str, Any]:
+    """ADAM's (betas, eps) checked as torch.optim.Adam checks them: 0 <= beta < 1, eps >= 0."""
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"train: betas must be a pair of numbers, got {betas!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"train: betas must lie in [0, 1), got {betas!r}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"train: eps must be a finite number >= 0, got {eps!r}")
+    return dict(betas=(b1, b2), eps=float(eps))
+
+
+def _sgd_kwargs(momentum, dampening, nesterov) -> Dict[str, Any]:
+    """SGD's momentum (finite, >= 0, as torch.optim.SGD checks it), dampening (finite) and nesterov."""
+    if not (momentum >= 0 and math.isfinite(momentum)):
+        raise ValueError(f"train: momentum must be a finite number >= 0, got {momentum!r}")
+    if not math.isfinite(dampening):
+        raise ValueError(f"train: dampening must be a finite number, got {dampening!r}")
+    return dict(momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov))
+
+
 def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: torch.Tensor, alpha: float, *,
               dynamics: str = "flow", x_test: Optional[torch.Tensor] = None, y_test: Optional[torch.Tensor] = None,
               loss: Optional[str] = None, loss_beta: float = 20.0, max_dgrad: float = 1e-4, max_dout: float = 0.1,
@@ -91,12 +113,11 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
                   record_spacing=spacing if record_spacing is None else record_spacing,
                   max_time=max_time, max_steps=max_steps, max_wall=max_wall, checkpoint=checkpoint,
                   checkpoint_every=float(checkpoint_every), resume=resume, progress=progress)
-    cfg = flow_config("train", shared, renamed, ("checkpoint_spacing", "checkpoint_rate"))
     if max_epochs is not None and not max_epochs >= 0:
         raise ValueError(f"train: max_epochs must be >= 0, got {max_epochs}")
-    if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and max_epochs is None:
-        raise ValueError("train: give a budget (max_time, max_steps, max_epochs or max_wall): the margin stop "
-                         "alone may never be met")
+    cfg = flow_config("train", shared, renamed, ("checkpoint_spacing", "checkpoint_rate"),
+                      other_budget=None if max_epochs is None or math.isinf(max_epochs) else "max_epochs",
+                      budget_names="max_time, max_steps, max_epochs or max_wall")
     if not isinstance(test_every, int) or test_every < 1:
         raise ValueError(f"train: test_every must be a positive int, got {test_every!r}")
     run = Run(models, x, y, alpha, spec, c, cfg.loss_beta, x_test, y_test, batched, chunk, kernel_points,
@@ -114,7 +135,6 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
         raise ValueError(f"train: lr must be a positive finite number, got {lr}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
         raise ValueError(f"train: batch_size must be an int, got {batch_size!r}")
-    opt_kwargs: Dict[str, Any] = dict(betas=tuple(betas), eps=eps) if dynamics == "adam" else \
-        dict(momentum=momentum, dampening=dampening, nesterov=nesterov)
+    opt_kwargs = _adam_kwargs(betas, eps) if dynamics == "adam" else _sgd_kwargs(momentum, dampening, nesterov)
     return run_minibatch(run, cfg, dynamics, float(lr), batch_size, int(seed), opt_kwargs, max_epochs,
                          float(t1_fraction))

@@ -75,6 +75,9 @@ class Run:
             raise ValueError("train: give both x_test and y_test, or neither")
         if x_test is not None:
             self.x_test, self.y_test = check_data(x_test, y_test, spec, dt, dev, "x_test", "y_test")
+            if self.x_test.shape[1:] != self.x.shape[1:]:
+                raise ValueError(f"train: x_test has per-point shape {tuple(self.x_test.shape[1:])}, expected "
+                                 f"{tuple(self.x.shape[1:])} like x")
         self.n = self.x.shape[0]
         self.alpha, self.spec, self.c, self.beta, self.chunk = alpha, spec, c, loss_beta, chunk
         self.margin_stop = is_pm1(self.y)
