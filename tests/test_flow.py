@@ -215,6 +215,13 @@ def test_bad_inputs():
         train(net, x, y, 1.0, max_dgrad=0.0, progress=False)
     with pytest.raises(ValueError, match="ensemble"):
         train([net, FCNet(D, H + 1, L, dtype=torch.float64)], x, y, 1.0, progress=False)
+    for kp in (-3, 2.5, True):
+        with pytest.raises(ValueError, match="kernel_points must be an int >= 0"):
+            train(net, x, y, 1.0, kernel_points=kp, max_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"kernel_points must be an \(m, 6\) tensor"):
+        train(net, x, y, 1.0, kernel_points=x[:, :5], max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="kernel_points contains NaN"):
+        train(net, x, y, 1.0, kernel_points=xn, max_steps=2, progress=False)
     with pytest.raises(ValueError, match="train: give a budget"):
         train(net, x, y, 1.0, max_steps=math.inf, progress=False)
     for b in (0.0, -1.0, math.inf):

@@ -236,6 +236,10 @@ def test_bad_input(gen):
             train_any(_mlp(), x, y, 1.0, dynamics="sgd", batch_size=4, max_steps=2, **kw)
     with pytest.raises(ValueError, match=r"x_test has per-point shape \(6,\), expected \(5,\) like x"):
         train_any(_mlp(), x, y, 1.0, max_steps=2, x_test=torch.randn(3, 6, dtype=DT), y_test=y[:3])
+    with pytest.raises(ValueError, match="kernel_points must be an int >= 0"):
+        train_any(_mlp(), x, y, 1.0, max_steps=2, kernel_points=-3)
+    with pytest.raises(ValueError, match=r"kernel_points must be an \(m, 5\) tensor like x"):
+        train_any(_mlp(), x, y, 1.0, max_steps=2, kernel_points=x[:, :4])
     bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).to(DT).eval()
     assert train_any(bn, x, y, 1.0, max_steps=2).final[0]["step"] == 2     # eval-mode BN: fixed affine map
 

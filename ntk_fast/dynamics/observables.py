@@ -5,6 +5,7 @@ All functions are plain torch and work on the outputs of K nets at once where th
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -74,3 +75,25 @@ def gram_from_features(A: Sequence[torch.Tensor], D: Sequence[torch.Tensor]) -> 
 def kernel_change(theta: torch.Tensor, theta0: torch.Tensor) -> float:
     """|Theta - Theta0|_F / |Theta0|_F."""
     return float(torch.linalg.norm((theta - theta0).double()) / torch.linalg.norm(theta0.double()))
+
+
+def kernel_points_of(kernel_points, x: torch.Tensor, x_test: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The points of the kernel change: None (0 or None: off), the first m test points (train points without
+    a test set) for an int m >= 1, or a given (m, ...) tensor with x's per-point shape, finite, in x's dtype and
+    device.  Anything else is a clear error naming kernel_points."""
+    if isinstance(kernel_points, torch.Tensor):
+        if kernel_points.dim() != x.dim() or kernel_points.shape[1:] != x.shape[1:] or kernel_points.shape[0] < 1:
+            raise ValueError(f"train: kernel_points must be an (m, {', '.join(map(str, x.shape[1:]))}) tensor like x, "
+                             f"got shape {tuple(kernel_points.shape)}")
+        if not torch.isfinite(kernel_points).all():
+            raise ValueError("train: kernel_points contains NaN or infinite values")
+        return kernel_points.to(dtype=x.dtype, device=x.device).contiguous()
+    if kernel_points is None:
+        return None
+    try:
+        m = operator.index(kernel_points) if not isinstance(kernel_points, bool) else -1
+    except TypeError:
+        m = -1
+    if m < 0:
+        raise ValueError(f"train: kernel_points must be an int >= 0 or a tensor of points, got {kernel_points!r}")
+    return (x_test if x_test is not None else x)[:m] if m else None

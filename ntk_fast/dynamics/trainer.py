@@ -168,14 +168,8 @@ class _Training:
 
     def _kernel_setup(self, kernel_points) -> None:
         """The points of the kernel change |Theta_t - Theta_0|_F / |Theta_0|_F and Theta_0 of every net."""
-        eng, xk = self.eng, None
-        if isinstance(kernel_points, torch.Tensor):
-            if kernel_points.dim() != 2 or kernel_points.shape[1] != eng.d or not torch.isfinite(kernel_points).all():
-                raise ValueError(f"train: kernel_points must be a finite (m, {eng.d}) tensor, "
-                                 f"got shape {tuple(kernel_points.shape)}")
-            xk = kernel_points.to(dtype=self.x.dtype, device=self.x.device).contiguous()
-        elif kernel_points:
-            xk = (self.x_test if self.x_test is not None else self.x)[:int(kernel_points)]
+        eng = self.eng
+        xk = obs.kernel_points_of(kernel_points, self.x, self.x_test)
         self.ak = xk / math.sqrt(eng.d) if xk is not None else None
         self.theta0 = None if xk is None else [self._theta(eng.initial_weights(k)) for k in range(self.K)]
 

@@ -118,12 +118,7 @@ class Run:
     def _setup_kernel(self, kernel_points, kernel_every: int) -> None:
         self.kernel_every = int(kernel_every)
         self.test_every = 1
-        self.xk = None
-        if isinstance(kernel_points, torch.Tensor):
-            self.xk = kernel_points.to(self.ens.dtype).to(self.ens.device)
-        elif kernel_points:
-            src = self.x_test if self.x_test is not None else self.x
-            self.xk = src[:int(kernel_points)]
+        self.xk = obs.kernel_points_of(kernel_points, self.x, self.x_test)
         self.theta0 = None
         if self.xk is not None:
             self._work = [copy.deepcopy(m) for m in self.models]
