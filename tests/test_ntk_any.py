@@ -257,6 +257,20 @@ def test_bad_input(gen):
     with pytest.raises(ValueError, match="mode must be one of"):
         ntk_fast.ntk_plan(net, x, mode="diag")
 
+    class Pair(nn.Module):                     # returns (outputs, extra): not one tensor
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, z):
+            return self.lin(z), z.sum()
+
+    with pytest.raises(ValueError, match="must return one tensor .* got tuple"):
+        ntk_fast.empirical_ntk(Pair().to(f64), torch.randn(3, 3, dtype=f64))
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(f64)
+    with pytest.raises(ValueError, match="out must be a torch.Tensor .* torch.from_numpy"):
+        ntk_fast.empirical_ntk(mlp, torch.randn(3, 3, dtype=f64), out=np.zeros((3, 3)))
+
 
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),

@@ -393,17 +393,24 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
                                                  torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
                                                              device=x1.device))   # k also for empty inputs
         try:
-            k = model(probe).reshape(1, -1).shape[1]
+            y_probe = model(probe)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise ValueError(f"empirical_ntk: the model cannot be applied to x1 of per-point shape "
                              f"{tuple(x1.shape[1:])} ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(y_probe, torch.Tensor):
+            raise ValueError(f"empirical_ntk: the model must return one tensor (n, ...) of outputs, got "
+                             f"{type(y_probe).__name__}")
+        k = y_probe.reshape(1, -1).shape[1]
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))
     if out is not None:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"empirical_ntk: out must have shape {expected}, got {shape}")
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"empirical_ntk: out must be a torch.Tensor of shape {expected} (wrap a numpy "
+                             f"array or memmap with torch.from_numpy) or a path ending in .npy, got "
+                             f"{type(out).__name__}")
+        if tuple(out.shape) != expected:
+            raise ValueError(f"empirical_ntk: out must have shape {expected}, got {tuple(out.shape)}")
         if out.dtype != x1.dtype:
             raise ValueError(f"empirical_ntk: out has dtype {out.dtype}, expected {x1.dtype}")
     if n1 == 0 or n2 == 0:
