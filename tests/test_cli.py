@@ -105,6 +105,15 @@ def test_sweep_jobs_skip_and_results(tmp_path):
     assert {n: os.path.getmtime(out / n / "summary.json") for n in mtimes} == mtimes
 
 
+def test_sweep_bad_grid_point_refused_before_any_run(tmp_path, capsys):
+    out = tmp_path / "s"
+    for grid, msg in ((["--hs", "8", "0", "--alphas", "1"], "grid point h0_alpha1_s0: h must be >= 1"),
+                      (["--hs", "8", "--alphas", "1", "-10"], "grid point h8_alpha-10_s0: alpha must be a positive")):
+        assert cli.main(["sweep", *SMALL, *grid, "--seeds", "0", "--out", str(out)]) != 0
+        assert msg in capsys.readouterr().err
+        assert not out.exists()                     # no run started, no folder made
+
+
 def test_sweep_interrupted_and_resumed(tmp_path, monkeypatch):
     """Kill the sweep in the middle of its second run: the first run is not redone, the second resumes from its
     checkpoint and ends where an uninterrupted run ends, the third runs."""

@@ -126,6 +126,8 @@ class RunConfig:
             raise ValueError(f"alpha must be a positive finite number, got {self.alpha}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
+        if not self.h >= 1:
+            raise ValueError(f"h must be >= 1, got {self.h}")
         if not (self.regular or self.init_kernel):
             raise ValueError("nothing to run: ask for regular training and/or the init-kernel run")
         if self.final_kernel and not self.regular:

@@ -45,7 +45,12 @@ def grid_configs(make: Callable[..., RunConfig], hs: Sequence[int], seeds: Seque
             alpha = a if alphas is not None else a / h ** 0.5
             for s in seeds:
                 cfg = make(h=int(h), alpha=float(alpha), seed=int(s), **flags)
-                out.append((run_name(cfg, alphas is None), cfg))
+                name = run_name(cfg, alphas is None)
+                try:                  # every grid point checked before any run starts or any folder is made
+                    cfg.check()
+                except ValueError as exc:
+                    raise ValueError(f"sweep: grid point {name}: {exc}") from None
+                out.append((name, cfg))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
         raise ValueError("grid_configs: repeated grid points")
