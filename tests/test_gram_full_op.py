@@ -256,6 +256,7 @@ def test_bad_input_names_the_argument(case, match, gen):
     (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0][:, :3]]), r"w\[0\] must be a \(k, 5\) tensor"),
     (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0].float()]), r"w\[0\] is torch.float32"),
     (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0] * float("inf")]), r"w\[0\] contains NaN or inf"),
+    (lambda A, S, W: ntk_fast.gram_full(A, S, w=[W[0].clone().requires_grad_()]), r"w\[0\] requires grad"),
     (lambda A, S, W: ntk_fast.gram_full(A, [S[0].expand(6, 2, 1, 5)], w=W), "factored layer 0"),
     (lambda A, S, W: ntk_fast.gram_full([A[0].expand(6, 2, 4)], [S[0].expand(6, 1, 2, 5)], w=W),
      "factored layer 0"),

@@ -155,6 +155,7 @@ def test_noncontiguous_inputs(gen):
     ("scales", r"scales must have 1 entries"),
     ("half", r"pass both a2 and d2"),
     ("precision", r"precision must be one of"),
+    ("grad", r"d2\[0\] requires grad, but the op has no backward"),
 ])
 def test_bad_input_names_the_argument(case, match):
     a = torch.ones(5, 3, dtype=f64)
@@ -189,8 +190,19 @@ def test_bad_input_names_the_argument(case, match):
         args["d2"] = None
     elif case == "precision":
         kw["precision"] = "bf16"
+    elif case == "grad":
+        args["d2"] = [d.clone().requires_grad_()]
     with pytest.raises(ValueError, match=match):
         ntk_fast.gram(args["a1"], args["d1"], args["a2"], args["d2"], **kw)
+
+
+def test_meta_tensors_give_the_shape_and_no_grad_mode_takes_grad_tensors():
+    a, d = torch.ones(5, 3, dtype=f64, device="meta"), torch.ones(5, 2, dtype=f64, device="meta")
+    out = ntk_fast.gram([a], [d])                 # the finite check has no data to read on meta
+    assert out.shape == (5, 5) and out.device.type == "meta"
+    a, d = torch.randn(5, 3, dtype=f64, requires_grad=True), torch.randn(5, 2, dtype=f64)
+    with torch.no_grad():
+        assert rel(ntk_fast.gram([a], [d]), gram_reference([a.detach()], [d])) <= 1e-12
 
 
 def test_op_itself_rejects_bad_input():

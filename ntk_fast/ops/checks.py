@@ -14,7 +14,10 @@ def compiling() -> bool:
 
 
 def all_finite(t: torch.Tensor, chunk_elems: int = 1 << 18) -> bool:
-    """True when t has no NaN or inf; checked in row chunks so that the temporary mask stays small."""
+    """True when t has no NaN or inf; checked in row chunks so that the temporary mask stays small.  A meta
+    tensor (shapes only, no data) has nothing to check."""
+    if t.device.type == "meta":
+        return True
     if t.numel() <= chunk_elems or t.dim() == 0:
         return bool(torch.isfinite(t).all())
     rows = max(1, chunk_elems // max(1, t[0].numel()))
@@ -66,6 +69,9 @@ def check_feature_list(op: str, name: str, ts, what: str, n_layers: Optional[int
             raise ValueError(f"{op}: {name}[{l}] is on {t.device}, expected {like.device} like a1[0] (mixed devices)")
         if rows is not None and t.shape[0] != rows:
             raise ValueError(f"{op}: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name}[{l}] requires grad, but the op has no backward: pass detached "
+                             f"features (for a Gram to differentiate, ntk_fast.ops.reference has plain-torch ones)")
         if not compiling() and not all_finite(t):
             raise ValueError(f"{op}: {name}[{l}] contains NaN or inf")
         if l == 0:   # the layers of one list share dtype, device and points (a1[0] sets them for a1)

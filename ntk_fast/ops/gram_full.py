@@ -81,6 +81,8 @@ def _check_factors(w, a1, d1, like: torch.Tensor) -> Optional[List[Optional[torc
         if f.dtype != like.dtype or f.device != like.device:
             raise ValueError(f"gram_full: w[{l}] is {f.dtype} on {f.device}, expected {like.dtype} on {like.device} "
                              f"like a1[0]")
+        if f.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"gram_full: w[{l}] requires grad, but the op has no backward: pass w[{l}].detach()")
         if not compiling() and not all_finite(f):
             raise ValueError(f"gram_full: w[{l}] contains NaN or inf")
         k = f.shape[0]
