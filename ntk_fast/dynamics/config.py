@@ -8,8 +8,9 @@ Both take these keyword arguments under the same names and defaults, gathered in
     record_rate, record_spacing              the history's log-linear record schedule
                                              (ntk_fast.dynamics.observables.next_record)
     max_time, max_steps, max_wall            limits: flow time t, accepted steps (per net / problem; default
-                                             DEFAULT_MAX_STEPS = 1e6, math.inf lifts it), seconds
-                                             (None: no limit; an infinite value means the same)
+                                             DEFAULT_MAX_STEPS = 1e6, math.inf lifts it when max_time or
+                                             max_wall is given), seconds (None: no limit; an infinite value
+                                             means the same)
     checkpoint, checkpoint_every, resume     the resume file (written atomically every checkpoint_every seconds
                                              and at the end) and a file to resume from
     progress                                 tqdm bar: None (default) shows it only when stderr is a terminal

@@ -369,7 +369,7 @@ def train(net: Union[FCNet, Sequence[FCNet]], x: torch.Tensor, y: torch.Tensor, 
             beta_l = loss_beta, or "qhinge"), the step rule (max_dgrad, max_dout, grow, shrink, grow_fraction),
             the record schedule (record_rate, record_spacing: :func:`ntk_fast.dynamics.observables.next_record`),
             the limits (max_time: flow time per net, max_steps: accepted steps per net (default 1e6, status
-            "max_steps"; math.inf lifts it), max_wall: seconds of this
+            "max_steps"; math.inf lifts it, given max_time or max_wall), max_wall: seconds of this
             call; None = no limit), the resume file (checkpoint: written atomically every ``checkpoint_every``
             seconds and at the end; resume: a checkpoint to continue from, bit-for-bit the same run, the nets
             passed are used for their architecture only) and progress (tqdm; None: only when stderr is a tty).

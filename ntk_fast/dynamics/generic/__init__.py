@@ -82,7 +82,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
             "hinge", "mse"; default "softhinge" for the flow and "hinge" for ADAM/SGD, the paper's ADAM runs),
             the flow's step rule (max_dgrad, max_dout, grow, shrink, grow_fraction), the record schedule
             (record_rate, record_spacing: default 0.01, 100 for the flow, 0.1, 1000 for ADAM/SGD), the limits
-            (max_time on t, max_steps (default 1e6, math.inf lifts it), max_wall seconds; None = no limit), the
+            (max_time on t, max_steps (default 1e6, math.inf lifts it given another budget), max_wall seconds; None = no limit), the
             resume file (checkpoint, checkpoint_every, resume) and progress (None: only on a terminal).
         loss_prefactor: overrides c(alpha).  tau, max_rejections: the flow's momentum time and stall rule.
         lr, batch_size, seed (minibatch order of model k: seed + k), betas, eps (ADAM), momentum, dampening,
