@@ -285,6 +285,8 @@ def test_refuses_other_weights_data_or_tiling(tmp_path, gen):
         gram_to_disk(net, x, other, progress=False)
     with pytest.raises(ValueError, match=r"\.npy"):
         gram_to_disk(net, x, tmp_path / "g.bin", progress=False)
+    with pytest.raises(ValueError, match="the folder of out does not exist"):
+        gram_to_disk(net, x, tmp_path / "missing" / "g.npy", progress=False)
 
 
 def test_corrupt_manifest_done_list_or_array_are_errors(tmp_path, gen):

@@ -177,6 +177,9 @@ def gram_to_disk(model: nn.Module, x1: torch.Tensor, path: PathLike, x2: Optiona
     path = os.fspath(path)
     if not path.endswith(".npy"):
         raise ValueError(f"empirical_ntk: out must be a path ending in .npy, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"empirical_ntk: the folder of out does not exist: {folder} (create it first)")
     if mode == "diagonal" and x2 is not None:
         raise ValueError("empirical_ntk: mode='diagonal' takes no x2")
     if x1.shape[0] == 0 or (x2 is not None and x2.shape[0] == 0):
