@@ -447,6 +447,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {dev}: this torch has no usable CUDA device (use --device cpu)")
     if getattr(args, "max_steps", None) is not None and args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if getattr(args, "tile", None) is not None and args.tile < 1:
+        raise ValueError(f"--tile must be >= 1, got {args.tile}")
+    if hasattr(args, "pg_timeout") and not (args.pg_timeout > 0 and math.isfinite(args.pg_timeout)):
+        raise ValueError(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
     if getattr(args, "epochs", None) is not None and args.dynamics == "flow":
         raise ValueError("--epochs is for --dynamics adam/sgd (the flow is full batch: use --max-steps or --max-time)")
     if getattr(args, "dynamics", "flow") != "flow":

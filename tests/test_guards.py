@@ -245,6 +245,10 @@ def test_corrupt_data_files_name_the_file(tmp_path):
 def test_cli_bad_args_exit_with_a_message(tmp_path, capsys):
     assert cli_main(["kernel", "--max-steps", "-1", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     assert "--max-steps must be >= 0" in capsys.readouterr().err
+    assert cli_main(["gram", "--p", "10", "--to-disk", "--tile", "0", "--out", str(tmp_path / "g")]) == 2
+    assert "--tile must be >= 1" in capsys.readouterr().err
+    assert cli_main(["kernel", "--pg-timeout", "-1", "--out", str(tmp_path / "k")]) == 2
+    assert "--pg-timeout must be a positive" in capsys.readouterr().err
     assert cli_main(["train", "--device", "nodevice", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     assert "--device 'nodevice' is not a device" in capsys.readouterr().err
     if not torch.cuda.is_available():
