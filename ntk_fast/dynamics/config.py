@@ -125,20 +125,21 @@ def renamed_kwargs(caller: str, legacy: Dict[str, Any], allowed: tuple, stacklev
 
 
 def flow_config(caller: str, shared: Dict[str, Any], legacy: Dict[str, Any], allowed: tuple,
-                other_budget: Optional[str] = None,
-                budget_names: str = "max_time, max_steps or max_wall") -> "FlowConfig":
+                other_budgets: Optional[Dict[str, bool]] = None) -> "FlowConfig":
     """The FlowConfig of a public entry point (train, kernel_flow): its keywords plus the old names in ``legacy``
     (renamed_kwargs), every validation error prefixed by ``caller``.
 
     No call runs without a budget: max_steps=math.inf (lifting the default step budget) needs max_time,
-    max_wall or the caller's ``other_budget`` (the name of a budget of its own that the caller was given, e.g.
-    "max_epochs"; None when it has none; ``budget_names`` lists them all for the error), since the margin stop alone may never be met."""
+    max_wall or one of the caller's own budgets, ``other_budgets`` = {name: whether it was given} (e.g.
+    {"max_epochs": True}), since the margin stop alone may never be met."""
+    others = other_budgets or {}
     shared = {**shared, **renamed_kwargs(caller, legacy, allowed, stacklevel=4)}
     try:
         cfg = FlowConfig(**shared)
     except ValueError as exc:
         raise ValueError(f"{caller}: {exc}") from None
-    if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and other_budget is None:
-        raise ValueError(f"{caller}: give a budget ({budget_names}): max_steps=inf lifts the "
+    if math.isinf(cfg.max_steps) and cfg.max_time is None and cfg.max_wall is None and not any(others.values()):
+        names = ", ".join(["max_time", "max_steps", *others])
+        raise ValueError(f"{caller}: give a budget ({names} or max_wall): max_steps=inf lifts the "
                          f"default step budget, and the margin stop alone may never be met")
     return cfg

@@ -508,8 +508,8 @@ def kernel_flow(K_train: Union[torch.Tensor, PathLike, np.ndarray], y: torch.Ten
         validate: check K (finite, symmetric, non-negative diagonal, no eigenvalue below -eps ||K|| by a few
             Lanczos iterations: ntk_fast.guards.check_gram) and the labels (+-1 for the margin losses).
         Default step budget: max_steps=None means ntk_fast.guards.DEFAULT_MAX_STEPS = 1_000_000 accepted steps
-        per problem (status "max_steps"; math.inf lifts it, given max_time or max_wall).  A problem whose loss rises over 50 consecutive
-        accepted steps stops as "diverging" (ntk_fast.guards.DivergenceMonitor: with a PSD kernel the flow never
+        per problem (status "max_steps"; math.inf lifts it, given max_time or max_wall).  A problem whose loss
+        rises over 50 consecutive accepted steps stops as "diverging" (ntk_fast.guards.DivergenceMonitor: with a PSD kernel the flow never
         raises the loss).
         Old names beta / checkpoint_step / checkpoint_rate (now loss_beta / record_spacing / record_rate) warn and
         still work.

@@ -48,7 +48,9 @@ class StepRule:
 
 def dgrad_from_norms(g_sq: float, gp_sq: float, diff_sq: float) -> float:
     """dgrad = |g - g'|^2 / (|g| |g'|) from the squared norms |g|^2, |g'|^2, |g - g'|^2 (0 if a norm is 0)."""
-    denom = math.sqrt(g_sq) * math.sqrt(gp_sq)       # not sqrt(g_sq * gp_sq): that product underflows to 0
-    if denom == 0.0:                                  # for gradients below ~1e-160 (a margin loss far past its
-        return 0.0                                    # margins), and the division then raised
+    # not sqrt(g_sq * gp_sq): that product underflows to 0 for gradients below ~1e-160 (a margin loss far past
+    # its margins), and the division then raised
+    denom = math.sqrt(g_sq) * math.sqrt(gp_sq)
+    if denom == 0.0:
+        return 0.0
     return diff_sq / denom

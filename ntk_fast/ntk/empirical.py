@@ -324,6 +324,24 @@ def _panels(A1, D1, A2, D2, sym: bool, out: torch.Tensor, panel: int, progress, 
 
 # ---------------------------------------------------------------------------------------------- public API
 
+def _outputs_per_point(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]) -> int:
+    """k, the model's outputs per point, from one forward pass on one point (a zero point for empty inputs);
+    a clear error when the model cannot take x1's points or does not return one tensor."""
+    with torch.no_grad():
+        probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
+                                                 torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
+                                                             device=x1.device))
+        try:
+            y_probe = model(probe)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise ValueError(f"empirical_ntk: the model cannot be applied to x1 of per-point shape "
+                             f"{tuple(x1.shape[1:])} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(y_probe, torch.Tensor):
+        raise ValueError(f"empirical_ntk: the model must return one tensor (n, ...) of outputs, got "
+                         f"{type(y_probe).__name__}")
+    return y_probe.reshape(1, -1).shape[1]
+
+
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, *, mode: str = "full",
                   method: str = "auto", block_size: Optional[int] = None,
                   out: Optional[Union[torch.Tensor, str, os.PathLike]] = None,
@@ -388,19 +406,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: Optional[torch.Tensor]
     if isinstance(model, FCNet) and x1.dim() != 2:
         raise ValueError(f"empirical_ntk: x1 must be 2-D (n, d) for an FCNet, got {tuple(x1.shape)}")
     use_structured = method != "jacobian" and structured_input(model, x1)
-    with torch.no_grad():
-        probe = x1[:1] if x1.shape[0] > 0 else (x2[:1] if x2 is not None and x2.shape[0] > 0 else
-                                                 torch.zeros((1,) + tuple(x1.shape[1:]), dtype=x1.dtype,
-                                                             device=x1.device))   # k also for empty inputs
-        try:
-            y_probe = model(probe)
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ValueError(f"empirical_ntk: the model cannot be applied to x1 of per-point shape "
-                             f"{tuple(x1.shape[1:])} ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(y_probe, torch.Tensor):
-            raise ValueError(f"empirical_ntk: the model must return one tensor (n, ...) of outputs, got "
-                             f"{type(y_probe).__name__}")
-        k = y_probe.reshape(1, -1).shape[1]
+    k = _outputs_per_point(model, x1, x2)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     expected = (n1,) if mode == "diagonal" else ((n1, n2, k, k) if (mode == "full" and k > 1) else (n1, n2))

@@ -24,6 +24,13 @@ def all_finite(t: torch.Tensor, chunk_elems: int = 1 << 18) -> bool:
     return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
+def check_no_grad(op: str, label: str, t: torch.Tensor) -> None:
+    """The ops have no backward: an input that requires grad (with grad mode on) is a clear error."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {label} requires grad, but the op has no backward: pass {label}.detach() (for a "
+                         f"Gram to differentiate, ntk_fast.ops.reference has plain-torch ones)")
+
+
 def check_like(t, name: str, like: torch.Tensor, op: str) -> None:
     """t must be a contiguous tensor with like's shape, dtype and device."""
     if not isinstance(t, torch.Tensor):
@@ -69,9 +76,7 @@ def check_feature_list(op: str, name: str, ts, what: str, n_layers: Optional[int
             raise ValueError(f"{op}: {name}[{l}] is on {t.device}, expected {like.device} like a1[0] (mixed devices)")
         if rows is not None and t.shape[0] != rows:
             raise ValueError(f"{op}: {name}[{l}] has {t.shape[0]} rows, expected {rows}")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name}[{l}] requires grad, but the op has no backward: pass detached "
-                             f"features (for a Gram to differentiate, ntk_fast.ops.reference has plain-torch ones)")
+        check_no_grad(op, f"{name}[{l}]", t)
         if not compiling() and not all_finite(t):
             raise ValueError(f"{op}: {name}[{l}] contains NaN or inf")
         if l == 0:   # the layers of one list share dtype, device and points (a1[0] sets them for a1)

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ntk_fast.ops._loader import register_fake, use_reference
-from ntk_fast.ops.checks import all_finite, check_feature_list, compiling
+from ntk_fast.ops.checks import all_finite, check_feature_list, check_no_grad, compiling
 from ntk_fast.ops.reference import gram_full_reference
 from ntk_fast.ops.selfcheck import native_on
 
@@ -81,8 +81,7 @@ def _check_factors(w, a1, d1, like: torch.Tensor) -> Optional[List[Optional[torc
         if f.dtype != like.dtype or f.device != like.device:
             raise ValueError(f"gram_full: w[{l}] is {f.dtype} on {f.device}, expected {like.dtype} on {like.device} "
                              f"like a1[0]")
-        if f.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"gram_full: w[{l}] requires grad, but the op has no backward: pass w[{l}].detach()")
+        check_no_grad("gram_full", f"w[{l}]", f)
         if not compiling() and not all_finite(f):
             raise ValueError(f"gram_full: w[{l}] contains NaN or inf")
         k = f.shape[0]

@@ -82,8 +82,8 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
             "hinge", "mse"; default "softhinge" for the flow and "hinge" for ADAM/SGD, the paper's ADAM runs),
             the flow's step rule (max_dgrad, max_dout, grow, shrink, grow_fraction), the record schedule
             (record_rate, record_spacing: default 0.01, 100 for the flow, 0.1, 1000 for ADAM/SGD), the limits
-            (max_time on t, max_steps (default 1e6, math.inf lifts it given another budget), max_wall seconds; None = no limit), the
-            resume file (checkpoint, checkpoint_every, resume) and progress (None: only on a terminal).
+            (max_time on t, max_steps (default 1e6, math.inf lifts it given another budget), max_wall seconds;
+            None = no limit), the resume file (checkpoint, checkpoint_every, resume) and progress (None: only on a terminal).
         loss_prefactor: overrides c(alpha).  tau, max_rejections: the flow's momentum time and stall rule.
         lr, batch_size, seed (minibatch order of model k: seed + k), betas, eps (ADAM), momentum, dampening,
             nesterov (SGD): the minibatch optimizers (torch.optim's update rules).  max_epochs: ADAM/SGD budget.
@@ -116,8 +116,7 @@ def train_any(model: Union[nn.Module, Sequence[nn.Module]], x: torch.Tensor, y: 
     if max_epochs is not None and not max_epochs >= 0:
         raise ValueError(f"train: max_epochs must be >= 0, got {max_epochs}")
     cfg = flow_config("train", shared, renamed, ("checkpoint_spacing", "checkpoint_rate"),
-                      other_budget=None if max_epochs is None or math.isinf(max_epochs) else "max_epochs",
-                      budget_names="max_time, max_steps, max_epochs or max_wall")
+                      other_budgets={"max_epochs": max_epochs is not None and not math.isinf(max_epochs)})
     if not isinstance(test_every, int) or test_every < 1:
         raise ValueError(f"train: test_every must be a positive int, got {test_every!r}")
     run = Run(models, x, y, alpha, spec, c, cfg.loss_beta, x_test, y_test, batched, chunk, kernel_points,
